@@ -1,0 +1,149 @@
+"""The one attention entry point of fomo_jax.
+
+Every tower (ViT, text transformer, VLM decoder) calls `attention`. Masks are given as
+structure (causal flag, key padding, prefix length, segment ids), never as a dense [T, T]
+matrix, so that fused kernels can build them per tile. The XLA path below is the numerical
+reference for every other backend.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = (None, "xla", "cudnn")
+_logged_choices: set = set()
+
+
+def _visibility(q_len, kv_len, batch, *, causal, kv_mask, prefix_length, segment_ids):
+    """Boolean [batch or 1, 1, q_len, kv_len] mask (True = may attend), or None.
+
+    Masks combine by AND. `prefix_length` alone means a bidirectional prefix followed by a
+    causal suffix (prefix-LM); with `causal=True` as well the prefix still sees itself.
+    Query i is aligned with key i (self-attention); for q_len != kv_len the queries are the
+    last q_len positions, as in decoding.
+    """
+    if not (causal or prefix_length is not None or kv_mask is not None or segment_ids is not None):
+        return None
+    q_pos = jnp.arange(q_len)[:, None] + (kv_len - q_len)
+    k_pos = jnp.arange(kv_len)[None, :]
+    mask = jnp.ones((1, 1, q_len, kv_len), bool)
+    if causal or prefix_length is not None:
+        visible = (k_pos <= q_pos)[None, None]
+        if prefix_length is not None:
+            prefix = jnp.asarray(prefix_length)[:, None, None, None]
+            visible = visible | (k_pos[None, None] < prefix)
+        mask = mask & visible
+    if kv_mask is not None:
+        mask = mask & jnp.asarray(kv_mask, bool)[:, None, None, :]
+    if segment_ids is not None:
+        seg = jnp.asarray(segment_ids)
+        mask = mask & (seg[:, None, -q_len:, None] == seg[:, None, None, :])
+    return mask
+
+
+def reference_attention(
+    q, k, v, *, causal=False, kv_mask=None, prefix_length=None, segment_ids=None, scale=None
+):
+    """Softmax attention in plain XLA; [batch, seq, heads, head_dim] layout.
+
+    Logits and softmax are computed in float32 whatever the input dtype; a query row that
+    sees no key outputs zeros (not NaN). Keys/values may have fewer heads than queries
+    (grouped-query attention) as long as the count divides.
+    """
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    if heads != kv_heads:
+        if heads % kv_heads:
+            raise ValueError(f"query heads {heads} not a multiple of key/value heads {kv_heads}")
+        k = jnp.repeat(k, heads // kv_heads, axis=2)
+        v = jnp.repeat(v, heads // kv_heads, axis=2)
+    scale = head_dim**-0.5 if scale is None else scale
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    mask = _visibility(
+        q_len,
+        kv_len,
+        batch,
+        causal=causal,
+        kv_mask=kv_mask,
+        prefix_length=prefix_length,
+        segment_ids=segment_ids,
+    )
+    if mask is not None:
+        logits = jnp.where(mask, logits, -jnp.inf)
+        row_visible = jnp.any(mask, axis=-1, keepdims=True)
+        logits = jnp.where(row_visible, logits, 0.0)
+    weights = jax.nn.softmax(logits, axis=-1)
+    if mask is not None:
+        weights = jnp.where(row_visible, weights, 0.0)
+    out = jnp.einsum(
+        "bhqk,bkhd->bqhd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32
+    )
+    return out.astype(q.dtype)
+
+
+def _cudnn_attention(q, k, v, *, causal, kv_mask, prefix_length, segment_ids, scale):
+    if prefix_length is not None or segment_ids is not None:
+        raise ValueError(
+            "implementation='cudnn' supports only causal and kv_mask masks; "
+            "use 'xla' for prefix_length / segment_ids"
+        )
+    kv_lengths = None
+    if kv_mask is not None:
+        # cuDNN takes lengths, so the valid keys must be a prefix of each row.
+        kv_lengths = jnp.sum(kv_mask, axis=-1).astype(jnp.int32)
+    return jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        scale=scale,
+        is_causal=causal,
+        key_value_seq_lengths=kv_lengths,
+        implementation="cudnn",
+    )
+
+
+def attention(
+    q,
+    k,
+    v,
+    *,
+    causal=False,
+    kv_mask=None,
+    prefix_length=None,
+    segment_ids=None,
+    scale=None,
+    implementation=None,
+):
+    """Multi-head attention, [batch, seq, heads, head_dim] in and out.
+
+    Args:
+      q, k, v: queries [B, Tq, H, D], keys and values [B, Tk, Hkv, D].
+      causal: query i sees keys j <= i.
+      kv_mask: [B, Tk] bool, True for valid (non-padding) keys.
+      prefix_length: [B] int; keys before it are visible to every query (prefix-LM).
+      segment_ids: [B, T] int; tokens attend only within their segment (packing).
+      scale: logit scale, default 1/sqrt(D).
+      implementation: None (choose), "xla", or "cudnn" (GPU only).
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention implementation={implementation!r}; expected one of {IMPLEMENTATIONS}"
+        )
+    chosen = implementation or "xla"
+    key = (chosen, q.shape, k.shape, str(q.dtype))
+    if key not in _logged_choices:
+        _logged_choices.add(key)
+        logging.info("attention: %s for q%s k%s %s", *key)
+    kwargs = dict(
+        causal=causal,
+        kv_mask=kv_mask,
+        prefix_length=prefix_length,
+        segment_ids=segment_ids,
+        scale=scale,
+    )
+    if chosen == "cudnn":
+        return _cudnn_attention(q, k, v, **kwargs)
+    return reference_attention(q, k, v, **kwargs)

@@ -1,0 +1,321 @@
+"""CLIP (ViT image tower + causal text transformer) as Flax NNX modules.
+
+Layout and names follow OpenCLIP (`ln_pre`, `transformer.resblocks.{i}`, `ln_1`, `attn`,
+`ln_2`, `mlp.c_fc`, `mlp.c_proj`, `ln_post`, `ln_final`), so a parameter path reads like the
+OpenCLIP state-dict key it came from. Parameters are float32; matmuls run in the configured
+compute dtype (bfloat16 on accelerators) while LayerNorm, softmax and the residual stream stay
+in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fomo_jax import kernels
+
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact erf form (LAION models)
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    mlp_dim: int = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+    """Everything that fixes a CLIP's architecture and numerics."""
+
+    embed_dim: int = 512
+    vision: VisionConfig = VisionConfig()
+    text: TextConfig = TextConfig()
+    activation: str = "gelu"
+    layer_norm_eps: float = 1e-5
+    logit_scale_init: float = math.log(1 / 0.07)
+    dtype: str = "float32"  # compute dtype; parameters are always float32
+    attention_implementation: str | None = None
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation={self.activation!r}; expected one of {sorted(ACTIVATIONS)}"
+            )
+        for name, tower in (("vision", self.vision), ("text", self.text)):
+            if tower.width % tower.heads:
+                raise ValueError(
+                    f"{name} width {tower.width} is not divisible by heads {tower.heads}"
+                )
+        if self.vision.image_size % self.vision.patch_size:
+            raise ValueError(
+                f"image_size {self.vision.image_size} is not a multiple of "
+                f"patch_size {self.vision.patch_size}"
+            )
+
+    def replace(self, **changes) -> CLIPConfig:
+        return dataclasses.replace(self, **changes)
+
+
+_SHAPE_ONLY = contextvars.ContextVar("shape_only", default=False)
+
+
+def _init(base):
+    """An initializer that returns only a ShapeDtypeStruct inside `shape_only()`.
+
+    Used to build the module structure for loading a checkpoint without allocating or
+    tracing a whole random initialisation (`nnx.eval_shape` over a large CLIP spends seconds
+    in flax's per-variable tracer checks).
+    """
+
+    def init(key, shape, dtype=jnp.float32):
+        if _SHAPE_ONLY.get():
+            return jax.eval_shape(functools.partial(base, shape=shape, dtype=dtype), key)
+        return base(key, shape, dtype)
+
+    return init
+
+
+def _normal(std):
+    return _init(nnx.initializers.normal(stddev=std))
+
+
+_ZEROS, _ONES = _init(nnx.initializers.zeros), _init(nnx.initializers.ones)
+
+
+class LayerNorm(nnx.LayerNorm):
+    """LayerNorm computed in float32, returning `out_dtype` (params `scale`, `bias`)."""
+
+    def __init__(self, dim, eps, out_dtype, *, rngs):
+        super().__init__(
+            dim, epsilon=eps, dtype=jnp.float32, scale_init=_ONES, bias_init=_ZEROS, rngs=rngs
+        )
+        self.out_dtype = out_dtype
+
+    def __call__(self, x):
+        return super().__call__(x.astype(jnp.float32)).astype(self.out_dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, width, heads, dtype, attn_std, out_std, implementation, *, rngs):
+        def linear(std):
+            return nnx.Linear(
+                width, width, dtype=dtype, kernel_init=_normal(std), bias_init=_ZEROS, rngs=rngs
+            )
+
+        self.q_proj, self.k_proj, self.v_proj = linear(attn_std), linear(attn_std), linear(attn_std)
+        self.out_proj = linear(out_std)
+        self.heads = heads
+        self.implementation = implementation
+
+    def __call__(self, x, *, causal=False, kv_mask=None):
+        batch, length, width = x.shape
+        split = lambda t: t.reshape(batch, length, self.heads, width // self.heads)
+        out = kernels.attention(
+            split(self.q_proj(x)),
+            split(self.k_proj(x)),
+            split(self.v_proj(x)),
+            causal=causal,
+            kv_mask=kv_mask,
+            implementation=self.implementation,
+        )
+        return self.out_proj(out.reshape(batch, length, width))
+
+
+class MLP(nnx.Module):
+    def __init__(self, width, mlp_dim, activation, dtype, fc_std, proj_std, *, rngs):
+        self.c_fc = nnx.Linear(
+            width, mlp_dim, dtype=dtype, kernel_init=_normal(fc_std), bias_init=_ZEROS, rngs=rngs
+        )
+        self.c_proj = nnx.Linear(
+            mlp_dim, width, dtype=dtype, kernel_init=_normal(proj_std), bias_init=_ZEROS, rngs=rngs
+        )
+        self.activation = activation
+
+    def __call__(self, x):
+        return self.c_proj(ACTIVATIONS[self.activation](self.c_fc(x)))
+
+
+class ResidualBlock(nnx.Module):
+    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, width, heads, mlp_dim, layers, cfg: CLIPConfig, *, rngs):
+        dtype = jnp.dtype(cfg.dtype)
+        # OpenCLIP's initialisation: residual-branch outputs shrink with depth.
+        attn_std, proj_std, fc_std = (
+            width**-0.5,
+            width**-0.5 * (2 * layers) ** -0.5,
+            (2 * width) ** -0.5,
+        )
+        self.ln_1 = LayerNorm(width, cfg.layer_norm_eps, dtype, rngs=rngs)
+        self.attn = Attention(
+            width, heads, dtype, attn_std, proj_std, cfg.attention_implementation, rngs=rngs
+        )
+        self.ln_2 = LayerNorm(width, cfg.layer_norm_eps, dtype, rngs=rngs)
+        self.mlp = MLP(width, mlp_dim, cfg.activation, dtype, fc_std, proj_std, rngs=rngs)
+
+    def __call__(self, x, *, causal=False):
+        x = x + self.attn(self.ln_1(x), causal=causal).astype(jnp.float32)
+        return x + self.mlp(self.ln_2(x)).astype(jnp.float32)
+
+
+class Transformer(nnx.Module):
+    def __init__(self, width, heads, mlp_dim, layers, cfg: CLIPConfig, *, rngs):
+        self.resblocks = nnx.List(
+            [ResidualBlock(width, heads, mlp_dim, layers, cfg, rngs=rngs) for _ in range(layers)]
+        )
+
+    def __call__(self, x, *, causal=False):
+        for block in self.resblocks:
+            x = block(x, causal=causal)
+        return x
+
+
+class VisionTower(nnx.Module):
+    """ViT: patchify, class token, positions, ln_pre, blocks, ln_post on the class token, proj."""
+
+    def __init__(self, cfg: CLIPConfig, *, rngs):
+        v = cfg.vision
+        self.cfg = v
+        self.dtype = jnp.dtype(cfg.dtype)
+        scale = v.width**-0.5
+        grid = v.image_size // v.patch_size
+        # Patch embedding kept in conv (HWIO) layout; applied as patchify + matmul.
+        self.patch_embed = nnx.Param(
+            _init(nnx.initializers.lecun_normal())(
+                rngs.params(), (v.patch_size, v.patch_size, 3, v.width)
+            )
+        )
+        self.class_embedding = nnx.Param(_normal(scale)(rngs.params(), (v.width,)))
+        self.positional_embedding = nnx.Param(
+            _normal(scale)(rngs.params(), (grid * grid + 1, v.width))
+        )
+        self.ln_pre = LayerNorm(v.width, cfg.layer_norm_eps, jnp.float32, rngs=rngs)
+        self.transformer = Transformer(v.width, v.heads, v.mlp_dim, v.layers, cfg, rngs=rngs)
+        self.ln_post = LayerNorm(v.width, cfg.layer_norm_eps, jnp.float32, rngs=rngs)
+        self.proj = nnx.Param(_normal(scale)(rngs.params(), (v.width, cfg.embed_dim)))
+
+    def __call__(self, pixels):
+        """pixels: float [batch, H, W, 3], normalized. Returns (embedding, intermediates)."""
+        v = self.cfg
+        batch, height, width, channels = pixels.shape
+        if (height, width, channels) != (v.image_size, v.image_size, 3):
+            raise ValueError(
+                f"image tower expects [batch, {v.image_size}, {v.image_size}, 3] "
+                f"pixels, got {pixels.shape}"
+            )
+        p, g = v.patch_size, v.image_size // v.patch_size
+        patches = pixels.reshape(batch, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5)
+        patches = patches.reshape(batch, g * g, p * p * 3)
+        kernel = self.patch_embed[...].reshape(p * p * 3, v.width)
+        x = jnp.einsum(
+            "bnk,kw->bnw",
+            patches.astype(self.dtype),
+            kernel.astype(self.dtype),
+            preferred_element_type=jnp.float32,
+        )
+        cls = jnp.broadcast_to(self.class_embedding[...], (batch, 1, v.width))
+        x = jnp.concatenate([cls, x], axis=1) + self.positional_embedding[...]
+        x = self.transformer(self.ln_pre(x))
+        pooled = self.ln_post(x[:, 0])
+        return pooled @ self.proj[...], {"tokens": x, "pre_logits": pooled}
+
+
+class TextTower(nnx.Module):
+    """Causal transformer pooled at the end-of-text token (the largest id in each row)."""
+
+    def __init__(self, cfg: CLIPConfig, *, rngs):
+        t = cfg.text
+        self.cfg = t
+        self.token_embedding = nnx.Embed(
+            t.vocab_size, t.width, embedding_init=_normal(0.02), rngs=rngs
+        )
+        self.positional_embedding = nnx.Param(
+            _normal(0.01)(rngs.params(), (t.context_length, t.width))
+        )
+        self.transformer = Transformer(t.width, t.heads, t.mlp_dim, t.layers, cfg, rngs=rngs)
+        self.ln_final = LayerNorm(t.width, cfg.layer_norm_eps, jnp.float32, rngs=rngs)
+        self.proj = nnx.Param(_normal(t.width**-0.5)(rngs.params(), (t.width, cfg.embed_dim)))
+
+    def __call__(self, token_ids):
+        """token_ids: int [batch, length <= context]. Returns (embedding, intermediates)."""
+        batch, length = token_ids.shape
+        if length > self.cfg.context_length:
+            raise ValueError(
+                f"text tower has context {self.cfg.context_length}, got token ids of "
+                f"length {length}"
+            )
+        x = self.token_embedding(token_ids) + self.positional_embedding[:length]
+        x = self.ln_final(self.transformer(x, causal=True))
+        pooled = x[jnp.arange(batch), jnp.argmax(token_ids, axis=-1)]
+        return pooled @ self.proj[...], {"tokens": x, "pre_logits": pooled}
+
+
+class CLIP(nnx.Module):
+    """Two towers and the learnable log-temperature `logit_scale`."""
+
+    def __init__(self, cfg: CLIPConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.image = VisionTower(cfg, rngs=rngs)
+        self.text = TextTower(cfg, rngs=rngs)
+        self.logit_scale = nnx.Param(jnp.asarray(cfg.logit_scale_init, jnp.float32))
+
+    def __call__(self, pixels=None, token_ids=None):
+        """Projected, un-normalized embeddings of either or both inputs, plus intermediates."""
+        image_emb = text_emb = None
+        out = {}
+        if pixels is not None:
+            image_emb, out["image"] = self.image(pixels)
+        if token_ids is not None:
+            text_emb, out["text"] = self.text(token_ids)
+        return image_emb, text_emb, out
+
+    @nnx.jit
+    def encode_image(self, pixels):
+        """float32 NHWC normalized pixels -> [batch, embed_dim] (not L2-normalized)."""
+        return self.image(jnp.asarray(pixels, jnp.float32))[0]
+
+    @nnx.jit
+    def encode_text(self, token_ids):
+        """int32 [batch, context] ids (EOT = row max, padding after) -> [batch, embed_dim]."""
+        return self.text(jnp.asarray(token_ids, jnp.int32))[0]
+
+
+@contextlib.contextmanager
+def shape_only():
+    """Inside, modules are built with ShapeDtypeStruct leaves and no arrays are allocated."""
+    token = _SHAPE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _SHAPE_ONLY.reset(token)
+
+
+def abstract_clip(cfg: CLIPConfig) -> CLIP:
+    """The CLIP structure for `cfg` without weights (for loading checkpoints into)."""
+    with shape_only():
+        return CLIP(cfg, rngs=nnx.Rngs(0))

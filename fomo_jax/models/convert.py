@@ -1,0 +1,449 @@
+"""Import CLIP weights from Hugging Face and OpenCLIP checkpoints, and export to HF.
+
+Both sources go through one canonical form, a Hugging Face `CLIPModel`-keyed state dict of
+numpy arrays: OpenCLIP keys are renamed into it (splitting the fused `in_proj`), and one
+table maps it to fomo_jax parameter paths in both directions. Architecture numbers are read
+from tensor shapes (width, depth, MLP size, patch, image size, context, vocabulary); only
+head count, activation and LayerNorm epsilon, which shapes cannot tell, come from the HF
+`config.json` or the OpenCLIP model name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fomo_jax import params as params_lib
+from fomo_jax.models import variants
+from fomo_jax.models.checkpoint_io import read_state_dict, write_safetensors
+from fomo_jax.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig, abstract_clip
+
+# HF names for activations -> ours.
+_HF_ACTIVATIONS = {
+    "quick_gelu": "quick_gelu",
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+}
+# transformers' CLIP config defaults, used where config.json omits a key.
+_HF_DEFAULTS = {
+    "vision_heads": 12,
+    "text_heads": 8,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+}
+
+_T = lambda a: np.ascontiguousarray(np.swapaxes(a, -1, -2))
+_PATCH_TO_OURS = lambda w: np.ascontiguousarray(w.transpose(2, 3, 1, 0))  # [W,3,P,P]->[P,P,3,W]
+_PATCH_TO_HF = lambda w: np.ascontiguousarray(w.transpose(3, 2, 0, 1))
+_SAME = lambda a: a
+
+
+def _block_table(ours: str, hf: str):
+    rows = [
+        ("ln_1/scale", "layer_norm1.weight", _SAME),
+        ("ln_1/bias", "layer_norm1.bias", _SAME),
+        ("ln_2/scale", "layer_norm2.weight", _SAME),
+        ("ln_2/bias", "layer_norm2.bias", _SAME),
+        ("mlp/c_fc/kernel", "mlp.fc1.weight", _T),
+        ("mlp/c_fc/bias", "mlp.fc1.bias", _SAME),
+        ("mlp/c_proj/kernel", "mlp.fc2.weight", _T),
+        ("mlp/c_proj/bias", "mlp.fc2.bias", _SAME),
+    ]
+    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        rows += [
+            (f"attn/{name}/kernel", f"self_attn.{name}.weight", _T),
+            (f"attn/{name}/bias", f"self_attn.{name}.bias", _SAME),
+        ]
+    return [(f"{ours}/{o}", f"{hf}.{h}", fn) for o, h, fn in rows]
+
+
+def _table(cfg: CLIPConfig):
+    """(our path, HF key, HF->ours transform) for every parameter."""
+    rows = [
+        ("image/patch_embed", "vision_model.embeddings.patch_embedding.weight", _PATCH_TO_OURS),
+        ("image/class_embedding", "vision_model.embeddings.class_embedding", _SAME),
+        ("image/positional_embedding", "vision_model.embeddings.position_embedding.weight", _SAME),
+        ("image/ln_pre/scale", "vision_model.pre_layrnorm.weight", _SAME),
+        ("image/ln_pre/bias", "vision_model.pre_layrnorm.bias", _SAME),
+        ("image/ln_post/scale", "vision_model.post_layernorm.weight", _SAME),
+        ("image/ln_post/bias", "vision_model.post_layernorm.bias", _SAME),
+        ("image/proj", "visual_projection.weight", _T),
+        ("text/token_embedding/embedding", "text_model.embeddings.token_embedding.weight", _SAME),
+        ("text/positional_embedding", "text_model.embeddings.position_embedding.weight", _SAME),
+        ("text/ln_final/scale", "text_model.final_layer_norm.weight", _SAME),
+        ("text/ln_final/bias", "text_model.final_layer_norm.bias", _SAME),
+        ("text/proj", "text_projection.weight", _T),
+        ("logit_scale", "logit_scale", _SAME),
+    ]
+    for i in range(cfg.vision.layers):
+        rows += _block_table(f"image/transformer/resblocks/{i}", f"vision_model.encoder.layers.{i}")
+    for i in range(cfg.text.layers):
+        rows += _block_table(f"text/transformer/resblocks/{i}", f"text_model.encoder.layers.{i}")
+    return rows
+
+
+# Buffers some checkpoints carry that are not parameters.
+_IGNORED = re.compile(r"(^|\.)position_ids$|^attn_mask$|(^|\.)attn_mask$")
+
+
+def hf_state_to_params(state: dict, cfg: CLIPConfig, source="checkpoint") -> dict:
+    """HF-keyed state dict -> nested fomo_jax params (float32 numpy)."""
+    table = _table(cfg)
+    missing = [hf for _, hf, _ in table if hf not in state]
+    unexpected = sorted(
+        set(state) - {hf for _, hf, _ in table} - {k for k in state if _IGNORED.search(k)}
+    )
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: not a CLIP ViT checkpoint of the expected layout; missing keys "
+            f"{missing[:8]}{'...' if len(missing) > 8 else ''}, unexpected keys "
+            f"{unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+        )
+    flat = {ours: np.asarray(fn(np.asarray(state[hf])), np.float32) for ours, hf, fn in table}
+    flat["logit_scale"] = flat["logit_scale"].reshape(())
+    return params_lib.unflatten(flat)
+
+
+def params_to_hf_state(params: dict, cfg: CLIPConfig) -> dict:
+    """Nested fomo_jax params -> HF-keyed state dict (numpy, PyTorch layouts)."""
+    flat = params_lib.flatten(params)
+    inverse = {_SAME: _SAME, _T: _T, _PATCH_TO_OURS: _PATCH_TO_HF}
+    return {hf: inverse[fn](np.asarray(flat[ours], np.float32)) for ours, hf, fn in _table(cfg)}
+
+
+def _count_layers(state, prefix):
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return len({m.group(1) for k in state for m in [pattern.match(k)] if m})
+
+
+def config_from_hf_state(
+    state: dict,
+    *,
+    vision_heads: int,
+    text_heads: int,
+    activation: str,
+    layer_norm_eps: float,
+    source="checkpoint",
+) -> CLIPConfig:
+    """Architecture from tensor shapes; heads/activation/eps must be given."""
+    try:
+        patch = state["vision_model.embeddings.patch_embedding.weight"]
+        v_pos = state["vision_model.embeddings.position_embedding.weight"]
+        tok = state["text_model.embeddings.token_embedding.weight"]
+        t_pos = state["text_model.embeddings.position_embedding.weight"]
+        v_fc = state["vision_model.encoder.layers.0.mlp.fc1.weight"]
+        t_fc = state["text_model.encoder.layers.0.mlp.fc1.weight"]
+        embed_dim = state["visual_projection.weight"].shape[0]
+    except KeyError as e:
+        raise ValueError(f"{source}: missing CLIP tensor {e.args[0]!r}") from None
+    grid = math.isqrt(v_pos.shape[0] - 1)
+    if grid * grid + 1 != v_pos.shape[0]:
+        raise ValueError(
+            f"{source}: {v_pos.shape[0]} image positions is not a square grid + class token"
+        )
+    return CLIPConfig(
+        embed_dim=embed_dim,
+        vision=VisionConfig(
+            image_size=grid * patch.shape[-1],
+            patch_size=patch.shape[-1],
+            width=patch.shape[0],
+            layers=_count_layers(state, "vision_model.encoder.layers."),
+            heads=vision_heads,
+            mlp_dim=v_fc.shape[0],
+        ),
+        text=TextConfig(
+            vocab_size=tok.shape[0],
+            context_length=t_pos.shape[0],
+            width=tok.shape[1],
+            layers=_count_layers(state, "text_model.encoder.layers."),
+            heads=text_heads,
+            mlp_dim=t_fc.shape[0],
+        ),
+        activation=activation,
+        layer_norm_eps=layer_norm_eps,
+    )
+
+
+# ------------------------------------------------------------------------------------ OpenCLIP
+
+_OPENCLIP_BLOCK = [
+    ("ln_1.", "layer_norm1."),
+    ("ln_2.", "layer_norm2."),
+    ("mlp.c_fc.", "mlp.fc1."),
+    ("mlp.c_proj.", "mlp.fc2."),
+    ("attn.out_proj.", "self_attn.out_proj."),
+]
+_OPENCLIP_TOP = {
+    "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+    "visual.class_embedding": "vision_model.embeddings.class_embedding",
+    "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+    "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight",
+    "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
+    "visual.ln_post.weight": "vision_model.post_layernorm.weight",
+    "visual.ln_post.bias": "vision_model.post_layernorm.bias",
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+    "logit_scale": "logit_scale",
+}
+
+
+def openclip_to_hf_state(state: dict, source="checkpoint") -> dict:
+    """Rename an OpenCLIP (classic `CLIP` class, ViT image tower) state dict to HF keys."""
+    if "visual.conv1.weight" not in state:
+        kinds = {
+            "visual.trunk.": "a timm image tower",
+            "visual.attnpool.": "a ResNet image tower",
+            "text.transformer.": "an HF text tower (CustomTextCLIP)",
+        }
+        for prefix, what in kinds.items():
+            if any(k.startswith(prefix) for k in state):
+                raise ValueError(
+                    f"{source}: OpenCLIP model with {what} is not supported (only ViT CLIPs)"
+                )
+        raise ValueError(f"{source}: not an OpenCLIP CLIP state dict (no visual.conv1.weight)")
+    out = {}
+    block = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.(.+)$")
+    for key, value in state.items():
+        if key in _OPENCLIP_TOP:
+            out[_OPENCLIP_TOP[key]] = value
+        elif key == "visual.proj":
+            out["visual_projection.weight"] = _T(value)
+        elif key == "text_projection":
+            out["text_projection.weight"] = _T(value)
+        elif m := block.match(key):
+            tower = "vision_model" if m.group(1) else "text_model"
+            prefix, rest = f"{tower}.encoder.layers.{m.group(2)}.", m.group(3)
+            if rest.startswith("attn.in_proj_"):
+                kind = rest[len("attn.in_proj_") :]  # weight [3W, W] or bias [3W], q/k/v stacked
+                for name, part in zip(
+                    ("q_proj", "k_proj", "v_proj"), np.split(value, 3, axis=0), strict=False
+                ):
+                    out[f"{prefix}self_attn.{name}.{kind}"] = part
+                continue
+            for old, new in _OPENCLIP_BLOCK:
+                if rest.startswith(old):
+                    out[prefix + new + rest[len(old) :]] = value
+                    break
+            else:
+                out[key] = value  # reported as unexpected by hf_state_to_params
+        else:
+            out[key] = value
+    return out
+
+
+def _variant_shapes(cfg: CLIPConfig):
+    v, t = cfg.vision, cfg.text
+    return (
+        v.patch_size,
+        v.width,
+        v.layers,
+        v.mlp_dim,
+        v.image_size,
+        t.vocab_size,
+        t.context_length,
+        t.width,
+        t.layers,
+        t.mlp_dim,
+        cfg.embed_dim,
+    )
+
+
+def infer_openclip_name(cfg_from_shapes: CLIPConfig) -> str | None:
+    """The OpenCLIP architecture whose shapes equal these, or None."""
+    shapes = _variant_shapes(cfg_from_shapes)
+    for name, cfg in variants.VARIANTS.items():
+        if _variant_shapes(cfg) == shapes:
+            return name
+    return None
+
+
+# ---------------------------------------------------------------------------------- public API
+
+
+def model_from_params(params: dict, cfg: CLIPConfig) -> CLIP:
+    """A CLIP module holding `params` (no random initialisation is run)."""
+    graphdef, shapes = params_lib.split(abstract_clip(cfg))
+    expected = jax.tree_util.tree_map(lambda s: s.shape, shapes)
+    got = jax.tree_util.tree_map(lambda a: tuple(a.shape), params)
+    if expected != got:
+        raise ValueError("parameter shapes do not match the config")
+    return params_lib.merge(graphdef, jax.tree_util.tree_map(jnp.asarray, params))
+
+
+def _load_hf_dir(path, *, dtype, attention_implementation):
+    with open(os.path.join(path, "config.json")) as f:
+        hf_cfg = json.load(f)
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.isfile(os.path.join(path, name)):
+            weights = os.path.join(path, name)
+            break
+    else:
+        raise FileNotFoundError(
+            f"{path}: no model.safetensors or pytorch_model.bin next to config.json"
+        )
+    vision, text = hf_cfg.get("vision_config", {}), hf_cfg.get("text_config", {})
+    acts = {
+        vision.get("hidden_act", _HF_DEFAULTS["hidden_act"]),
+        text.get("hidden_act", _HF_DEFAULTS["hidden_act"]),
+    }
+    eps = {
+        vision.get("layer_norm_eps", _HF_DEFAULTS["layer_norm_eps"]),
+        text.get("layer_norm_eps", _HF_DEFAULTS["layer_norm_eps"]),
+    }
+    if len(acts) != 1 or len(eps) != 1 or not acts <= set(_HF_ACTIVATIONS):
+        raise ValueError(
+            f"{path}/config.json: towers must share a supported hidden_act "
+            f"({sorted(_HF_ACTIVATIONS)}) and layer_norm_eps; got {acts}, {eps}"
+        )
+    state = read_state_dict(weights)
+    cfg = config_from_hf_state(
+        state,
+        vision_heads=vision.get("num_attention_heads", _HF_DEFAULTS["vision_heads"]),
+        text_heads=text.get("num_attention_heads", _HF_DEFAULTS["text_heads"]),
+        activation=_HF_ACTIVATIONS[acts.pop()],
+        layer_norm_eps=float(eps.pop()),
+        source=weights,
+    )
+    cfg = cfg.replace(dtype=dtype, attention_implementation=attention_implementation)
+    return model_from_params(hf_state_to_params(state, cfg, source=weights), cfg)
+
+
+def _load_openclip_file(path, model_name, *, heads, activation, dtype, attention_implementation):
+    state = openclip_to_hf_state(read_state_dict(path), source=path)
+    shaped = config_from_hf_state(
+        state, vision_heads=1, text_heads=1, activation="gelu", layer_norm_eps=1e-5, source=path
+    )
+    if model_name is None:
+        model_name = infer_openclip_name(shaped)
+    if model_name is not None:
+        named = variants.get_config(model_name)
+        if _variant_shapes(named) != _variant_shapes(shaped):
+            raise ValueError(f"{path}: tensor shapes do not match OpenCLIP model {model_name!r}")
+        heads = heads or (named.vision.heads, named.text.heads)
+        activation = activation or named.activation
+    elif heads is None:
+        # OpenCLIP's default head width is 64; anything else must be said explicitly.
+        widths = (shaped.vision.width, shaped.text.width)
+        if any(w % 64 for w in widths):
+            raise ValueError(
+                f"{path}: shapes match no known OpenCLIP architecture and widths {widths} are "
+                "not multiples of 64; pass heads=(vision_heads, text_heads)"
+            )
+        heads = (widths[0] // 64, widths[1] // 64)
+        logging.warning("%s: unknown OpenCLIP architecture; assuming 64-dim heads %s", path, heads)
+    cfg = shaped.replace(
+        vision=dataclasses.replace(shaped.vision, heads=heads[0]),
+        text=dataclasses.replace(shaped.text, heads=heads[1]),
+        activation=activation or "gelu",
+        dtype=dtype,
+        attention_implementation=attention_implementation,
+    )
+    return model_from_params(hf_state_to_params(state, cfg, source=path), cfg)
+
+
+def load_pretrained(
+    path,
+    model_name: str | None = None,
+    *,
+    heads: tuple[int, int] | None = None,
+    activation: str | None = None,
+    dtype: str = "float32",
+    attention_implementation: str | None = None,
+) -> CLIP:
+    """A ready CLIP from a HF CLIP directory or an OpenCLIP checkpoint file.
+
+    Args:
+      path: a directory with `config.json` and `model.safetensors` / `pytorch_model.bin`
+        (Hugging Face `CLIPModel`), or an OpenCLIP state-dict file (`.safetensors`, `.bin`,
+        `.pt`, `.pth`).
+      model_name: OpenCLIP architecture name (e.g. "ViT-B-16", "ViT-L-14-quickgelu"); inferred
+        from tensor shapes when omitted. Unused for HF directories.
+      heads: (vision, text) attention heads of an OpenCLIP file, for architectures that are
+        not in `fomo_jax.models.VARIANTS` and do not use 64-dim heads.
+      activation: override the activation ("gelu", "quick_gelu", "gelu_tanh") for OpenCLIP files,
+        whose weights do not record it (OpenAI-trained weights use QuickGELU).
+      dtype: compute dtype; parameters are float32.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path}: a HF CLIP directory needs config.json")
+        return _load_hf_dir(path, dtype=dtype, attention_implementation=attention_implementation)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return _load_openclip_file(
+        path,
+        model_name,
+        heads=heads,
+        activation=activation,
+        dtype=dtype,
+        attention_implementation=attention_implementation,
+    )
+
+
+def _hf_config(cfg: CLIPConfig, logit_scale: float) -> dict:
+    act = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+    v, t = cfg.vision, cfg.text
+    return {
+        "architectures": ["CLIPModel"],
+        "model_type": "clip",
+        "projection_dim": cfg.embed_dim,
+        "logit_scale_init_value": logit_scale,
+        "vision_config": {
+            "model_type": "clip_vision_model",
+            "hidden_size": v.width,
+            "intermediate_size": v.mlp_dim,
+            "num_hidden_layers": v.layers,
+            "num_attention_heads": v.heads,
+            "image_size": v.image_size,
+            "patch_size": v.patch_size,
+            "num_channels": 3,
+            "hidden_act": act[cfg.activation],
+            "layer_norm_eps": cfg.layer_norm_eps,
+            "projection_dim": cfg.embed_dim,
+        },
+        "text_config": {
+            "model_type": "clip_text_model",
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.width,
+            "intermediate_size": t.mlp_dim,
+            "num_hidden_layers": t.layers,
+            "num_attention_heads": t.heads,
+            "max_position_embeddings": t.context_length,
+            "hidden_act": act[cfg.activation],
+            "layer_norm_eps": cfg.layer_norm_eps,
+            "projection_dim": cfg.embed_dim,
+            # EOT is the largest id (CLIP: 49407, start 49406), so HF's first-EOS pooling
+            # picks the same token as fomo_jax's argmax pooling.
+            "bos_token_id": t.vocab_size - 2,
+            "eos_token_id": t.vocab_size - 1,
+            "pad_token_id": 0,
+        },
+    }
+
+
+def export_hf(model: CLIP, directory) -> None:
+    """Write `config.json` + `model.safetensors` in the Hugging Face `CLIPModel` layout."""
+    cfg = model.config
+    _, params = params_lib.split(model)
+    state = params_to_hf_state(jax.device_get(params), cfg)
+    os.makedirs(directory, exist_ok=True)
+    write_safetensors(
+        os.path.join(directory, "model.safetensors"), state, metadata={"format": "pt"}
+    )
+    tmp = os.path.join(directory, "config.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(_hf_config(cfg, float(state["logit_scale"])), f, indent=2)
+    os.replace(tmp, os.path.join(directory, "config.json"))

@@ -1,0 +1,108 @@
+"""One device mesh with named axes, and sharding as data: ordered (regex -> PartitionSpec) rules.
+
+Axes: `data` (batch only), `fsdp` (batch, and parameters/optimizer state split across it),
+`model` (tensor parallel: attention heads and MLP hidden units). Rules are matched in order
+against a parameter's '/'-joined path (first match wins, unmatched leaves are replicated).
+The same rules shard the optimizer state, whose moment leaves have their parameter's path.
+A mesh axis that does not divide a dimension is dropped for that leaf (e.g. a 259-token
+vocabulary over 4 fsdp shards), so one rule list serves every mesh shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fomo_jax import params as params_lib
+
+AXES = ("data", "fsdp", "model")
+BATCH = ("data", "fsdp")  # the batch dimension is split over both
+
+Rules = Sequence[tuple[str, P]]
+
+# Megatron-style tensor parallelism (column-split in, row-split out) combined with FSDP on
+# the other dimension of every large matrix.
+CLIP_RULES: Rules = (
+    (r"attn/(q_proj|k_proj|v_proj)/kernel$", P("fsdp", "model")),
+    (r"attn/(q_proj|k_proj|v_proj)/bias$", P("model")),
+    (r"attn/out_proj/kernel$", P("model", "fsdp")),
+    (r"mlp/c_fc/kernel$", P("fsdp", "model")),
+    (r"mlp/c_fc/bias$", P("model")),
+    (r"mlp/c_proj/kernel$", P("model", "fsdp")),
+    (r"token_embedding/embedding$", P("fsdp", None)),
+    (r"patch_embed$", P(None, None, None, "fsdp")),
+    (r"(image|text)/proj$", P("fsdp", None)),
+    (r".*", P()),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, model: int = 1, devices=None) -> jax.sharding.Mesh:
+    """A (data, fsdp, model) mesh with Auto axis types; data=-1 takes the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    if data == -1:
+        if len(devices) % (fsdp * model):
+            raise ValueError(
+                f"{len(devices)} devices cannot be split into fsdp={fsdp} x model={model}"
+            )
+        data = len(devices) // (fsdp * model)
+    if data * fsdp * model != len(devices):
+        raise ValueError(
+            f"mesh data={data} x fsdp={fsdp} x model={model} needs "
+            f"{data * fsdp * model} devices, have {len(devices)}"
+        )
+    return jax.make_mesh(
+        (data, fsdp, model), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices
+    )
+
+
+def spec_for(path: str, shape: tuple, rules: Rules, mesh) -> P:
+    """The first matching rule's spec, with axes that do not divide the dimension removed."""
+    match = next(((pat, spec) for pat, spec in rules if re.search(pat, path)), None)
+    if match is None:
+        return P()
+    pattern, spec = match
+    if len(spec) > len(shape):
+        raise ValueError(f"sharding rule {pattern!r} -> {spec} has more dims than {path} {shape}")
+    dims = []
+    for size, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+        names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+        count = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        if size % count:
+            logging.debug(
+                "sharding: %s dim of size %d not divisible by %s; replicated", path, size, names
+            )
+            axes = None
+        dims.append(axes)
+    while dims and dims[-1] is None:  # P(None,) and P() mean the same; keep the short form
+        dims.pop()
+    return P(*dims)
+
+
+def tree_shardings(tree, mesh, rules: Rules = CLIP_RULES):
+    """NamedShardings for every leaf (arrays or ShapeDtypeStructs) of a params/opt-state tree."""
+
+    def one(path, leaf):
+        shape = tuple(getattr(leaf, "shape", ()))
+        return NamedSharding(mesh, spec_for(params_lib.key_path_str(path), shape, rules, mesh))
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def shard(tree, mesh, rules: Rules = CLIP_RULES):
+    """Place a tree on the mesh according to the rules."""
+    return jax.device_put(tree, tree_shardings(tree, mesh, rules))
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    """Leading (batch) dimension split over data x fsdp, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH))
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

@@ -1,0 +1,177 @@
+"""Train a CLIP from scratch on image-text pairs: the default job of `run.py` until the
+continual runner lands, and the seed of its "major update" (making θ0).
+
+Writes to the work directory: `config.json`, `metrics.jsonl` (one line per logged step),
+`results.json` (first/last loss, zero-shot accuracy before and after, throughput),
+`plots/loss.png`, and the trained model in the Hugging Face layout under `model/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from fomo_jax import models, sharding
+from fomo_jax import params as params_lib
+from fomo_jax.data import synthetic
+from fomo_jax.tokenizer import ByteTokenizer
+from fomo_jax.train import optimizer
+from fomo_jax.train.step import TrainState, compile_train_step, init_state, state_shardings
+
+
+def zero_shot_accuracy(model, images: np.ndarray, labels: np.ndarray, prompts, tokenizer) -> float:
+    """Top-1 accuracy of classifying images by their most similar class prompt."""
+    class_emb = np.asarray(model.encode_text(tokenizer(prompts)))
+    image_emb = np.asarray(model.encode_image(images))
+    # Normalising the class embeddings does not change an image's argmax; images need none.
+    class_emb = class_emb / np.linalg.norm(class_emb, axis=-1, keepdims=True)
+    return float(np.mean(np.argmax(image_emb @ class_emb.T, axis=-1) == labels))
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _plot_loss(records, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records])
+    ax.set(xlabel="step", ylabel="contrastive loss", yscale="log", title="CLIP training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+
+    model_config = models.get_config(
+        config.model.name,
+        dtype=config.model.dtype,
+        attention_implementation=config.model.attention_implementation,
+    )
+    image_size, context = model_config.vision.image_size, model_config.text.context_length
+    tokenizer = ByteTokenizer(context_length=context)
+    if model_config.text.vocab_size < tokenizer.vocab_size:
+        raise ValueError(
+            f"model {config.model.name} has a {model_config.text.vocab_size}-token vocabulary; "
+            f"the byte tokenizer needs {tokenizer.vocab_size}"
+        )
+
+    mesh = sharding.make_mesh(**config.mesh)
+    model = models.create_model(model_config, seed=config.seed)
+    graphdef, params = params_lib.split(model)
+    tx = optimizer.adamw(
+        b1=config.optimizer.b1,
+        b2=config.optimizer.b2,
+        eps=config.optimizer.eps,
+        weight_decay=config.optimizer.weight_decay,
+        clip_norm=config.optimizer.clip_norm,
+        decay_convention=config.optimizer.decay_convention,
+    )
+    shardings = state_shardings(jax.eval_shape(lambda p: TrainState.create(p, tx), params), mesh)
+    state = init_state(params, tx, shardings)
+    step_fn = compile_train_step(graphdef, tx, mesh, shardings)
+    warmup = int(np.ceil(config.optimizer.warmup_fraction * config.steps))
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0,
+        config.optimizer.lr,
+        max(warmup, 1),
+        config.steps,
+        end_value=config.optimizer.lr * config.optimizer.min_lr_multiplier,
+    )
+
+    train_source = synthetic.SyntheticPairs(config.data.num_train, image_size, seed=config.seed)
+    eval_source = synthetic.SyntheticPairs(config.data.num_eval, image_size, seed=config.seed + 1)
+    eval_examples = [eval_source[i] for i in range(len(eval_source))]
+    eval_images = synthetic.normalize(np.stack([e["image"] for e in eval_examples]))
+    eval_labels = np.array([e["label"] for e in eval_examples])
+    prompts = [f"a {color} {shape}" for color, shape in train_source.concepts]
+
+    def evaluate(state):
+        return zero_shot_accuracy(
+            params_lib.merge(graphdef, state.params), eval_images, eval_labels, prompts, tokenizer
+        )
+
+    accuracy_before = evaluate(state)
+    logging.info(
+        "model %s: %.2fM parameters; mesh %s; %d steps of batch %d",
+        config.model.name,
+        optimizer.trainable_count(params) / 1e6,
+        dict(mesh.shape),
+        config.steps,
+        config.batch_size,
+    )
+
+    data = iter(synthetic.batches(train_source, tokenizer, config.batch_size, seed=config.seed))
+    records, window_start, data_wait, first_loss = [], time.perf_counter(), 0.0, None
+    start = time.perf_counter()
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as log:
+        for step in range(config.steps):
+            t0 = time.perf_counter()
+            batch = next(data)
+            data_wait += time.perf_counter() - t0
+            batch = {"pixels": batch["pixels"], "token_ids": batch["token_ids"]}
+            state, metrics = step_fn(state, batch, float(schedule(step)))
+            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not metrics["finite"]:
+                    raise FloatingPointError(f"non-finite loss or gradient at step {step + 1}")
+                now = time.perf_counter()
+                steps_in_window = (step + 1) - (records[-1]["step"] if records else 0)
+                rate = steps_in_window * config.batch_size / (now - window_start)
+                record = dict(
+                    step=step + 1,
+                    samples_per_second=rate,
+                    data_wait_fraction=data_wait / (now - window_start),
+                    **metrics,
+                )
+                first_loss = first_loss if first_loss is not None else metrics["loss"]
+                records.append(record)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                eta = (config.steps - step - 1) * config.batch_size / rate
+                logging.info(
+                    "step %d/%d | loss %.4f | lr %.2e | %.0f samples/s | data wait %.0f%% | ETA %s",
+                    step + 1,
+                    config.steps,
+                    metrics["loss"],
+                    metrics["learning_rate"],
+                    rate,
+                    100 * record["data_wait_fraction"],
+                    _format_eta(eta),
+                )
+                window_start, data_wait = time.perf_counter(), 0.0
+
+    wall = time.perf_counter() - start
+    results = {
+        "steps": config.steps,
+        "samples": config.steps * config.batch_size,
+        "first_logged_loss": first_loss,
+        "final_loss": records[-1]["loss"],
+        "zero_shot_accuracy_before": accuracy_before,
+        "zero_shot_accuracy_after": evaluate(state),
+        "chance_accuracy": 1 / len(prompts),
+        "wall_seconds": wall,
+        "samples_per_second": config.steps * config.batch_size / wall,
+    }
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    _plot_loss(records, os.path.join(workdir, "plots", "loss.png"))
+    models.export_hf(params_lib.merge(graphdef, jax.device_get(state.params)), f"{workdir}/model")
+    return results
