@@ -17,6 +17,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from fomo_jax import kernels
@@ -80,6 +81,9 @@ class CLIPConfig:
     def replace(self, **changes) -> CLIPConfig:
         return dataclasses.replace(self, **changes)
 
+
+# encode_text trims padding to a multiple of this many tokens (bounds the compiled shapes).
+TEXT_LENGTH_BUCKET = 8
 
 _SHAPE_ONLY = contextvars.ContextVar("shape_only", default=False)
 
@@ -299,9 +303,24 @@ class CLIP(nnx.Module):
         """float32 NHWC normalized pixels -> [batch, embed_dim] (not L2-normalized)."""
         return self.image(jnp.asarray(pixels, jnp.float32))[0]
 
-    @nnx.jit
     def encode_text(self, token_ids):
-        """int32 [batch, context] ids (EOT = row max, padding after) -> [batch, embed_dim]."""
+        """int32 [batch, context] ids (EOT = row max, padding after) -> [batch, embed_dim].
+
+        Host inputs are cut after the batch's last EOT (rounded up to a multiple of
+        `TEXT_LENGTH_BUCKET`): with causal attention no later position can reach a pooled
+        token, so the result is unchanged while short captions cost a fraction of the
+        full context.
+        """
+        if not isinstance(token_ids, jax.core.Tracer):
+            ids = np.asarray(token_ids)
+            if ids.ndim == 2 and 0 < ids.shape[1] <= self.text.cfg.context_length:
+                needed = int(np.max(np.argmax(ids, axis=1))) + 1
+                length = -(-needed // TEXT_LENGTH_BUCKET) * TEXT_LENGTH_BUCKET
+                token_ids = ids[:, : min(length, ids.shape[1])]
+        return self._encode_text(token_ids)
+
+    @nnx.jit
+    def _encode_text(self, token_ids):
         return self.text(jnp.asarray(token_ids, jnp.int32))[0]
 
 

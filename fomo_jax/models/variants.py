@@ -57,4 +57,4 @@ def get_config(name: str, **overrides) -> CLIPConfig:
             f"unknown CLIP variant {name!r}; known: {sorted(VARIANTS)} "
             "(append -quickgelu for QuickGELU)"
         )
-    return VARIANTS[base].replace(activation=activation, **overrides)
+    return VARIANTS[base].replace(**{"activation": activation, **overrides})

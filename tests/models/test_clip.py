@@ -78,6 +78,20 @@ def test_text_pools_at_eot_and_ignores_padding(tiny_model):
     assert np.abs(np.asarray(tiny_model.encode_text(shorter)) - np.asarray(a)).max() > 1e-3
 
 
+def test_encode_text_trims_padding_exactly(tiny_model):
+    rng = np.random.default_rng(0)
+    ids = np.zeros((4, 16), np.int32)
+    ids[:, 0] = 257
+    for row, eot in enumerate([2, 5, 3, 4]):  # the batch needs 6 tokens -> bucket of 8
+        ids[row, 1:eot] = rng.integers(1, 257, eot - 1)
+        ids[row, eot] = 258
+    full = np.asarray(tiny_model._encode_text(ids))
+    np.testing.assert_allclose(np.asarray(tiny_model.encode_text(ids)), full, atol=1e-5)
+    ids[0, 12], ids[0, 13] = 7, 258  # one long caption: no trimming possible
+    full = np.asarray(tiny_model._encode_text(ids))
+    np.testing.assert_allclose(np.asarray(tiny_model.encode_text(ids)), full, atol=1e-5)
+
+
 def test_call_returns_embeddings_and_intermediates(tiny_model):
     pixels = jnp.zeros((2, 32, 32, 3))
     ids = jnp.array([[257, 5, 258] + [0] * 13] * 2, jnp.int32)
