@@ -37,7 +37,7 @@ def test_outputs(smoke_run):
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3, 6]
     assert all(r["samples_per_second"] > 0 for r in records)
-    assert (workdir / "plots" / "loss.png").stat().st_size > 1000
+    assert (workdir / "plots" / "training.png").stat().st_size > 1000
     config = json.loads((workdir / "config.json").read_text())
     assert config["model"]["name"] == "tiny"
     assert "ETA" in result.stderr  # progress lines

@@ -85,10 +85,10 @@ def test_encode_text_trims_padding_exactly(tiny_model):
     for row, eot in enumerate([2, 5, 3, 4]):  # the batch needs 6 tokens -> bucket of 8
         ids[row, 1:eot] = rng.integers(1, 257, eot - 1)
         ids[row, eot] = 258
-    full = np.asarray(tiny_model._encode_text(ids))
+    full = np.asarray(tiny_model.text(ids)[0])
     np.testing.assert_allclose(np.asarray(tiny_model.encode_text(ids)), full, atol=1e-5)
     ids[0, 12], ids[0, 13] = 7, 258  # one long caption: no trimming possible
-    full = np.asarray(tiny_model._encode_text(ids))
+    full = np.asarray(tiny_model.text(ids)[0])
     np.testing.assert_allclose(np.asarray(tiny_model.encode_text(ids)), full, atol=1e-5)
 
 
