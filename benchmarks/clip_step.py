@@ -168,39 +168,14 @@ def bench_step(name, batch, dtype, steps, peak):
 
 def bench_vs_hf(name, batch, repeats):
     import torch
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPModel
 
     torch.set_num_threads(os.cpu_count())
-    cfg = models.get_config(name)
-    hf_config = CLIPConfig(
-        vision_config=dict(
-            hidden_size=cfg.vision.width,
-            intermediate_size=cfg.vision.mlp_dim,
-            num_hidden_layers=cfg.vision.layers,
-            num_attention_heads=cfg.vision.heads,
-            image_size=cfg.vision.image_size,
-            patch_size=cfg.vision.patch_size,
-            hidden_act="gelu",
-        ),
-        text_config=dict(
-            vocab_size=cfg.text.vocab_size,
-            hidden_size=cfg.text.width,
-            intermediate_size=cfg.text.mlp_dim,
-            num_hidden_layers=cfg.text.layers,
-            num_attention_heads=cfg.text.heads,
-            max_position_embeddings=cfg.text.context_length,
-            hidden_act="gelu",
-            eos_token_id=cfg.text.vocab_size - 1,
-            bos_token_id=cfg.text.vocab_size - 2,
-            pad_token_id=0,
-        ),
-        projection_dim=cfg.embed_dim,
-    )
-    torch.manual_seed(0)
-    hf = CLIPModel(hf_config).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        hf.save_pretrained(tmp)
-        model = models.load_pretrained(tmp)
+    model = models.create_model(name)
+    cfg = model.config
+    with tempfile.TemporaryDirectory() as tmp:  # the same weights on both sides
+        models.export_hf(model, tmp)
+        hf = CLIPModel.from_pretrained(tmp).eval()
     pixels, ids = inputs(cfg, batch)
     torch_pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
     torch_ids = torch.from_numpy(ids.astype(np.int64))

@@ -93,7 +93,7 @@ def _table(cfg: CLIPConfig):
 
 
 # Buffers some checkpoints carry that are not parameters.
-_IGNORED = re.compile(r"(^|\.)position_ids$|^attn_mask$|(^|\.)attn_mask$")
+_IGNORED = re.compile(r"(^|\.)(position_ids|attn_mask)$")
 
 
 def hf_state_to_params(state: dict, cfg: CLIPConfig, source="checkpoint") -> dict:
@@ -228,7 +228,7 @@ def openclip_to_hf_state(state: dict, source="checkpoint") -> dict:
             if rest.startswith("attn.in_proj_"):
                 kind = rest[len("attn.in_proj_") :]  # weight [3W, W] or bias [3W], q/k/v stacked
                 for name, part in zip(
-                    ("q_proj", "k_proj", "v_proj"), np.split(value, 3, axis=0), strict=False
+                    ("q_proj", "k_proj", "v_proj"), np.split(value, 3, axis=0), strict=True
                 ):
                     out[f"{prefix}self_attn.{name}.{kind}"] = part
                 continue
@@ -275,24 +275,46 @@ def infer_openclip_name(cfg_from_shapes: CLIPConfig) -> str | None:
 def model_from_params(params: dict, cfg: CLIPConfig) -> CLIP:
     """A CLIP module holding `params` (no random initialisation is run)."""
     graphdef, shapes = params_lib.split(abstract_clip(cfg))
-    expected = jax.tree_util.tree_map(lambda s: s.shape, shapes)
-    got = jax.tree_util.tree_map(lambda a: tuple(a.shape), params)
+    expected = {k: tuple(v.shape) for k, v in params_lib.flatten(shapes).items()}
+    got = {k: tuple(np.shape(v)) for k, v in params_lib.flatten(params).items()}
     if expected != got:
-        raise ValueError("parameter shapes do not match the config")
+        wrong = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
+        raise ValueError(
+            f"parameters do not match the config at {wrong[:5]}: expected "
+            f"{[expected.get(k) for k in wrong[:5]]}, got {[got.get(k) for k in wrong[:5]]}"
+        )
     return params_lib.merge(graphdef, jax.tree_util.tree_map(jnp.asarray, params))
+
+
+_HF_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def _read_hf_weights(path):
+    """The state dict of a HF directory, single-file or sharded (with an index JSON)."""
+    for name in _HF_WEIGHT_FILES:
+        weights = os.path.join(path, name)
+        if not os.path.isfile(weights):
+            continue
+        if not name.endswith(".index.json"):
+            return read_state_dict(weights), weights
+        with open(weights) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        state = {}
+        for shard in shards:
+            state.update(read_state_dict(os.path.join(path, shard)))
+        return state, weights
+    raise FileNotFoundError(f"{path}: none of {list(_HF_WEIGHT_FILES)} next to config.json")
 
 
 def _load_hf_dir(path, *, dtype, attention_implementation):
     with open(os.path.join(path, "config.json")) as f:
         hf_cfg = json.load(f)
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if os.path.isfile(os.path.join(path, name)):
-            weights = os.path.join(path, name)
-            break
-    else:
-        raise FileNotFoundError(
-            f"{path}: no model.safetensors or pytorch_model.bin next to config.json"
-        )
+    state, weights = _read_hf_weights(path)
     vision, text = hf_cfg.get("vision_config", {}), hf_cfg.get("text_config", {})
     acts = {
         vision.get("hidden_act", _HF_DEFAULTS["hidden_act"]),
@@ -307,7 +329,6 @@ def _load_hf_dir(path, *, dtype, attention_implementation):
             f"{path}/config.json: towers must share a supported hidden_act "
             f"({sorted(_HF_ACTIVATIONS)}) and layer_norm_eps; got {acts}, {eps}"
         )
-    state = read_state_dict(weights)
     cfg = config_from_hf_state(
         state,
         vision_heads=vision.get("num_attention_heads", _HF_DEFAULTS["vision_heads"]),

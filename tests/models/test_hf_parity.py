@@ -71,6 +71,19 @@ def test_pytorch_model_bin_directory(tmp_path):
     np.testing.assert_allclose(np.asarray(model.encode_text(ids)), want_text, atol=TOL, rtol=0)
 
 
+def test_sharded_checkpoint_directory(tmp_path):
+    """Large HF checkpoints come as several safetensors files plus an index."""
+    hf_model = make_hf_clip("gelu_3x3", seed=4)
+    hf_model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    model = models.load_pretrained(tmp_path)
+    pixels, ids = random_inputs(hf_model, seed=5)
+    want_image, want_text = hf_embeddings(hf_model, pixels, ids)
+    np.testing.assert_allclose(np.asarray(model.encode_image(pixels)), want_image, atol=TOL, rtol=0)
+    np.testing.assert_allclose(np.asarray(model.encode_text(ids)), want_text, atol=TOL, rtol=0)
+
+
 def test_export_round_trip(hf_dir, tmp_path):
     """load -> export_hf reproduces the original tensors exactly, and HF loads the export."""
     from transformers import CLIPModel
@@ -127,7 +140,7 @@ def test_missing_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         models.load_pretrained(tmp_path)
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
         models.load_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         models.load_pretrained(tmp_path / "nowhere.safetensors")
