@@ -17,7 +17,7 @@ IMPLEMENTATIONS = (None, "xla", "cudnn")
 _logged_choices: set = set()
 
 
-def _visibility(q_len, kv_len, batch, *, causal, kv_mask, prefix_length, segment_ids):
+def _visibility(q_len, kv_len, *, causal, kv_mask, prefix_length, segment_ids):
     """Boolean [batch or 1, 1, q_len, kv_len] mask (True = may attend), or None.
 
     Masks combine by AND. `prefix_length` alone means a bidirectional prefix followed by a
@@ -53,7 +53,7 @@ def reference_attention(
     sees no key outputs zeros (not NaN). Keys/values may have fewer heads than queries
     (grouped-query attention) as long as the count divides.
     """
-    batch, q_len, heads, head_dim = q.shape
+    _, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     if heads != kv_heads:
         if heads % kv_heads:
@@ -65,7 +65,6 @@ def reference_attention(
     mask = _visibility(
         q_len,
         kv_len,
-        batch,
         causal=causal,
         kv_mask=kv_mask,
         prefix_length=prefix_length,
