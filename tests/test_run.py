@@ -79,3 +79,16 @@ def test_config_errors_stop_before_compute(tmp_path, flag, message):
     assert result.returncode != 0
     assert message in result.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_divergence_stops_with_the_step(tmp_path):
+    """A diverging run stops and names the first step whose loss is not finite."""
+    result = _run(
+        "--config=configs/clip_synth.py:smoke",
+        "--config.optimizer.lr=1e30",
+        f"--workdir={tmp_path}",
+        cwd=runtime.REPO_ROOT,
+    )
+    assert result.returncode != 0
+    assert "non-finite loss at step" in result.stderr
+    assert not (tmp_path / "results.json").exists()

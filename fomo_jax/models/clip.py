@@ -302,7 +302,7 @@ class CLIP(nnx.Module):
     def encode_image(self, pixels):
         """float32 NHWC normalized pixels -> [batch, embed_dim] (not L2-normalized)."""
         if _traced(pixels, self.logit_scale[...]):
-            return self.image(jnp.asarray(pixels, jnp.float32))[0]
+            return _tower_forward(self, "image", pixels)
         return _encoder(self, "image")(pixels)
 
     def encode_text(self, token_ids):
@@ -314,7 +314,7 @@ class CLIP(nnx.Module):
         full context.
         """
         if _traced(token_ids, self.logit_scale[...]):
-            return self.text(jnp.asarray(token_ids, jnp.int32))[0]
+            return _tower_forward(self, "text", token_ids)
         ids = np.asarray(token_ids)
         if ids.ndim == 2 and 0 < ids.shape[1] <= self.text.cfg.context_length:
             needed = int(np.max(np.argmax(ids, axis=1))) + 1
@@ -327,12 +327,15 @@ def _traced(*values) -> bool:
     return any(isinstance(v, jax.core.Tracer) for v in values)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "tower"))
-def _apply_tower(params, inputs, *, graphdef, tower):
-    model = nnx.merge(graphdef, params)
+def _tower_forward(model: CLIP, tower: str, inputs):
     if tower == "image":
         return model.image(jnp.asarray(inputs, jnp.float32))[0]
     return model.text(jnp.asarray(inputs, jnp.int32))[0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "tower"))
+def _apply_tower(params, inputs, *, graphdef, tower):
+    return _tower_forward(nnx.merge(graphdef, params), tower, inputs)
 
 
 class _Encoder:

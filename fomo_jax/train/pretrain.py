@@ -112,6 +112,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         config.steps,
         end_value=config.optimizer.lr * config.optimizer.min_lr_multiplier,
     )
+    # Evaluated once on the host: the step takes the rate as an input, the plot shows it.
+    learning_rates = [float(schedule(step)) for step in range(config.steps)]
 
     train_source = synthetic.SyntheticPairs(config.data.num_train, image_size, seed=config.seed)
     eval_source = synthetic.SyntheticPairs(config.data.num_eval, image_size, seed=config.seed + 1)
@@ -145,14 +147,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             batch = next(data)
             data_wait += time.perf_counter() - t0
             batch = {"pixels": batch["pixels"], "token_ids": batch["token_ids"]}
-            state, metrics = step_fn(state, batch, float(schedule(step)))
+            state, metrics = step_fn(state, batch, learning_rates[step])
             pending.append(metrics["loss"])  # fetched at the next log point, not every step
             if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-                losses += [float(x) for x in jax.device_get(pending)]
+                fetched = [float(x) for x in jax.device_get(pending)]
+                if not np.all(np.isfinite(fetched)):
+                    bad = len(losses) + int(np.argmin(np.isfinite(fetched))) + 1
+                    raise FloatingPointError(f"non-finite loss at step {bad}")
+                losses += fetched
                 pending = []
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if not metrics["finite"]:
-                    raise FloatingPointError(f"non-finite loss or gradient at step {step + 1}")
+                    raise FloatingPointError(f"non-finite gradient at step {step + 1}")
                 now = time.perf_counter()
                 steps_in_window = (step + 1) - (records[-1]["step"] if records else 0)
                 rate = steps_in_window * config.batch_size / (now - window_start)
@@ -194,7 +200,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         json.dump(results, f, indent=2)
     _plot_training(
         losses,
-        [float(schedule(step)) for step in range(config.steps)],
+        learning_rates,
         (results["zero_shot_accuracy_before"], results["zero_shot_accuracy_after"]),
         os.path.join(workdir, "plots", "training.png"),
     )
