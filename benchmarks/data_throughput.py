@@ -1,0 +1,355 @@
+"""Training input pipeline throughput against the bare PIL ceiling, and its share of step time.
+
+    python benchmarks/data_throughput.py --out benchmarks/results/data_throughput_cpu
+
+Converts `--num_images` photo-like pictures (smooth gradients, detail, shapes and noise at
+300x400, so the JPEGs have a photo's entropy) into ArrayRecord shards of 224-px JPEGs, then:
+1. ceiling: `decode_rgb` + `train_transform` on the same JPEG bytes in one thread (per core);
+2. `TaskBatches` (update, buffer and pretraining pools all read from the shards) for each
+   `--threads` setting, the cost of each stage of one element, and a cProfile of the
+   synchronous path, to show where time goes beyond the ceiling;
+3. the share of a CPU training step spent blocked in `next(batches)`, for a tiny CLIP at 224 px
+   on the shards and for the default fif_synth job (tiny CLIP at 32 px).
+Writes `<out>.json` and `<out>.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import dataclasses
+import datetime
+import json
+import os
+import pstats
+import sys
+import time
+from importlib import metadata
+
+import grain
+import jax
+import numpy as np
+from absl import flags
+from clip_step import hardware  # benchmarks/clip_step.py, next to this script
+from PIL import Image, ImageDraw
+
+from fomo_jax import models, sharding
+from fomo_jax import params as params_lib
+from fomo_jax.data import fif, fif_synth, mixture, pipeline, records, streams, transforms
+from fomo_jax.data.webdataset import WebDatasetSource
+from fomo_jax.tokenizer import ByteTokenizer
+from fomo_jax.train import optimizer
+from fomo_jax.train import step as step_lib
+
+MIXTURE = {"pretraining": 0.33, "update": 0.34, "buffer": 0.33}
+
+
+def photo(index: int, _item=None) -> records.Example:
+    """A deterministic photo-like picture: flat synthetic images compress and decode too fast."""
+    rng = np.random.default_rng([7, index])
+    h, w = (300, 400) if rng.uniform() < 0.7 else (400, 300)
+    cubic = Image.Resampling.BICUBIC
+    smooth = Image.fromarray(rng.uniform(0, 255, (3, 4, 3)).astype(np.uint8)).resize((w, h), cubic)
+    detail = rng.uniform(0, 255, (h // 12, w // 12, 3)).astype(np.uint8)
+    image = Image.blend(smooth, Image.fromarray(detail).resize((w, h), cubic), 0.25)
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.integers(3, 8)):
+        x, y = rng.uniform(0, w), rng.uniform(0, h)
+        box = (x, y, x + rng.uniform(20, 150), y + rng.uniform(20, 150))
+        fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.uniform() < 0.5 else draw.rectangle)(box, fill=fill)
+    pixels = np.clip(np.asarray(image, np.float32) + rng.normal(0, 4, (h, w, 3)), 0, 255)
+    target = index % 100
+    text = f"a photo of object {target}, a thing with shapes on a gradient ({index})"
+    return records.Example(
+        pixels.astype(np.uint8), [text], target, f"object {target}", "photos", str(index), ""
+    )
+
+
+def shards(workdir: str, num: int) -> records.RecordSource:
+    source = records.Source(range(num), photo, {"kind": "photos", "num": num}, "photos")
+    out = os.path.join(workdir, f"photos_{num}")
+    records.convert(source, out, records_per_shard=500)  # resumable: a rerun reuses the shards
+    return records.RecordSource(out)
+
+
+def task_batches(catalogue, update, buffer, replay, batch, steps, size, context, threads=8):
+    """Task 1 of a stream: `batch` examples per step split 0.34/0.33/0.33 over the pools."""
+    return pipeline.TaskBatches(
+        catalogue=catalogue,
+        update_ids=update,
+        buffer_ids=buffer,
+        pretraining=replay,
+        batch_sizes=mixture.pool_batch_sizes(batch, MIXTURE, task=1),
+        steps=steps,
+        seed=0,
+        task=1,
+        tokenizer=ByteTokenizer(context),
+        image_size=size,
+        num_threads=threads,
+    )
+
+
+def shard_batches(rs, batch: int, steps: int, threads: int) -> pipeline.TaskBatches:
+    """Every pool from the shards: half the records update, half buffer, all of them replay."""
+    ids, half = np.arange(len(rs)), len(rs) // 2
+    catalogue = mixture.Catalogue({"photos": rs})
+    return task_batches(catalogue, ids[:half], ids[half:], rs, batch, steps, 224, 77, threads)
+
+
+def timed(fn, repeats: int = 1) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds of all threads) of the fastest of `repeats` calls."""
+    best = (float("inf"), float("inf"))
+    for _ in range(repeats):
+        wall, cpu = time.perf_counter(), time.process_time()
+        fn()
+        best = min(best, (time.perf_counter() - wall, time.process_time() - cpu))
+    return best
+
+
+def ceiling(jpegs: list[bytes]) -> float:
+    rng = np.random.default_rng(0)
+    wall, _ = timed(
+        lambda: [transforms.train_transform(transforms.decode_rgb(j), rng, 224) for j in jpegs], 3
+    )
+    return len(jpegs) / wall
+
+
+def pipeline_rate(rs, batch: int, threads: int, num_batches: int, cores: int) -> dict:
+    iterator = iter(shard_batches(rs, batch, num_batches + 1, threads).dataset())
+    next(iterator)  # warm-up: thread pool, shard readers, a full prefetch buffer
+    wall, cpu = timed(lambda: [next(iterator) for _ in range(num_batches)])
+    images, used = num_batches * batch, min(threads, cores) if threads else 1
+    return dict(
+        threads=threads,
+        cores_used=used,
+        images_per_s=images / wall,
+        images_per_s_per_core=images / wall / used,
+        images_per_cpu_s=images / cpu,
+    )
+
+
+def stage_costs(rs, batch: int) -> dict:
+    """Microseconds per element of each pipeline stage run alone in this thread (best of 3)."""
+    tb, rng = shard_batches(rs, batch, 2, 0), np.random.default_rng(0)
+    raw_source = grain.sources.ArrayRecordDataSource(rs.files)
+    idx = [tb.locate(j)[1] for j in range(batch)]
+    raws = [raw_source[i] for i in idx]
+    items = [records.unpack_record(r) for r in raws]
+    pics = [transforms.decode_rgb(e["image"]) for e in items]
+    crops = [transforms.train_transform(p, rng, 224) for p in pics]
+    texts = [fif.choose_caption(e["captions"], rng) for e in items]
+    stages = {
+        "sampler (`TaskBatches.locate`)": lambda: [tb.locate(j) for j in range(batch)],
+        "ArrayRecord read": lambda: [raw_source[i] for i in idx],
+        "msgpack unpack": lambda: [records.unpack_record(r) for r in raws],
+        "JPEG decode (`decode_rgb`)": lambda: [transforms.decode_rgb(e["image"]) for e in items],
+        "crop + bicubic resize (`train_transform`)": lambda: [
+            transforms.train_transform(p, rng, 224) for p in pics
+        ],
+        "caption choice": lambda: [fif.choose_caption(e["captions"], rng) for e in items],
+        "tokenize (ByteTokenizer(77), per batch)": lambda: tb.tokenizer(texts),
+        "`np.stack` of the batch": lambda: np.stack(crops),
+    }
+    return {name: 1e6 * timed(fn, 3)[0] / batch for name, fn in stages.items()}
+
+
+def profile_sync(rs, batch: int, num_batches: int = 2, top: int = 12) -> list[dict]:
+    """cProfile of the synchronous pipeline: the functions with the most own time per element."""
+    iterator = iter(shard_batches(rs, batch, num_batches + 1, 0).dataset())
+    next(iterator)
+    profiler = cProfile.Profile()
+    profiler.runcall(lambda: [next(iterator) for _ in range(num_batches)])
+    n = num_batches * batch
+    rows = [
+        dict(function=f"{os.path.basename(f)}:{name}", calls=nc / n, own_us=1e6 * tt / n,
+             cumulative_us=1e6 * ct / n)
+        for (f, _, name), (_, nc, tt, ct, _) in pstats.Stats(profiler).stats.items()
+    ]  # fmt: skip
+    return sorted(rows, key=lambda r: -r["own_us"])[:top]
+
+
+def data_wait(cfg, batches: pipeline.TaskBatches, steps: int, warmup: int = 3) -> dict:
+    """Run real train steps fed by `batches`: time blocked in next() against the whole step."""
+    graphdef, params = params_lib.split(models.create_model(cfg))
+    tx, mesh = optimizer.adamw(), sharding.make_mesh()
+    abstract = jax.eval_shape(lambda p: step_lib.TrainState.create(p, tx), params)
+    shardings = step_lib.state_shardings(abstract, mesh)
+    state = step_lib.init_state(params, tx, shardings)
+    step = step_lib.compile_train_step(graphdef, tx, mesh, shardings)
+    iterator, wait, total = iter(batches.dataset()), 0.0, 0.0
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        batch = next(iterator)
+        feed = {"images": batch["images"], "token_ids": batch["token_ids"]}
+        got = time.perf_counter()
+        state, metrics = step(state, feed, 1e-4)
+        jax.block_until_ready(metrics["loss"])
+        if i >= warmup:
+            wait, total = wait + got - start, total + time.perf_counter() - start
+    alone = []  # the dataset is exhausted and its threads idle: the step alone, on the last batch
+    for _ in range(10):
+        start = time.perf_counter()
+        state, metrics = step(state, feed, 1e-4)
+        jax.block_until_ready(metrics["loss"])
+        alone.append(time.perf_counter() - start)
+    return dict(
+        batch=batches.batch_size,
+        image_size=cfg.vision.image_size,
+        num_threads=batches.read_options.num_threads,
+        step_s=total / steps,
+        wait_s=wait / steps,
+        data_wait_share=wait / total,
+        step_alone_s=float(np.median(alone)),
+    )
+
+
+def fif_synth_batches(root: str, batch: int, steps: int) -> pipeline.TaskBatches:
+    """Task 1 of the default fif_synth job, wired as in benchmarks/fif_synth_effects.py."""
+    fif_synth.generate(root)  # reuses an existing benchmark made with the default parameters
+    datasets, info = fif_synth.load_datasets(root), os.path.join(root, "00_info")
+    splits = {
+        k: pipeline.SplitSource(fif.load_split(root, k, "train", datasets=datasets))
+        for k, d in datasets.items()
+        if d.role == "adaptation"
+    }
+    catalogue = mixture.Catalogue(splits)
+    stream = streams.load_stream(
+        os.path.join(root, "streams", "random_sequence_1.json"), info, datasets=datasets
+    )
+    targets = streams.parse_targets(stream, info, datasets=datasets)
+    tasks = streams.chunk([(t.dataset, t.target) for t in targets], 4)
+    update, buffer = mixture.task_pools(catalogue, tasks, 1)
+    replay = WebDatasetSource(os.path.join(root, "pretraining"))
+    return task_batches(catalogue, update, buffer, replay, batch, steps, 32, 48)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows] + [""]
+
+
+def markdown(r: dict) -> str:
+    a, hw, top = r["args"], r["hardware"], r["ceiling_images_per_s"]
+    lines = [
+        f"# Input pipeline throughput ({r['date']})",
+        "",
+        f"Hardware: CPU {hw['cpu']} x {hw['cpu_count']} cores, no accelerator; jax "
+        f"{hw['jax']}, grain {r['versions']['grain']}, Pillow {r['versions']['pillow']}.  ",
+        f"Command: `{r['command']}`",
+        "",
+        f"Data: {r['num_images']} photo-like images in ArrayRecord shards of 224-px JPEGs "
+        f"(quality 95, 4:4:4), {r['mean_jpeg_kb']:.1f} KB on average. Batches of {a['batch']} "
+        "at 224 px, update/buffer/pretraining 0.34/0.33/0.33, all three pools read from the "
+        "shards, captions tokenized with ByteTokenizer(77).",
+        "",
+        "Ceiling: `decode_rgb` + `train_transform` on the same JPEG bytes, in memory, one "
+        f"thread: **{top:.0f} images/s per core**.",
+        "",
+    ]
+    lines += _table(
+        ["num_threads", "cores used", "images/s", "per core", "per core / ceiling",
+         "images per CPU-second", "per CPU-second / ceiling"],
+        [[p["threads"], p["cores_used"], f"{p['images_per_s']:.0f}",
+          f"{p['images_per_s_per_core']:.0f}", f"{p['images_per_s_per_core'] / top:.0%}",
+          f"{p['images_per_cpu_s']:.0f}", f"{p['images_per_cpu_s'] / top:.0%}"]
+         for p in r["pipeline"]],
+    )  # fmt: skip
+    lines += [
+        "*per core* = images/s / min(num_threads, cores), with 1 for num_threads=0 (grain "
+        "then reads and transforms in the calling thread, no thread pool). With threads the "
+        "calling thread still collates and tokenizes each batch, so *per core* can exceed what "
+        "one core does; *images per CPU-second* divides by the CPU time of all threads.",
+        "",
+        "## One element, stage by stage (one thread, best of 3)",
+        "",
+    ]
+    stages = [[k, f"{v:.1f}"] for k, v in r["stages_us"].items()]
+    stages += [
+        ["**sum of the stages**", f"**{r['stages_sum_us']:.1f}**"],
+        ["synchronous pipeline (num_threads=0), measured", f"{r['sync_us']:.1f}"],
+        ["rest: grain, dict copies, glue", f"{r['sync_us'] - r['stages_sum_us']:.1f}"],
+    ]
+    lines += _table(["stage", "µs per element"], stages)
+    lines += ["## cProfile of the synchronous pipeline (top own time)", ""]
+    lines += _table(
+        ["function", "calls per element", "own µs per element", "cumulative µs per element"],
+        [[f"`{p['function']}`", f"{p['calls']:.2f}", f"{p['own_us']:.1f}",
+          f"{p['cumulative_us']:.1f}"] for p in r["profile"]],
+    )  # fmt: skip
+    lines += [
+        "## Data-wait share of a CPU training run",
+        "",
+        f"{a['steps']} real jitted train steps after 3 of warm-up, each blocked on its loss; "
+        "wait = time in `next(batches)`. *Step alone* repeats the step on the last batch with "
+        "the pipeline idle: the difference to *step* is the pipeline's threads competing with "
+        "XLA for the cores, a cost the wait share does not show.",
+        "",
+    ]
+    lines += _table(
+        ["run", "batch", "px", "num_threads", "step (s)", "wait (s)", "data-wait share",
+         "step alone (s)"],
+        [[t["name"], t["batch"], t["image_size"], t["num_threads"], f"{t['step_s']:.3f}",
+          f"{t['wait_s']:.3f}", f"{t['data_wait_share']:.1%}", f"{t['step_alone_s']:.3f}"]
+         for t in r["training"]],
+    )  # fmt: skip
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num_images", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=30, help="timed training steps")
+    parser.add_argument("--batches", type=int, default=6, help="timed batches per setting")
+    parser.add_argument("--threads", default="0,1,2,4,8", help="num_threads settings")
+    parser.add_argument("--train_threads", type=int, default=8, help="8: the library default")
+    parser.add_argument("--fif_synth", default="/tmp/fif_synth", help="'' skips that run")
+    parser.add_argument("--workdir", default="/tmp/data_throughput", help="for the shards")
+    parser.add_argument("--out", default="benchmarks/results/data_throughput_cpu")
+    args = parser.parse_args()
+    flags.FLAGS.mark_as_parsed()  # grain and array_record read absl flags
+
+    rs = shards(args.workdir, args.num_images)
+    jpegs = [rs[i]["image"] for i in range(len(rs))]
+    report = dict(
+        date=datetime.date.today().isoformat(),
+        command="python " + " ".join(sys.argv),
+        hardware=hardware(),
+        versions={k: metadata.version(k) for k in ("grain", "pillow")},
+        args=vars(args),
+        num_images=len(rs),
+        mean_jpeg_kb=float(np.mean([len(j) for j in jpegs])) / 1e3,
+        ceiling_images_per_s=ceiling(jpegs[:500]),
+        pipeline=[],
+    )
+    for threads in map(int, args.threads.split(",")):
+        cores = os.cpu_count() or 1
+        report["pipeline"].append(pipeline_rate(rs, args.batch, threads, args.batches, cores))
+        print(json.dumps(report["pipeline"][-1]), flush=True)
+    report["stages_us"] = stage_costs(rs, args.batch)
+    report["stages_sum_us"] = sum(report["stages_us"].values())
+    sync = [p["images_per_s"] for p in report["pipeline"] if p["threads"] == 0]
+    report["sync_us"] = 1e6 / sync[0] if sync else float("nan")
+    report["profile"] = profile_sync(rs, args.batch)
+
+    tiny, steps = models.get_config("tiny"), args.steps + 3
+    vision = dataclasses.replace(tiny.vision, image_size=224, patch_size=32)
+    cfg = tiny.replace(vision=vision, text=dataclasses.replace(tiny.text, context_length=77))
+    batches = shard_batches(rs, args.batch, steps, args.train_threads)
+    report["training"] = [dict(name="tiny CLIP, shards", **data_wait(cfg, batches, args.steps))]
+    if args.fif_synth:
+        cfg = tiny.replace(text=dataclasses.replace(tiny.text, context_length=48))
+        batches = fif_synth_batches(args.fif_synth, 128, steps)
+        run = data_wait(cfg, batches, args.steps)
+        report["training"].append(dict(name="tiny CLIP, fif_synth (default job)", **run))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(report, f, indent=2)
+    with open(args.out + ".md", "w") as f:
+        f.write(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""grain input pipelines: the mixed training batch of a task, and evaluation batches.
+
+The training pipeline of task k is a `grain.MapDataset` over element positions
+j = step * B + slot. Slot ranges pick the pool (update, then buffer, then pretraining, spec
+§4.2), the pool's sampler picks the sample, and a seeded `random_map` decodes, crops and picks
+a caption. Everything is a pure function of (seed, task, position), so a pipeline rebuilt at
+any step yields exactly the batches an uninterrupted one would: the task and the step are all
+a checkpoint needs to store (the grain iterator state of `dataset()` works as well).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+
+import grain
+import numpy as np
+
+from fomo_jax.data import fif, mixture, transforms
+
+POOL_IDS = {name: i for i, name in enumerate(mixture.BATCH_ORDER)}
+
+
+def example_texts(example: Mapping) -> list[str]:
+    """Candidate texts of a source example: `captions` (FiF, records) or `text` (WebDataset)."""
+    if "captions" in example:
+        return list(example["captions"])
+    return [example["text"]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainTransform:
+    """Decode + RandomResizedCrop + caption choice for one element (spec §2.5-2.6)."""
+
+    image_size: int
+    scale: tuple[float, float] = (0.9, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def __call__(self, example: Mapping, rng: np.random.Generator) -> dict:
+        image = transforms.decode_rgb(example["image"], name=example_name(example))
+        pixels = transforms.train_transform(image, rng, self.image_size, self.scale, self.ratio)
+        return {"image": pixels, "text": fif.choose_caption(example_texts(example), rng)}
+
+
+def example_name(example: Mapping) -> str:
+    return f"{example.get('dataset', '?')}:{example.get('key', '?')}"
+
+
+class TaskBatches:
+    """The mixed batches of one task: `steps` batches of `sum(batch_sizes)` examples.
+
+    Args:
+      catalogue: the training splits of the stream's datasets (global sample ids).
+      update_ids, buffer_ids: global ids of the task's update and buffer pools.
+      pretraining: a random-access source of the replay pool (or None when its share is 0).
+      batch_sizes: per-pool batch sizes (`mixture.pool_batch_sizes`).
+      steps: steps of this task.
+      seed, task: the experiment seed and the task index; every random stream derives from them.
+      pretraining_offset: position of the (continuing) pretraining stream at the task start.
+      tokenizer: texts -> int32 [B, L].
+      image_size: side of the training crops.
+      num_threads: decode threads (0 = in the calling thread).
+    """
+
+    def __init__(
+        self,
+        *,
+        catalogue: mixture.Catalogue,
+        update_ids: np.ndarray,
+        buffer_ids: np.ndarray,
+        pretraining,
+        batch_sizes: Mapping[str, int],
+        steps: int,
+        seed: int,
+        task: int,
+        pretraining_offset: int = 0,
+        tokenizer: Callable,
+        image_size: int,
+        num_threads: int = 8,
+        prefetch: int = 2,
+    ):
+        self.sizes = {k: int(batch_sizes[k]) for k in mixture.BATCH_ORDER}
+        self.batch_size = sum(self.sizes.values())
+        self.steps = steps
+        self.seed, self.task = seed, task
+        if self.sizes["pretraining"] and pretraining is None:
+            raise ValueError("the mixture gives the pretraining pool a share but no pool is set")
+        for name, ids in (("update", update_ids), ("buffer", buffer_ids)):
+            if self.sizes[name] and not len(ids):
+                raise ValueError(f"task {task}: the {name} pool is empty but has a batch share")
+        self.samplers = {
+            "update": mixture.PoolSampler(update_ids, mixture.derive_seed(seed, task, "update")),
+            "buffer": mixture.PoolSampler(buffer_ids, mixture.derive_seed(seed, task, "buffer")),
+        }
+        if pretraining is not None:
+            # One stream across tasks: its permutations do not depend on the task.
+            self.samplers["pretraining"] = mixture.PoolSampler(
+                np.arange(len(pretraining)), mixture.derive_seed(seed, "pretraining")
+            )
+        self.catalogue, self.pretraining = catalogue, pretraining
+        self.pretraining_offset = pretraining_offset
+        self.tokenizer = tokenizer
+        self.transform = TrainTransform(image_size)
+        self.read_options = grain.ReadOptions(
+            num_threads=num_threads, prefetch_buffer_size=max(1, prefetch * self.batch_size)
+        )
+        self._bounds = np.cumsum([self.sizes[k] for k in mixture.BATCH_ORDER])
+
+    def locate(self, position: int) -> tuple[str, int]:
+        """Element position -> (pool name, sample id in the pool's source)."""
+        step, slot = divmod(position, self.batch_size)
+        p = int(np.searchsorted(self._bounds, slot, side="right"))
+        pool = mixture.BATCH_ORDER[p]
+        first = 0 if p == 0 else int(self._bounds[p - 1])
+        pool_position = step * self.sizes[pool] + slot - first
+        if pool == "pretraining":
+            pool_position += self.pretraining_offset
+        return pool, self.samplers[pool][pool_position]
+
+    def _load(self, position: int) -> dict:
+        pool, sample = self.locate(position)
+        source = self.pretraining if pool == "pretraining" else self.catalogue
+        return dict(source[sample], pool=POOL_IDS[pool])
+
+    def _augment(self, example: dict, rng: np.random.Generator) -> dict:
+        out = self.transform(example, rng)
+        out["pool"] = example["pool"]
+        return out
+
+    def _collate(self, examples: list[dict]) -> dict:
+        return {
+            "images": np.stack([e["image"] for e in examples]),
+            "token_ids": self.tokenizer([e["text"] for e in examples]),
+            "pool": np.array([e["pool"] for e in examples], np.int8),
+        }
+
+    def elements(self) -> grain.MapDataset:
+        """Random-access augmented examples; index j is slot j % B of step j // B."""
+        return (
+            grain.MapDataset.range(self.steps * self.batch_size)
+            .map(self._load)
+            .random_map(self._augment, seed=mixture.derive_seed(self.seed, self.task, "augment"))
+        )
+
+    def dataset(self, start_step: int = 0) -> grain.IterDataset:
+        """Batches from `start_step` on. Slicing keeps each element's index, hence its
+        random seed, so a pipeline started at step s continues an uninterrupted one exactly."""
+        if not 0 <= start_step <= self.steps:
+            raise ValueError(f"start_step {start_step} outside 0..{self.steps}")
+        elements = self.elements()[start_step * self.batch_size :]
+        return elements.to_iter_dataset(self.read_options).batch(
+            self.batch_size, drop_remainder=True, batch_fn=self._collate
+        )
+
+
+class EvalImages:
+    """Test-transformed images of a split in fixed-size batches (the last one padded).
+
+    Yields {"images": uint8 [B, S, S, 3], "target": int64 [B], "valid": bool [B]}; padding rows
+    are zeros with valid False, so an evaluation step compiles once per batch size.
+    """
+
+    def __init__(self, source, image_size: int, batch_size: int, *, num_threads: int = 8):
+        self.source, self.image_size, self.batch_size = source, image_size, batch_size
+        self.read_options = grain.ReadOptions(
+            num_threads=num_threads, prefetch_buffer_size=max(1, 2 * batch_size)
+        )
+
+    def _load(self, index: int) -> dict:
+        example = self.source[index]
+        image = transforms.decode_rgb(example["image"], name=example_name(example))
+        return {
+            "image": transforms.test_transform(image, self.image_size),
+            "target": int(example.get("target", 0)),
+        }
+
+    def _collate(self, examples: list[dict]) -> dict:
+        pad = self.batch_size - len(examples)
+        images = np.stack([e["image"] for e in examples])
+        return {
+            "images": np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.uint8)]),
+            "target": np.array([e["target"] for e in examples] + [0] * pad, np.int64),
+            "valid": np.arange(self.batch_size) < len(examples),
+        }
+
+    def __iter__(self):
+        dataset = grain.MapDataset.range(len(self.source)).map(self._load)
+        batches = dataset.to_iter_dataset(self.read_options).batch(
+            self.batch_size, drop_remainder=False, batch_fn=self._collate
+        )
+        return iter(batches)
+
+
+class SplitSource:
+    """A `fif.Split` as a random-access source of {"image": path, "captions", "target", ...}."""
+
+    def __init__(self, split: fif.Split):
+        self.split = split
+        self.dataset = split.dataset
+        self.targets = split.targets
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> dict:
+        r = self.split[index]
+        return {
+            "image": r.image_path,
+            "captions": r.captions,
+            "target": r.target,
+            "classname": r.classname,
+            "dataset": r.dataset,
+            "key": r.key,
+        }
