@@ -23,7 +23,10 @@ def _run(*args, **kwargs):
 def smoke_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("smoke")
     result = _run(
-        "--config=configs/clip_synth.py:smoke", f"--workdir={workdir}", cwd=runtime.REPO_ROOT
+        "--config=configs/clip_synth.py:smoke",
+        f"--workdir={workdir}",
+        f"--config.data.root={workdir / 'data'}",
+        cwd=runtime.REPO_ROOT,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return workdir, result
@@ -43,27 +46,24 @@ def test_outputs(smoke_run):
     assert "ETA" in result.stderr  # progress lines
 
 
-def test_exported_model_reproduces_the_reported_accuracy(smoke_run):
+def test_exported_model_reproduces_the_reported_scores(smoke_run):
     """The HF export of the trained weights, reloaded, scores exactly what the run reported."""
-    from fomo_jax import models
-    from fomo_jax.data import synthetic
+    from fomo_jax import evaluate, models
+    from fomo_jax.data import fif_synth
     from fomo_jax.tokenizer import ByteTokenizer
-    from fomo_jax.train.pretrain import zero_shot_accuracy
 
     workdir, _ = smoke_run
     results = json.loads((workdir / "results.json").read_text())
     model = models.load_pretrained(workdir / "model")
     cfg = model.config
-    source = synthetic.SyntheticPairs(32, cfg.vision.image_size, seed=1)  # smoke: seed 0 + 1
-    examples = [source[i] for i in range(32)]
-    accuracy = zero_shot_accuracy(
-        model,
-        synthetic.normalize(np.stack([e["image"] for e in examples])),
-        np.array([e["label"] for e in examples]),
-        [f"a {c} {s}" for c, s in source.concepts],
-        ByteTokenizer(cfg.text.context_length),
+    assert cfg.text.context_length == 48  # the config's override reached the model
+    root = str(workdir / "data")
+    datasets = fif_synth.load_datasets(root)
+    scores = evaluate.evaluate_datasets(
+        model, root, datasets, ByteTokenizer(cfg.text.context_length), cfg.vision.image_size
     )
-    assert accuracy == results["zero_shot_accuracy_after"]
+    assert scores == results["zero_shot_after"]["per_dataset"]
+    assert set(scores) == set(datasets) and len(scores) == 9
 
 
 @pytest.mark.parametrize(

@@ -99,8 +99,10 @@ class Catalogue:
         self.sources = dict(sources)
         self.keys = list(self.sources)
         sizes = [len(self.sources[k]) for k in self.keys]
-        self.offsets = dict(zip(self.keys, np.cumsum([0] + sizes[:-1]).tolist(), strict=True))
-        self._ends = np.cumsum(sizes)
+        self._ends = np.cumsum(sizes, dtype=np.int64)
+        self.offsets = {
+            k: int(end - size) for k, end, size in zip(self.keys, self._ends, sizes, strict=True)
+        }
         self._by_class = {
             k: _group_by_target(np.asarray(self.sources[k].targets)) for k in self.keys
         }
