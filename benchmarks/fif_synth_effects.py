@@ -8,7 +8,7 @@ rise by tens of points) and A_ZS (should visibly drop).
 This is a self-contained measurement on the data layer and the train step, not the continual
 runner (which owns evaluation subsets, checkpoints and methods).
 
-python benchmarks/fif_synth_effects.py --out benchmarks/results/fif_synth_effects
+python benchmarks/fif_synth_effects.py   # writes benchmarks/results/fif_synth_effects.{json,md}
 """
 
 from __future__ import annotations
@@ -25,55 +25,18 @@ import numpy as np
 import optax
 from absl import flags
 
+from fomo_jax import evaluate as evaluate_lib
 from fomo_jax import models, runtime, sharding
 from fomo_jax import params as params_lib
-from fomo_jax.data import fif, fif_synth, mixture, pipeline, registry, streams, webdataset
-from fomo_jax.data.synthetic import normalize
+from fomo_jax.data import fif, fif_synth, mixture, pipeline, streams, webdataset
 from fomo_jax.tokenizer import ByteTokenizer
 from fomo_jax.train import optimizer
 from fomo_jax.train.step import TrainState, compile_train_step, init_state, state_shardings
 
 
 def evaluate(model, root, datasets, tokenizer, image_size):
-    """Zero-shot accuracy (classification) or mean two-way R@5 (retrieval), in percent."""
-    results = {}
-    for key, info in datasets.items():
-        split = fif.load_split(root, key, "test", datasets=datasets)
-        batches = pipeline.EvalImages(pipeline.SplitSource(split), image_size, 256)
-        feats = []
-        for batch in batches:
-            emb = np.asarray(model.encode_image(normalize(batch["images"])))
-            feats.append(emb[batch["valid"]])
-        image_emb = _unit(np.concatenate(feats))
-        if info.is_retrieval:
-            texts = [c for r in split for c in r.captions]
-            owner = np.repeat(np.arange(len(split)), [len(r.captions) for r in split])
-            text_emb = _unit(np.asarray(model.encode_text(tokenizer(texts))))
-            sim = image_emb @ text_emb.T
-            top_images = np.argsort(-sim.T, axis=1, kind="stable")[:, :5]
-            t2i = np.mean(np.any(top_images == owner[:, None], axis=1))
-            top_texts = np.argsort(-sim, axis=1, kind="stable")[:, :5]
-            i2t = np.mean(np.any(owner[top_texts] == np.arange(len(split))[:, None], axis=1))
-            results[key] = 50 * (t2i + i2t)
-        else:
-            names = [
-                info.prompt(c) for c in registry.classnames(info, os.path.join(root, "00_info"))
-            ]
-            class_emb = _unit(np.asarray(model.encode_text(tokenizer(names))))
-            predictions = np.argmax(image_emb @ class_emb.T, axis=1)
-            results[key] = 100 * float(np.mean(predictions == split.targets))
-    return results
-
-
-def _unit(x):
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def summarize(results, datasets):
-    adapt = [results[k] for k, d in datasets.items() if d.role == "adaptation"]
-    zs = [results[k] for k, d in datasets.items() if d.role == "evaluation"]
-    a_ka, a_zs = float(np.mean(adapt)), float(np.mean(zs))
-    return dict(A_KA=a_ka, A_ZS=a_zs, GM=float(np.sqrt(a_ka * a_zs)), per_dataset=results)
+    scores = evaluate_lib.evaluate_datasets(model, root, datasets, tokenizer, image_size)
+    return dict(evaluate_lib.summarize(scores, datasets), per_dataset=scores)
 
 
 def warmup_cosine(lr, steps):
@@ -85,19 +48,21 @@ def warmup_cosine(lr, steps):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/results/fif_synth_effects")
-    parser.add_argument("--data", default="/tmp/fif_synth")
+    parser.add_argument("--data", default="runs/fif_synth_data")
     parser.add_argument("--pretrain_steps", type=int, default=600)
     parser.add_argument("--pretrain_lr", type=float, default=2e-3)
     parser.add_argument("--tasks", type=int, default=4)
-    parser.add_argument("--steps_per_task", type=int, default=150)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--steps_per_task", type=int, default=200)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--mixture", default="0.33,0.34,0.33", help="pretraining,update,buffer")
+    parser.add_argument(
+        "--mixtures", default="0.33,0.34,0.33;0,1,0", help="pretraining,update,buffer; ..."
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     flags.FLAGS.mark_as_parsed()
     runtime.enable_compilation_cache()
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
 
     t0 = time.perf_counter()
     fif_synth.generate(args.data, seed=args.seed)
@@ -139,17 +104,15 @@ def main():
             batch_sizes=sizes,
             steps=steps,
             seed=args.seed,
-            task=max(task, 0) + (1000 if task < 0 else 0),
+            task=task if task >= 0 else 1000,  # pretraining: its own augmentation seeds
             pretraining_offset=offset,
             tokenizer=tokenizer,
             image_size=image_size,
         )
         state = init_state(state.params, tx, shardings)  # fresh optimizer per task
-        wait, start, losses = 0.0, time.perf_counter(), []
+        start, losses = time.perf_counter(), []
         for step, batch in enumerate(batches.dataset()):
-            t = time.perf_counter()
             batch = {"images": batch["images"], "token_ids": batch["token_ids"]}
-            wait += time.perf_counter() - t
             state, metrics = step_fn(state, batch, lr[step])
             losses.append(metrics["loss"])
         losses = [float(x) for x in jax.device_get(losses)]
@@ -163,7 +126,8 @@ def main():
     state = TrainState.create(params, tx)
     pretrain_sizes = {"pretraining": args.batch, "update": 0, "buffer": 0}
     cache = os.path.join(
-        args.data, f"theta0_{args.seed}_{args.pretrain_steps}_{args.pretrain_lr}.npz"
+        args.data,
+        f"theta0_v{fif_synth.VERSION}_{args.seed}_{args.pretrain_steps}_{args.pretrain_lr}.npz",
     )
     if os.path.exists(cache):
         with np.load(cache) as f:
@@ -174,44 +138,81 @@ def main():
             warmup_cosine(args.pretrain_lr, args.pretrain_steps), 0,
         )  # fmt: skip
         np.savez(cache, **params_lib.flatten(jax.device_get(state.params)))
-    trajectory = [summarize(evaluate(current_model(state), root, datasets, tokenizer, image_size),
-                            datasets)]  # fmt: skip
-    print(
-        "theta0",
-        json.dumps({k: round(v, 1) for k, v in trajectory[0].items() if k != "per_dataset"}),
-    )
-    ratios = dict(
-        zip(("pretraining", "update", "buffer"), map(float, args.mixture.split(",")), strict=False)
-    )
-    offset, sizes_log = args.pretrain_steps * args.batch, []
-    for task in range(args.tasks):
-        sizes = mixture.pool_batch_sizes(args.batch, ratios, task)
-        sizes_log.append(sizes)
-        state, _ = run_task(state, task, sizes, args.steps_per_task,
-                            warmup_cosine(args.lr, args.steps_per_task), offset)  # fmt: skip
-        offset += sizes["pretraining"] * args.steps_per_task
-        trajectory.append(
-            summarize(
-                evaluate(current_model(state), root, datasets, tokenizer, image_size), datasets
-            )
-        )
-        print(
-            f"after task {task}",
-            json.dumps({k: round(v, 1) for k, v in trajectory[-1].items() if k != "per_dataset"}),
-        )
+    theta0 = evaluate(current_model(state), root, datasets, tokenizer, image_size)
+    print("theta0", _headline(theta0), flush=True)
+    theta0_params = jax.device_get(state.params)
+    runs = {}
+    for spec in args.mixtures.split(";"):
+        ratios = dict(zip(mixture.POOLS, map(float, spec.split(",")), strict=True))
+        state = state.replace(params=theta0_params)
+        offset, trajectory, sizes_log = args.pretrain_steps * args.batch, [theta0], []
+        for task in range(args.tasks):
+            sizes = mixture.pool_batch_sizes(args.batch, ratios, task)
+            sizes_log.append(sizes)
+            lr = warmup_cosine(args.lr, args.steps_per_task)
+            state, _ = run_task(state, task, sizes, args.steps_per_task, lr, offset)
+            offset += sizes["pretraining"] * args.steps_per_task
+            trajectory.append(evaluate(current_model(state), root, datasets, tokenizer, image_size))
+            print(f"mixture {spec}, after task {task}", _headline(trajectory[-1]), flush=True)
+        runs[spec] = dict(ratios=ratios, batch_sizes=sizes_log, trajectory=trajectory)
 
-    chance = {k: (100 / d.num_classes if d.num_classes else None) for k, d in datasets.items()}
     report = dict(
-        args=vars(args),
+        command="python benchmarks/fif_synth_effects.py "
+        + " ".join(f"--{k}={v}" for k, v in vars(args).items() if k not in ("out", "data")),
+        date=time.strftime("%Y-%m-%d"),
+        hardware=f"{platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].platform}",
         generate_seconds=generate_seconds,
-        chance=chance,
-        batch_sizes=sizes_log,
-        trajectory=trajectory,
-        hardware=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"{jax.devices()[0].platform}",
+        chance=evaluate_lib.chance_levels(datasets, root),
+        runs=runs,
     )
-    with open(os.path.join(args.out, "results.json"), "w") as f:
+    with open(args.out + ".json", "w") as f:
         json.dump(report, f, indent=1)
+    with open(args.out + ".md", "w") as f:
+        f.write(_markdown(report, datasets))
+
+
+def _headline(scores):
+    return " ".join(f"{k} {scores[k]:.1f}" for k in ("A_KA", "A_ZS", "GM"))
+
+
+def _markdown(report, datasets):
+    lines = [
+        "# fif_synth: does the synthetic benchmark show continual-learning effects?",
+        "",
+        f"`{report['command']}`",
+        "",
+        f"{report['date']}, {report['hardware']}; generating fif_synth took "
+        f"{report['generate_seconds']:.1f} s. Tiny CLIP (32 px, 48-token context) pretrained "
+        "on the pool (θ0), then plain fine-tuning over the stream's tasks (fresh AdamW and "
+        "warmup-cosine per task), from the same θ0 for each mixture. Scores are percent on the "
+        "full test splits; A_KA/A_ZS are means over adaptation / evaluation-only sets "
+        "(spec §10.5).",
+        "",
+        "| mixture p/u/b | after | A_KA | A_ZS | GM |",
+        "|---|---|---|---|---|",
+    ]
+    for spec, run in report["runs"].items():
+        for t, scores in enumerate(run["trajectory"]):
+            after = "θ0" if t == 0 else f"task {t - 1}"
+            lines.append(
+                f"| {spec} | {after} | {scores['A_KA']:.1f} | {scores['A_ZS']:.1f} "
+                f"| {scores['GM']:.1f} |"
+            )
+    lines += ["", "Per dataset (chance, θ0, and the end of each run):", ""]
+    specs = list(report["runs"])
+    lines.append(
+        "| dataset | role | chance | θ0 | " + " | ".join(f"end, {s}" for s in specs) + " |"
+    )
+    lines.append("|---|---|---|---|" + "---|" * len(specs))
+    for key, info in datasets.items():
+        first = report["runs"][specs[0]]["trajectory"][0]["per_dataset"][key]
+        ends = [report["runs"][s]["trajectory"][-1]["per_dataset"][key] for s in specs]
+        lines.append(
+            f"| {key} | {info.role} | {report['chance'][key]:.1f} | {first:.1f} | "
+            + " | ".join(f"{e:.1f}" for e in ends)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ def test_outputs(smoke_run):
     results = json.loads((workdir / "results.json").read_text())
     assert results["steps"] == 6 and results["samples"] == 6 * 16
     assert np.isfinite(results["final_loss"])
+    assert results["pool_manifest"]["total"] == 400  # the smoke pool, logged with the run
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3, 6]
     assert all(r["samples_per_second"] > 0 for r in records)

@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from fomo_jax.data import registry, webdataset
 
-VERSION = 1
+VERSION = 2
 
 COLORS = {
     "red": (220, 30, 30),

@@ -213,6 +213,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "zero_shot_before": before,
         "zero_shot_after": after,
         "chance": evaluate_lib.chance_levels(datasets, root),
+        "pool_manifest": pool.manifest(),  # which pretraining data this model saw (spec §2.7)
         "wall_seconds": wall,
         "samples_per_second": config.steps * config.batch_size / wall,
     }
