@@ -24,6 +24,7 @@ import os
 import pstats
 import sys
 import time
+from concurrent import futures
 from importlib import metadata
 
 import grain
@@ -73,7 +74,7 @@ def shards(workdir: str, num: int) -> records.RecordSource:
     return records.RecordSource(out)
 
 
-def task_batches(catalogue, update, buffer, replay, batch, steps, size, context, threads=8):
+def task_batches(catalogue, update, buffer, replay, batch, steps, size, context, threads):
     """Task 1 of a stream: `batch` examples per step split 0.34/0.33/0.33 over the pools."""
     return pipeline.TaskBatches(
         catalogue=catalogue,
@@ -107,25 +108,54 @@ def timed(fn, repeats: int = 1) -> tuple[float, float]:
     return best
 
 
-def ceiling(jpegs: list[bytes]) -> float:
+def ceiling(jpegs: list[bytes], threads: int = 1) -> float:
+    """Bare decode + RandomResizedCrop in `threads` threads: the images/s those cores can give."""
     rng = np.random.default_rng(0)
-    wall, _ = timed(
-        lambda: [transforms.train_transform(transforms.decode_rgb(j), rng, 224) for j in jpegs], 3
-    )
-    return len(jpegs) / wall
+
+    def work(jpeg: bytes) -> np.ndarray:
+        return transforms.train_transform(transforms.decode_rgb(jpeg), rng)
+
+    with futures.ThreadPoolExecutor(threads) as pool:
+        run = (
+            (lambda: list(map(work, jpegs)))
+            if threads == 1
+            else lambda: list(pool.map(work, jpegs))
+        )
+        walls = [timed(run)[0] for _ in range(3)]
+    return len(jpegs) / float(np.median(walls))
 
 
-def pipeline_rate(rs, batch: int, threads: int, num_batches: int, cores: int) -> dict:
-    iterator = iter(shard_batches(rs, batch, num_batches + 1, threads).dataset())
-    next(iterator)  # warm-up: thread pool, shard readers, a full prefetch buffer
+def mp_dataset(tb: pipeline.TaskBatches, workers: int) -> grain.IterDataset:
+    """The same batches built whole in `workers` processes (batch b in worker b % workers)."""
+    batches = tb.elements().batch(tb.batch_size, drop_remainder=True, batch_fn=tb._collate)
+    options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    return batches.to_iter_dataset(options).mp_prefetch(grain.MultiprocessingOptions(workers))
+
+
+def pipeline_rate(rs, jpegs, batch: int, setting: str, num_batches: int, cores: int) -> dict:
+    """`num_batches` batches after one of warm-up, against ceilings measured just before.
+
+    A shared VM's speed drifts by 10-20% over minutes, so each setting gets its own ceilings.
+    `setting` is a num_threads, or "mpN" for N worker processes (`mp_dataset`).
+    """
+    workers = int(setting.removeprefix("mp"))
+    used = min(workers, cores) if workers else 1
+    top, bare = ceiling(jpegs), ceiling(jpegs, used)
+    tb = shard_batches(rs, batch, num_batches + 1, 0 if setting.startswith("mp") else workers)
+    iterator = iter(mp_dataset(tb, workers) if setting.startswith("mp") else tb.dataset())
+    next(iterator)  # warm-up: thread pool or processes, shard readers, full prefetch buffers
     wall, cpu = timed(lambda: [next(iterator) for _ in range(num_batches)])
-    images, used = num_batches * batch, min(threads, cores) if threads else 1
+    images = num_batches * batch
     return dict(
-        threads=threads,
+        setting=setting,
         cores_used=used,
+        ceiling=top,
+        bare_pil_same_cores=bare,
         images_per_s=images / wall,
-        images_per_s_per_core=images / wall / used,
-        images_per_cpu_s=images / cpu,
+        per_core_vs_ceiling=images / wall / used / top,
+        vs_bare_pil_same_cores=images / wall / bare,
+        # worker processes' CPU time is not this process's
+        per_cpu_s_vs_ceiling=None if setting.startswith("mp") else images / cpu / top,
     )
 
 
@@ -213,7 +243,7 @@ def data_wait(cfg, batches: pipeline.TaskBatches, steps: int, warmup: int = 3) -
     )
 
 
-def fif_synth_batches(root: str, batch: int, steps: int) -> pipeline.TaskBatches:
+def fif_synth_batches(root: str, batch: int, steps: int, threads: int) -> pipeline.TaskBatches:
     """Task 1 of the default fif_synth job, wired as in benchmarks/fif_synth_effects.py."""
     fif_synth.generate(root)  # reuses an existing benchmark made with the default parameters
     datasets, info = fif_synth.load_datasets(root), os.path.join(root, "00_info")
@@ -230,7 +260,7 @@ def fif_synth_batches(root: str, batch: int, steps: int) -> pipeline.TaskBatches
     tasks = streams.chunk([(t.dataset, t.target) for t in targets], 4)
     update, buffer = mixture.task_pools(catalogue, tasks, 1)
     replay = WebDatasetSource(os.path.join(root, "pretraining"))
-    return task_batches(catalogue, update, buffer, replay, batch, steps, 32, 48)
+    return task_batches(catalogue, update, buffer, replay, batch, steps, 32, 48, threads)
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
@@ -239,7 +269,7 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def markdown(r: dict) -> str:
-    a, hw, top = r["args"], r["hardware"], r["ceiling_images_per_s"]
+    a, hw, c = r["args"], r["hardware"], r["costs_us"]
     lines = [
         f"# Input pipeline throughput ({r['date']})",
         "",
@@ -252,28 +282,33 @@ def markdown(r: dict) -> str:
         "at 224 px, update/buffer/pretraining 0.34/0.33/0.33, all three pools read from the "
         "shards, captions tokenized with ByteTokenizer(77).",
         "",
-        "Ceiling: `decode_rgb` + `train_transform` on the same JPEG bytes, in memory, one "
-        f"thread: **{top:.0f} images/s per core**.",
+        "Ceiling: `decode_rgb` + `train_transform` on the same JPEG bytes in memory, one "
+        "thread, measured again just before each setting (the VM's speed drifts).",
         "",
     ]
     lines += _table(
-        ["num_threads", "cores used", "images/s", "per core", "per core / ceiling",
-         "images per CPU-second", "per CPU-second / ceiling"],
-        [[p["threads"], p["cores_used"], f"{p['images_per_s']:.0f}",
-          f"{p['images_per_s_per_core']:.0f}", f"{p['images_per_s_per_core'] / top:.0%}",
-          f"{p['images_per_cpu_s']:.0f}", f"{p['images_per_cpu_s'] / top:.0%}"]
+        ["num_threads", "cores used", "ceiling, 1 core", "bare PIL, same cores", "images/s",
+         "images/s per core", "per core / ceiling", "/ bare PIL, same cores",
+         "per CPU-second / ceiling"],
+        [[p["setting"], p["cores_used"], f"{p['ceiling']:.0f}", f"{p['bare_pil_same_cores']:.0f}",
+          f"{p['images_per_s']:.0f}", f"{p['images_per_s'] / p['cores_used']:.0f}",
+          f"**{p['per_core_vs_ceiling']:.0%}**", f"{p['vs_bare_pil_same_cores']:.0%}",
+          "n/a" if p["per_cpu_s_vs_ceiling"] is None else f"{p['per_cpu_s_vs_ceiling']:.0%}"]
          for p in r["pipeline"]],
     )  # fmt: skip
     lines += [
-        "*per core* = images/s / min(num_threads, cores), with 1 for num_threads=0 (grain "
-        "then reads and transforms in the calling thread, no thread pool). With threads the "
-        "calling thread still collates and tokenizes each batch, so *per core* can exceed what "
-        "one core does; *images per CPU-second* divides by the CPU time of all threads.",
+        "*ceiling, 1 core*: bare `decode_rgb` + `train_transform`, one thread. *bare PIL, same "
+        "cores*: the same in a pool of that many threads, i.e. what those cores give without "
+        "the pipeline. *cores used* = min(num_threads, cores), and 1 for num_threads=0 (grain "
+        "then works in the calling thread: no thread pool); *images/s per core* = images/s / "
+        "cores used. With threads the calling thread also collates and tokenizes each batch, "
+        "so *per core* may exceed what one core does; *per CPU-second* divides by the CPU time "
+        "of all threads instead. *mp2*: not the library's path but a proposed one, the same "
+        "batches built whole in 2 grain worker processes (`mp_dataset` in the script).",
         "",
         "## One element, stage by stage (one thread, best of 3)",
         "",
     ]
-    c = r["costs_us"]
     stages = [[k, f"{v:.1f}"] for k, v in c["stages"].items()]
     stages += [
         ["**sum of the stages**", f"**{c['stages_sum']:.1f}**"],
@@ -295,7 +330,8 @@ def markdown(r: dict) -> str:
         f"{a['steps']} real jitted train steps after 3 of warm-up, each blocked on its loss; "
         "wait = time in `next(batches)`. *Step alone* repeats the step on the last batch with "
         "the pipeline idle: the difference to *step* is the pipeline's threads competing with "
-        "XLA for the cores, a cost the wait share does not show.",
+        "XLA for the cores, a cost the wait share does not show. At 224 px one batch costs "
+        f"{a['batch'] * c['grain'] / 1e6:.2f} CPU-seconds to produce (synchronous rate above).",
         "",
     ]
     lines += _table(
@@ -313,9 +349,9 @@ def main():
     parser.add_argument("--num_images", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=30, help="timed training steps")
-    parser.add_argument("--batches", type=int, default=6, help="timed batches per setting")
-    parser.add_argument("--threads", default="0,1,2,4,8", help="num_threads settings")
-    parser.add_argument("--train_threads", type=int, default=8, help="8: the library default")
+    parser.add_argument("--batches", type=int, default=8, help="timed batches per setting")
+    parser.add_argument("--threads", default="0,1,2,4,8,mp2", help="num_threads; mpN: processes")
+    parser.add_argument("--train_threads", default="8,2", help="8: the library default")
     parser.add_argument("--fif_synth", default="/tmp/fif_synth", help="'' skips that run")
     parser.add_argument("--workdir", default="/tmp/data_throughput", help="for the shards")
     parser.add_argument("--out", default="benchmarks/results/data_throughput_cpu")
@@ -332,26 +368,28 @@ def main():
         args=vars(args),
         num_images=len(rs),
         mean_jpeg_kb=float(np.mean([len(j) for j in jpegs])) / 1e3,
-        ceiling_images_per_s=ceiling(jpegs[:500]),
         pipeline=[],
     )
-    for threads in map(int, args.threads.split(",")):
-        cores = os.cpu_count() or 1
-        report["pipeline"].append(pipeline_rate(rs, args.batch, threads, args.batches, cores))
-        print(json.dumps(report["pipeline"][-1]), flush=True)
+    for setting in args.threads.split(","):
+        cores, ceiling_set = os.cpu_count() or 1, jpegs[:256]
+        row = pipeline_rate(rs, ceiling_set, args.batch, setting, args.batches, cores)
+        report["pipeline"].append(row)
+        print(json.dumps(row), flush=True)
     report["costs_us"] = stage_costs(rs, args.batch)
     report["profile"] = profile_sync(rs, args.batch)
 
-    tiny, steps = models.get_config("tiny"), args.steps + 3
+    tiny, steps, report["training"] = models.get_config("tiny"), args.steps + 3, []
     vision = dataclasses.replace(tiny.vision, image_size=224, patch_size=32)
-    cfg = tiny.replace(vision=vision, text=dataclasses.replace(tiny.text, context_length=77))
-    batches = shard_batches(rs, args.batch, steps, args.train_threads)
-    report["training"] = [dict(name="tiny CLIP, shards", **data_wait(cfg, batches, args.steps))]
-    if args.fif_synth:
-        cfg = tiny.replace(text=dataclasses.replace(tiny.text, context_length=48))
-        batches = fif_synth_batches(args.fif_synth, 128, steps)
-        run = data_wait(cfg, batches, args.steps)
-        report["training"].append(dict(name="tiny CLIP, fif_synth (default job)", **run))
+    cfg224 = tiny.replace(vision=vision, text=dataclasses.replace(tiny.text, context_length=77))
+    cfg32 = tiny.replace(text=dataclasses.replace(tiny.text, context_length=48))
+    for threads in map(int, args.train_threads.split(",")):
+        batches = shard_batches(rs, args.batch, steps, threads)
+        run = data_wait(cfg224, batches, args.steps)
+        report["training"].append(dict(name="tiny CLIP, 224-px shards", **run))
+        if args.fif_synth:  # the default job: 128 per batch, 40-px JPEG files and tar shards
+            batches = fif_synth_batches(args.fif_synth, 128, steps, threads)
+            run = data_wait(cfg32, batches, args.steps)
+            report["training"].append(dict(name="tiny CLIP, fif_synth", **run))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(report, f, indent=2)
