@@ -37,20 +37,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from fomo_jax.data import registry, webdataset
+from fomo_jax.data.synthetic import COLORS, SHAPES, shape_mask
 
 VERSION = 2
 
-COLORS = {
-    "red": (220, 30, 30),
-    "green": (30, 180, 40),
-    "blue": (30, 60, 220),
-    "yellow": (230, 220, 30),
-    "purple": (140, 40, 180),
-    "orange": (245, 140, 20),
-    "white": (245, 245, 245),
-    "black": (15, 15, 15),
-}
-SHAPES = ("disk", "square", "ring", "cross", "bars")
 GLYPHS = ("triangle", "star", "diamond", "hexagon", "crescent", "arrow", "heart", "pentagon")
 TEXTURES = ("stripes", "checkerboard", "polka dots", "zigzag", "grid", "diagonal lines", "waves")
 LETTERS = tuple("ABCDEFGHKM")
@@ -141,25 +131,6 @@ def _rng(seed: int, *parts) -> np.random.Generator:
 def _photo_background(rng, size):
     background = rng.integers(60, 200, 3)
     return np.clip(background + rng.normal(0, 25, (size, size, 3)), 0, 255)
-
-
-def _shape_mask(shape: str, size: int, cy: float, cx: float, radius: float) -> np.ndarray:
-    yy, xx = np.mgrid[:size, :size].astype(np.float32)
-    dy, dx = yy - cy, xx - cx
-    if shape == "disk":
-        return dy**2 + dx**2 <= radius**2
-    if shape == "square":
-        return (np.abs(dy) <= radius * 0.8) & (np.abs(dx) <= radius * 0.8)
-    if shape == "ring":
-        dist = np.sqrt(dy**2 + dx**2)
-        return (dist <= radius) & (dist >= radius * 0.6)
-    if shape == "cross":
-        arm = radius * 0.3
-        inside = (np.abs(dy) <= radius) & (np.abs(dx) <= radius)
-        return inside & ((np.abs(dy) <= arm) | (np.abs(dx) <= arm))
-    if shape == "bars":
-        return (np.abs(dy) <= radius) & (np.abs(dx) <= radius) & ((xx // 3) % 2 == 0)
-    raise ValueError(f"unknown shape {shape!r}")
 
 
 def _polygon(points, size):
@@ -292,7 +263,7 @@ def _objects(size: int, rng, concepts, page: bool = False) -> np.ndarray:
         lo, hi = i * size / n + radius, (i + 1) * size / n - radius
         cx = rng.uniform(lo, max(lo, hi))
         cy = rng.uniform(radius, size - radius)
-        image[_shape_mask(shape, size, cy, cx, radius)] = COLORS[color]
+        image[shape_mask(shape, size, cy, cx, radius)] = COLORS[color]
     return image
 
 

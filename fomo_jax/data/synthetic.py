@@ -29,11 +29,9 @@ SHAPES = ("disk", "square", "ring", "cross", "bars")
 TEMPLATES = ("{color} {shape}", "a {color} {shape}", "the {shape}, {color}")
 
 
-def _shape_mask(shape: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Boolean mask of `shape` at a random centre and radius in a size x size image."""
+def shape_mask(shape: str, size: int, cy: float, cx: float, radius: float) -> np.ndarray:
+    """Boolean mask of `shape` centred at (cy, cx) with the given radius, size x size."""
     yy, xx = np.mgrid[:size, :size].astype(np.float32)
-    radius = rng.uniform(0.2, 0.35) * size
-    cy, cx = rng.uniform(radius, size - radius, 2)
     dy, dx = yy - cy, xx - cx
     if shape == "disk":
         return dy**2 + dx**2 <= radius**2
@@ -49,6 +47,13 @@ def _shape_mask(shape: str, size: int, rng: np.random.Generator) -> np.ndarray:
     if shape == "bars":
         return (np.abs(dy) <= radius) & (np.abs(dx) <= radius) & ((xx // 3) % 2 == 0)
     raise ValueError(f"unknown shape {shape!r}")
+
+
+def _shape_mask(shape: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """`shape_mask` at a random centre and radius."""
+    radius = rng.uniform(0.2, 0.35) * size
+    cy, cx = rng.uniform(radius, size - radius, 2)
+    return shape_mask(shape, size, cy, cx, radius)
 
 
 class SyntheticPairs:
