@@ -29,7 +29,8 @@ def get_config(arg: str | None = None):
     c.data.test_per_class = 20
     c.data.pool_size = 20_000
     c.data.samples_per_shard = 2_500
-    c.data.num_threads = 0  # decode threads; 0 is fastest for 40-px images (benchmarks/)
+    c.data.num_threads = 0  # decode in the calling thread: for 40-px images 5.4k samples/s vs
+    # 3.0k with 2 threads (grain per-element overhead), measured on the pipeline alone
 
     c.optimizer = config_dict.ConfigDict()
     c.optimizer.lr = 2e-3
