@@ -1,0 +1,184 @@
+"""Learning-rate schedules of FoMo-in-Flux (spec/fif.md §7.4-7.5), as host-side functions.
+
+`make(name, base_lr=..., steps_per_task=..., num_tasks=...)` returns `lr(task, step)`: task and
+step are 0-based, the step restarts every task, and the value is a Python float computed in
+float64. The train step takes the rate as an input, so no schedule ever recompiles it.
+
+Notation (spec): lr0 = base_lr, lr_min = lr0 * min_lr_multiplier, T_s = steps_per_task,
+W = ceil(warmup_fraction * T_s), C = ceil(cooldown_fraction * T_s), E = T_s - W. W and C use
+exact rational arithmetic (spec §7.5: T_s = 30 gives W = 3, not the 4 of binary floating point).
+
+Names (reference name in brackets): `constant` [none], `cosine` [cosine], `warmup_cosine`
+[cosine_with_linear_warmup, the benchmark default], `warmup_cosine_meta`
+[cosine_with_linear_warmup_and_recovery], `warmup_cosine_dynamic`
+[cosine_with_linear_warmup_and_dynamic_recovery], `multistep`, `rsqrt` [rsqrt], `rsqrt_meta`
+[rsqrt_with_recovery; `meta_mode` autoregressive / continued / recovered], and `wsd`
+(warmup-stable-decay; listed but never implemented by the reference, so ours is new).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from fractions import Fraction
+
+Schedule = Callable[[int, int], float]
+
+
+def _ceil_fraction(fraction: float, steps: int) -> int:
+    """ceil(fraction * steps) on the decimal value the user wrote, not its binary float."""
+    return math.ceil(Fraction(repr(float(fraction))) * steps)
+
+
+def _cosine(progress: float, top: float, floor: float) -> float:
+    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (top - floor)
+
+
+class _Params:
+    """Schedule parameters; every one must be used by the chosen schedule (no dead flags)."""
+
+    def __init__(self, name: str, params: dict):
+        self.name, self.params, self.used = name, dict(params), set()
+
+    def get(self, key, default):
+        self.used.add(key)
+        return self.params.get(key, default)
+
+    def check(self):
+        unused = set(self.params) - self.used
+        if unused:
+            raise ValueError(f"schedule {self.name!r} does not take {sorted(unused)}")
+
+
+def make(name: str, *, base_lr: float, steps_per_task: int, num_tasks: int, **params) -> Schedule:
+    """The schedule `name` as a function (task, step) -> learning rate (see the module doc)."""
+    if steps_per_task < 1 or num_tasks < 1:
+        raise ValueError(f"need steps_per_task, num_tasks >= 1, got {steps_per_task}, {num_tasks}")
+    p = _Params(name, params)
+    lr0, steps = float(base_lr), int(steps_per_task)
+    uses_floor = name not in ("constant", "multistep")
+    lr_min = lr0 * float(p.get("min_lr_multiplier", 1e-3)) if uses_floor else lr0
+
+    def warmup_steps() -> int:
+        fraction, absolute = p.get("warmup_fraction", 0.1), p.get("warmup_steps", None)
+        w = int(absolute) if absolute is not None else _ceil_fraction(fraction, steps)
+        if not 1 <= w < steps:
+            raise ValueError(f"warmup of {w} steps does not fit a {steps}-step task")
+        return w
+
+    def cooldown_steps(w: int) -> int:
+        c = _ceil_fraction(p.get("cooldown_fraction", 0.1), steps)
+        if not 1 <= c <= steps - w:
+            raise ValueError(f"cooldown of {c} steps does not fit after a {w}-step warmup")
+        return c
+
+    if name == "constant":
+        fn = lambda k, s: lr0
+    elif name == "cosine":
+        fn = lambda k, s: _cosine(s / steps, lr0, lr_min)
+    elif name in ("warmup_cosine", "warmup_cosine_meta", "warmup_cosine_dynamic"):
+        fn = _warmup_cosine(name, lr0, lr_min, steps, warmup_steps(), p)
+    elif name == "multistep":
+        batch = int(p.get("batch_size", 512))
+        milestones = [int(m) // batch for m in p.get("milestones", (175_000, 225_000))]
+        gamma = float(p.get("gamma", 0.1))
+        fn = lambda k, s: lr0 * gamma ** sum(s >= m for m in milestones)
+    elif name in ("rsqrt", "rsqrt_meta"):
+        w = warmup_steps()
+        fn = _rsqrt(name, lr0, lr_min, steps, w, cooldown_steps(w), p)
+    elif name == "wsd":
+        fn = _wsd(lr0, lr_min, steps, warmup_steps(), p)
+    else:
+        raise ValueError(
+            f"unknown schedule {name!r}; known: constant, cosine, warmup_cosine, "
+            "warmup_cosine_meta, warmup_cosine_dynamic, multistep, rsqrt, rsqrt_meta, wsd"
+        )
+    p.check()
+
+    def schedule(task: int, step: int) -> float:
+        if not (0 <= task < num_tasks and 0 <= step < steps):
+            raise ValueError(f"(task {task}, step {step}) outside {num_tasks} tasks x {steps}")
+        return float(fn(int(task), int(step)))
+
+    return schedule
+
+
+def _warmup_cosine(name, lr0, lr_min, steps, w, p) -> Callable[[int, int], float]:
+    """Linear warmup to the task's peak, then cosine to lr_min at the task's last step."""
+    e = steps - w
+
+    def peak(k: int) -> float:  # P_k of the cosine meta-schedule; lr0 for the plain schedule
+        if name == "warmup_cosine" or k == 0:
+            return lr0
+        v = 0.5 * (1.0 + math.cos(math.pi * (k * e + 1) / ((k + 1) * e)))
+        return lr_min + v * (lr0 - lr_min)
+
+    def fn(k: int, s: int) -> float:
+        top = peak(k)
+        if s < w:
+            return top * (s + 1) / w
+        if name == "warmup_cosine_dynamic":
+            # The tail of one warmup-cosine stretched over tasks 0..k (its own warmup W').
+            horizon, g = (k + 1) * steps, k * steps + s
+            w_global = _ceil_fraction(0.1, horizon)
+            return _cosine((g - w_global + 1) / (horizon - w_global), lr0, lr_min)
+        return _cosine((s - w + 1) / e, top, lr_min)
+
+    return fn
+
+
+def _rsqrt(name, lr0, lr_min, steps, w, c, p) -> Callable[[int, int], float]:
+    """Warmup, inverse-square-root decay, then a linear cooldown to 0 over the last C steps."""
+    mode = p.get("meta_mode", "autoregressive") if name == "rsqrt_meta" else None
+    compat = p.get("recovered_compat", False) if mode == "recovered" else False
+    if mode not in (None, "autoregressive", "continued", "recovered"):
+        raise ValueError(f"meta_mode must be autoregressive, continued or recovered, got {mode!r}")
+    d = steps - c - w  # the decay phase of one task
+
+    def base(k: int) -> float:
+        if mode is None or mode == "recovered" or k == 0:
+            return lr0
+        if mode == "autoregressive":
+            v = math.sqrt((k + 1) * w / (k * steps + w))
+        else:  # continued: where one rsqrt decay stood at the end of the previous task
+            v = math.sqrt(w / (k * (steps - c) - (k - 1) * w))
+        return lr_min + v * (base(0) - lr_min)
+
+    def fn(k: int, s: int) -> float:
+        top = base(k)
+        if s < w:
+            if mode == "recovered" and k > 0:
+                # The reference counts the clock offset twice here (spec §7.4); the [FIX]
+                # warms up to the value the continued decay has at s = W.
+                offset = 2 * k * d if compat else w + k * d
+                top = lr_min + math.sqrt(w / offset) * (lr0 - lr_min)
+            return top * (s + 1) / w
+        clock = s + k * d if mode == "recovered" else s
+        value = lr_min + math.sqrt(w / clock) * (top - lr_min)
+        if s >= steps - c:
+            value *= (c - (s - (steps - c)) - 1) / c
+        return value
+
+    return fn
+
+
+def _wsd(lr0, lr_min, steps, w, p) -> Callable[[int, int], float]:
+    """Warmup-stable-decay (new in fomo_jax): warmup, constant lr0, decay to lr_min at the end."""
+    decay = _ceil_fraction(p.get("decay_fraction", 0.1), steps)
+    shape = p.get("decay_shape", "linear")
+    if shape not in ("linear", "1-sqrt"):
+        raise ValueError(f"decay_shape must be 'linear' or '1-sqrt', got {shape!r}")
+    if not 1 <= decay <= steps - w:
+        raise ValueError(f"decay of {decay} steps does not fit after a {w}-step warmup")
+    start = steps - decay
+
+    def fn(k: int, s: int) -> float:
+        if s < w:
+            return lr0 * (s + 1) / w
+        if s < start:
+            return lr0
+        progress = (s - start + 1) / decay
+        drop = progress if shape == "linear" else math.sqrt(progress)
+        return lr_min + (1.0 - drop) * (lr0 - lr_min)
+
+    return fn

@@ -1,0 +1,161 @@
+"""Learning-rate schedules against spec/fif.md §7.4-7.5: its formulas, evaluated here
+independently in numpy float64 at the boundary steps, and its table of per-task peaks."""
+
+import math
+
+import numpy as np
+import pytest
+
+from fomo_jax import schedules
+
+LR0, TS, T = 1e-5, 1420, 20
+LR_MIN = LR0 * 1e-3
+
+
+def make(name, steps=TS, tasks=T, **params):
+    return schedules.make(name, base_lr=LR0, steps_per_task=steps, num_tasks=tasks, **params)
+
+
+@pytest.mark.parametrize(
+    "steps, warmup",
+    [
+        (1420, 142),
+        (568, 57),
+        (284, 29),
+        (142, 15),
+        (1898, 190),
+        (12982, 1299),
+        (28400, 2840),
+        (30, 3),
+    ],  # fmt: skip
+)
+def test_warmup_length_is_the_exact_rational_ceiling(steps, warmup):
+    lr = make("warmup_cosine", steps=steps)
+    np.testing.assert_allclose(lr(0, warmup - 1), LR0, rtol=1e-12)  # peak at s = W - 1
+    assert lr(0, warmup - 2) < LR0 and lr(0, warmup) < LR0
+
+
+def test_warmup_cosine_boundaries():
+    lr, w, e = make("warmup_cosine"), 142, TS - 142
+    np.testing.assert_allclose(lr(0, 0), LR0 / w, rtol=1e-12)
+    np.testing.assert_allclose(lr(0, w), LR_MIN + 0.5 * (1 + np.cos(np.pi / e)) * (LR0 - LR_MIN))
+    np.testing.assert_allclose(lr(0, TS - 1), LR_MIN, rtol=1e-12)
+    for k in (1, 7, 19):  # identical in every task
+        assert [lr(k, s) for s in (0, w - 1, w, TS - 1)] == [
+            lr(0, s) for s in (0, w - 1, w, TS - 1)
+        ]
+
+
+def test_cosine_constant_multistep():
+    s = np.array([0, 1, 709, 1419])
+    cos = make("cosine")
+    expected = LR_MIN + 0.5 * (LR0 - LR_MIN) * (1 + np.cos(np.pi * s / TS))
+    np.testing.assert_allclose([cos(3, int(x)) for x in s], expected, rtol=1e-12)
+    assert make("constant")(5, 1000) == LR0
+    steps = make("multistep", batch_size=512)
+    # milestones 175,000 and 225,000 samples -> steps 341 and 439, recurring every task
+    assert [steps(k, s) for k, s in [(0, 340), (0, 341), (0, 438), (0, 439), (1, 0)]] == [
+        LR0,
+        pytest.approx(LR0 * 0.1),
+        pytest.approx(LR0 * 0.1),
+        pytest.approx(LR0 * 0.01),
+        LR0,
+    ]
+
+
+def test_rsqrt_boundaries():
+    lr, w, c = make("rsqrt"), 142, 142
+    ref = lambda s: LR_MIN + np.sqrt(w / s) * (LR0 - LR_MIN)  # noqa: E731
+    np.testing.assert_allclose(lr(0, w - 1), LR0, rtol=1e-12)
+    np.testing.assert_allclose(lr(0, w), ref(w), rtol=1e-12)
+    np.testing.assert_allclose(lr(0, TS - c - 1) / LR0, 0.3341, atol=5e-5)  # spec's value
+    np.testing.assert_allclose(lr(0, TS - c), ref(TS - c) * (c - 1) / c, rtol=1e-12)
+    assert lr(0, TS - 1) == 0.0  # the cooldown reaches 0 at the last step
+
+
+# Spec §7.4 table: per-task peak multipliers P_k / lr0 for T_s = 1420 (W = C = 142).
+PEAKS = {  # k: (cosine meta, rsqrt autoregressive, rsqrt continued, recovered warmup peak)
+    0: (1.0000, 1.0000, 1.0000, 1.0000),
+    1: (0.4999, 0.4270, 0.3340, 0.2507),
+    2: (0.2504, 0.3786, 0.2433, 0.1776),
+    3: (0.1471, 0.3599, 0.2008, 0.1452),
+    4: (0.0963, 0.3499, 0.1749, 0.1259),
+    5: (0.0678, 0.3437, 0.1570, 0.1127),
+    6: (0.0504, 0.3394, 0.1437, 0.1030),
+    7: (0.0390, 0.3363, 0.1333, 0.0954),
+    8: (0.0311, 0.3340, 0.1249, 0.0893),
+    9: (0.0254, 0.3322, 0.1179, 0.0842),
+    10: (0.0212, 0.3307, 0.1120, 0.0800),
+    14: (0.0119, 0.3268, 0.0950, 0.0677),
+    19: (0.0071, 0.3243, 0.0818, 0.0583),
+}
+
+
+# The table has 4 decimals; k = 9's recovered peak is exactly 0.08425 (= 0.001 + 0.999/12).
+HALF = 5.0001e-5
+
+
+@pytest.mark.parametrize("k", sorted(PEAKS))
+def test_meta_schedule_peaks_match_the_spec_table(k):
+    cosine, autoregressive, continued, recovered = PEAKS[k]
+    w = 142
+    peak = lambda name, **p: make(name, **p)(k, w - 1) / LR0  # noqa: E731
+    assert peak("warmup_cosine_meta") == pytest.approx(cosine, abs=HALF)
+    assert peak("warmup_cosine_dynamic") == pytest.approx(cosine, abs=HALF)
+    assert peak("rsqrt_meta") == pytest.approx(autoregressive, abs=HALF)
+    assert peak("rsqrt_meta", meta_mode="continued") == pytest.approx(continued, abs=HALF)
+    compat = make("rsqrt_meta", meta_mode="recovered", recovered_compat=True)
+    fixed = make("rsqrt_meta", meta_mode="recovered")
+    assert compat(k, w - 1) / LR0 == pytest.approx(recovered, abs=HALF)
+    # After warmup the recovered schedule continues one rsqrt: its value at s = W is the
+    # continued column; the [FIX] warms up to exactly that value (no jump).
+    assert compat(k, w) / LR0 == pytest.approx(continued, abs=HALF)
+    assert fixed(k, w - 1) == pytest.approx(fixed(k, w), rel=1e-12)
+
+
+def test_meta_cosine_within_task_and_dynamic_tail():
+    w, e = 142, TS - 142
+    v1 = 0.5 * (1 + math.cos(math.pi * (e + 1) / (2 * e)))
+    p1 = LR_MIN + v1 * (LR0 - LR_MIN)
+    meta = make("warmup_cosine_meta")
+    np.testing.assert_allclose(meta(1, 0), p1 / w, rtol=1e-12)
+    np.testing.assert_allclose(meta(1, TS - 1), LR_MIN, rtol=1e-12)
+    dynamic = make("warmup_cosine_dynamic")
+    # task 1, step s: the warmup-cosine over 2 * T_s steps (W' = 284) at global step T_s + s
+    for s in (w, 700, TS - 1):
+        g, wg = TS + s, 284
+        expected = LR_MIN + 0.5 * (1 + np.cos(np.pi * (g - wg + 1) / (2 * TS - wg))) * (
+            LR0 - LR_MIN
+        )
+        np.testing.assert_allclose(dynamic(1, s), expected, rtol=1e-12)
+    np.testing.assert_allclose(dynamic(1, w), p1, rtol=1e-4)  # meets P_1 at the warmup end
+
+
+def test_wsd_shapes():
+    lin, sq = make("wsd"), make("wsd", decay_shape="1-sqrt")
+    assert lin(0, 142) == LR0 and lin(0, TS - 143) == LR0  # stable phase
+    np.testing.assert_allclose(lin(0, TS - 1), LR_MIN, rtol=1e-12)
+    np.testing.assert_allclose(lin(0, TS - 71), LR_MIN + (1 - 72 / 142) * (LR0 - LR_MIN))
+    np.testing.assert_allclose(sq(0, TS - 71), LR_MIN + (1 - np.sqrt(72 / 142)) * (LR0 - LR_MIN))
+
+
+def test_bad_requests():
+    with pytest.raises(ValueError, match="unknown schedule"):
+        make("triangle")
+    with pytest.raises(ValueError, match="does not take"):
+        make("constant", warmup_fraction=0.2)  # a flag that would do nothing
+    with pytest.raises(ValueError, match="does not take"):
+        make("multistep", min_lr_multiplier=0.1)
+    with pytest.raises(ValueError, match="meta_mode"):
+        make("rsqrt_meta", meta_mode="sideways")
+    with pytest.raises(ValueError, match="outside"):
+        make("warmup_cosine")(T, 0)
+    with pytest.raises(ValueError, match="outside"):
+        make("warmup_cosine")(0, TS)
+    with pytest.raises(ValueError, match="warmup"):
+        make("warmup_cosine", steps=10, warmup_steps=10)
+
+
+def test_values_are_python_floats():
+    for name in ("constant", "cosine", "warmup_cosine", "warmup_cosine_meta", "rsqrt", "wsd"):
+        assert type(make(name)(2, 100)) is float
