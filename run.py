@@ -1,5 +1,6 @@
 """fomo_jax command line: `python run.py [--config=configs/X.py[:arg]] [--config.KEY=VALUE ...]`."""
 
+import logging as pylogging
 import os
 
 from absl import app, flags, logging
@@ -8,13 +9,13 @@ from ml_collections import config_flags
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
-    os.path.join(_HERE, "configs", "clip_synth.py"),
+    os.path.join(_HERE, "configs", "fif_synth.py"),
     "Experiment config file.",
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string(
     "workdir",
-    os.path.join(_HERE, "runs", "clip_synth"),
+    os.path.join(_HERE, "runs", "fif_synth"),
     "Where outputs (metrics, plots, model) are written.",
 )
 
@@ -23,13 +24,26 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from fomo_jax import runtime
-    from fomo_jax.train import pretrain
 
+    pylogging.getLogger("absl").addFilter(_quiet_checkpointing)  # absl.logging's own logger
     runtime.enable_compilation_cache()
-    results = pretrain.train(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    if config.get("job", "pretrain") == "continual":  # configs/fif_synth.py, configs/fif.py
+        from fomo_jax.continual import runner
+
+        runner.run(config, _WORKDIR.value)
+        return
+    from fomo_jax.train import pretrain  # configs/clip_synth.py: pretraining only
+
+    results = pretrain.train(config, _WORKDIR.value)
     logging.info("results (%s/results.json):", _WORKDIR.value)
     for key, value in results.items():
         print(f"  {key:28s} {value:.4g}" if isinstance(value, float) else f"  {key:28s} {value}")
+
+
+def _quiet_checkpointing(record) -> bool:
+    """orbax logs every step of every save at INFO; keep its warnings and errors only."""
+    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
 
 
 if __name__ == "__main__":

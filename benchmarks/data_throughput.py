@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import pstats
+import resource
 import sys
 import time
 from concurrent import futures
@@ -145,6 +146,7 @@ def pipeline_rate(rs, jpegs, batch: int, setting: str, num_batches: int, cores: 
     iterator = iter(mp_dataset(tb, workers) if setting.startswith("mp") else tb.dataset())
     next(iterator)  # warm-up: thread pool or processes, shard readers, full prefetch buffers
     wall, cpu = timed(lambda: [next(iterator) for _ in range(num_batches)])
+    iterator.close()  # joins worker processes, so their CPU time counts as ours
     images = num_batches * batch
     return dict(
         setting=setting,
@@ -263,6 +265,19 @@ def fif_synth_batches(root: str, batch: int, steps: int, threads: int) -> pipeli
     return task_batches(catalogue, update, buffer, replay, batch, steps, 32, 48, threads)
 
 
+def busy_cpu_seconds() -> float:
+    """CPU-seconds all processes have used (Linux /proc/stat): with this process's own, it
+    tells whether another job shared the machine during the run and skewed the numbers."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+
+
+def own_cpu_seconds() -> float:
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
+
+
 def _table(header: list[str], rows: list[list]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows] + [""]
@@ -275,7 +290,9 @@ def markdown(r: dict) -> str:
         "",
         f"Hardware: CPU {hw['cpu']} x {hw['cpu_count']} cores, no accelerator; jax "
         f"{hw['jax']}, grain {r['versions']['grain']}, Pillow {r['versions']['pillow']}.  ",
-        f"Command: `{r['command']}`",
+        f"Command: `{r['command']}`.  ",
+        f"Other processes used {r['other_processes_cpu_s']:.0f} CPU-seconds during the run "
+        "(0 on a quiet machine).",
         "",
         f"Data: {r['num_images']} photo-like images in ArrayRecord shards of 224-px JPEGs "
         f"(quality 95, 4:4:4), {r['mean_jpeg_kb']:.1f} KB on average. Batches of {a['batch']} "
@@ -358,6 +375,7 @@ def main():
     args = parser.parse_args()
     flags.FLAGS.mark_as_parsed()  # grain and array_record read absl flags
 
+    busy, own = busy_cpu_seconds(), own_cpu_seconds()
     rs = shards(args.workdir, args.num_images)
     jpegs = [rs[i]["image"] for i in range(len(rs))]
     report = dict(
@@ -390,6 +408,7 @@ def main():
             batches = fif_synth_batches(args.fif_synth, 128, steps, threads)
             run = data_wait(cfg32, batches, args.steps)
             report["training"].append(dict(name="tiny CLIP, fif_synth", **run))
+    report["other_processes_cpu_s"] = busy_cpu_seconds() - busy - (own_cpu_seconds() - own)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(report, f, indent=2)

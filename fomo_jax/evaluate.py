@@ -1,23 +1,102 @@
-"""Zero-shot evaluation of a CLIP on FiF-layout test splits (spec §10.2-10.3).
+"""Zero-shot evaluation of a CLIP on FiF-layout test splits (spec §10).
 
 Classification: one prompt per class (the dataset's template), argmax over the dataset's own
 label space, compared with the absolute class index (spec §10.2 [FIX]). Retrieval: every caption
 of every image; R@k is the mean of text->image and image->text recall, where an image is a hit
-for image->text if any of its captions is among the k nearest (stable sort on ties).
+for image->text if any of its captions is among the k nearest. Ties follow a stable descending
+sort: among equally similar candidates the one with the lower index ranks first.
+
+`Evaluator` is what a continual run uses: it decodes the test images once, fixes the "10%"
+evaluation subset of every dataset (spec §10.4), embeds all datasets in one pass of fixed-size
+batches and reuses the embeddings of a tower whose weights did not change (spec §12 item 19).
+`evaluate_datasets` / `summarize` are the simple one-shot path of the synthetic pretraining run;
+both paths share the metric functions.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
+from collections.abc import Callable, Sequence
 
+import jax
 import numpy as np
+from flax import nnx
 
+from fomo_jax import params as params_lib
 from fomo_jax.data import fif, pipeline, registry
 from fomo_jax.data.synthetic import normalize
+from fomo_jax.train.step import batch_pixels
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+def _own_ranks(sim: np.ndarray, own: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """Position of column `own[i]` in row `rows[i]` of `sim` under a stable descending sort.
+
+    Counting (greater) + (equal with a lower index) gives exactly the stable-sort position
+    without sorting, in O(rows x columns) and bounded memory. NaN similarities count as -inf.
+    """
+    rows = np.arange(len(own)) if rows is None else rows
+    ranks = np.empty(len(own), np.int64)
+    columns = np.arange(sim.shape[1])
+    chunk = max(1, (1 << 22) // max(1, sim.shape[1]))
+    for start in range(0, len(own), chunk):
+        r, o = rows[start : start + chunk], own[start : start + chunk]
+        block = np.nan_to_num(sim[r], nan=-np.inf)
+        value = block[np.arange(len(r)), o][:, None]
+        ranks[start : start + chunk] = np.count_nonzero(block > value, axis=1)
+        equal = block == value
+        if np.count_nonzero(equal) > len(r):  # ties besides the entry itself
+            ranks[start : start + chunk] += np.count_nonzero(
+                equal & (columns[None, :] < o[:, None]), axis=1
+            )
+    return ranks
+
+
+def classification_score(image_emb, class_emb, targets) -> float:
+    """Top-1 accuracy in percent; `targets` are absolute indices into `class_emb`'s rows."""
+    sim = np.nan_to_num(np.asarray(image_emb) @ np.asarray(class_emb).T, nan=-np.inf)
+    return 100.0 * float(np.mean(np.argmax(sim, axis=1) == np.asarray(targets)))
+
+
+def retrieval_scores(image_emb, text_emb, owner, ks: Sequence[int] = (1, 5)) -> dict:
+    """{"t2i@k", "i2t@k", "recall@k"} in percent for each k; recall@k is the mean of the two.
+
+    `owner[j]` is the image of caption j. Text->image: caption j is a hit when its image is
+    among the k most similar images. Image->text: image i is a hit when any of its captions is
+    among the k most similar captions (an image without captions never is).
+    """
+    owner = np.asarray(owner, np.int64)
+    sim = np.asarray(image_emb) @ np.asarray(text_emb).T  # [images, captions]
+    t2i_rank = _own_ranks(np.ascontiguousarray(sim.T), owner)  # row gathers need C order
+    # An image's I2T rank is the rank of its best caption: the most similar one, the lowest
+    # index among equals (rank is monotone in both), so one rank per image suffices.
+    captions = np.arange(len(owner))
+    own_sim = np.nan_to_num(sim[owner, captions], nan=-np.inf)
+    best_sim = np.full(sim.shape[0], -np.inf)
+    np.maximum.at(best_sim, owner, own_sim)
+    best = np.full(sim.shape[0], len(owner))
+    top = own_sim == best_sim[owner]
+    np.minimum.at(best, owner[top], captions[top])
+    has_caption = best < len(owner)
+    i2t_rank = np.full(sim.shape[0], np.iinfo(np.int64).max)
+    i2t_rank[has_caption] = _own_ranks(sim, best[has_caption], np.flatnonzero(has_caption))
+    scores = {}
+    for k in ks:
+        t2i, i2t = float(np.mean(t2i_rank < k)), float(np.mean(i2t_rank < k))
+        scores.update({f"t2i@{k}": 100.0 * t2i, f"i2t@{k}": 100.0 * i2t})
+        scores[f"recall@{k}"] = 50.0 * (t2i + i2t)
+    return scores
+
+
+# ----------------------------------------------------------------- one-shot evaluation
 
 
 def image_embeddings(model, split: fif.Split, image_size: int, batch_size: int = 256):
@@ -31,23 +110,17 @@ def image_embeddings(model, split: fif.Split, image_size: int, batch_size: int =
 def classification_accuracy(model, split, prompts, tokenizer, image_size) -> float:
     """Top-1 accuracy in percent; `prompts[c]` is the text of class c."""
     class_emb = _unit(np.asarray(model.encode_text(tokenizer(list(prompts)))))
-    predictions = np.argmax(image_embeddings(model, split, image_size) @ class_emb.T, axis=1)
-    return 100.0 * float(np.mean(predictions == split.targets))
+    image_emb = image_embeddings(model, split, image_size)
+    return classification_score(image_emb, class_emb, split.targets)
 
 
 def retrieval_recall(model, split, tokenizer, image_size, k: int = 5) -> float:
     """(T2I R@k + I2T R@k) / 2 in percent, over all captions of every image."""
     texts = [c for r in split for c in r.captions]
     owner = np.repeat(np.arange(len(split)), [len(r.captions) for r in split])
-    sim = (
-        image_embeddings(model, split, image_size)
-        @ _unit(np.asarray(model.encode_text(tokenizer(texts)))).T
-    )
-    nearest_images = np.argsort(-sim.T, axis=1, kind="stable")[:, :k]
-    t2i = np.mean(np.any(nearest_images == owner[:, None], axis=1))
-    nearest_texts = np.argsort(-sim, axis=1, kind="stable")[:, :k]
-    i2t = np.mean(np.any(owner[nearest_texts] == np.arange(len(split))[:, None], axis=1))
-    return 50.0 * float(t2i + i2t)
+    image_emb = image_embeddings(model, split, image_size)
+    text_emb = _unit(np.asarray(model.encode_text(tokenizer(texts))))
+    return retrieval_scores(image_emb, text_emb, owner, ks=(k,))[f"recall@{k}"]
 
 
 def zero_shot_accuracy(model, images: np.ndarray, labels: np.ndarray, prompts, tokenizer) -> float:
@@ -89,3 +162,341 @@ def chance_levels(datasets: dict, root: str) -> dict:
         else:
             levels[key] = 100.0 / len(registry.classnames(info, os.path.join(info_dir)))
     return levels
+
+
+# --------------------------------------------------------------- subsets and summaries
+
+
+def subset_indices(targets, seed: int) -> np.ndarray:
+    """The fixed evaluation subset of a test set (spec §10.4), sorted int64 indices.
+
+    n = min(N, max(2C, 300, floor(N / 10))) with C distinct targets; floor(n / C) samples of
+    every class (all of a smaller class), in sorted class order, then the rest uniformly from
+    the samples not yet drawn. A fresh `default_rng(seed)` per call makes the subset a pure
+    function of (targets, seed): identical at every evaluation of a run.
+    """
+    targets = np.asarray(targets).reshape(-1)
+    total = len(targets)
+    if total == 0:
+        return np.zeros(0, np.int64)
+    classes = np.unique(targets)
+    order = np.argsort(targets, kind="stable")  # members of a class in index order
+    starts = np.searchsorted(targets[order], classes)
+    ends = np.append(starts[1:], total)
+    n = min(total, max(2 * len(classes), 300, total // 10))
+    per_class = n // len(classes)
+    rng = np.random.default_rng(seed)
+    taken = np.zeros(total, bool)
+    for start, end in zip(starts, ends, strict=True):
+        members = order[start:end]
+        taken[rng.choice(members, min(per_class, len(members)), replace=False)] = True
+    rest = np.flatnonzero(~taken)
+    taken[rng.choice(rest, n - int(taken.sum()), replace=False)] = True
+    return np.flatnonzero(taken).astype(np.int64)
+
+
+def caption_subset(owner, images) -> tuple[np.ndarray, np.ndarray]:
+    """(caption indices, their re-indexed owners) of the sorted image subset `images`.
+
+    Keeps exactly the captions of the sampled images, in their original order, with owners
+    renumbered to positions in `images`: the spec §10.4 [FIX] for retrieval subsets.
+    """
+    owner, images = np.asarray(owner, np.int64), np.asarray(images, np.int64)
+    keep = np.flatnonzero(np.isin(owner, images))
+    return keep, np.searchsorted(images, owner[keep]).astype(np.int64)
+
+
+def headline(entry: dict) -> float:
+    """The value a dataset contributes to A_KA / A_ZS: accuracy, or R@5 for retrieval."""
+    return entry["accuracy"] if "accuracy" in entry else entry["recall@5"]
+
+
+def headline_metrics(results: dict, datasets: dict) -> dict:
+    """knowledge_accumulation (A_KA), zero_shot_retention (A_ZS), geometric_mean (GM), percent.
+
+    Unweighted means of `headline` over the adaptation and the evaluation-only datasets in
+    `results` (NaN for an empty group); GM = sqrt(A_KA * A_ZS) (spec §10.5).
+    """
+
+    def mean(role):
+        values = [headline(v) for k, v in results.items() if datasets[k].role == role]
+        return float(np.mean(values)) if values else float("nan")
+
+    a_ka, a_zs = mean("adaptation"), mean("evaluation")
+    return dict(
+        knowledge_accumulation=a_ka,
+        zero_shot_retention=a_zs,
+        geometric_mean=float(np.sqrt(a_ka * a_zs)),
+    )
+
+
+def area_under_trajectory(values: Sequence[float]) -> float:
+    """Trapezoid area under equally spaced evaluation points, divided by the intervals.
+
+    Normalizing by the number of intervals (len - 1) keeps the unit of the values (percent):
+    a constant trajectory gives that constant and the result is comparable across streams
+    with different numbers of evaluations. A single point is its own value.
+    """
+    v = np.asarray(values, np.float64).reshape(-1)
+    if len(v) == 0:
+        raise ValueError("area_under_trajectory needs at least one value")
+    if len(v) == 1:
+        return float(v[0])
+    return float(np.mean((v[1:] + v[:-1]) / 2))
+
+
+# ---------------------------------------------------------------------------- Evaluator
+
+
+@dataclasses.dataclass
+class EvalSet:
+    """One dataset's evaluation data, prepared once per run.
+
+    images: uint8 [N, S, S, 3] after the test transform. tokens: the class prompts
+    (classification, row c = class c) or every caption (retrieval, an image's captions
+    contiguous). targets: class per image (classification). owner: image of each caption
+    (retrieval). subset: the fixed image subset; subset_captions / subset_owner: the captions
+    of the subset images and their owners re-indexed into the subset.
+    """
+
+    key: str
+    role: str
+    retrieval: bool
+    images: np.ndarray
+    tokens: np.ndarray
+    targets: np.ndarray
+    owner: np.ndarray | None = None
+    subset: np.ndarray | None = None
+    subset_captions: np.ndarray | None = None
+    subset_owner: np.ndarray | None = None
+
+    def fix_subset(self, targets_for_subset, seed: int) -> None:
+        self.subset = subset_indices(targets_for_subset, seed)
+        if self.retrieval:
+            self.subset_captions, self.subset_owner = caption_subset(self.owner, self.subset)
+
+
+def decode_images(split, image_size: int, batch_size: int = 256, out=None) -> np.ndarray:
+    """All test-transformed images of a split as one uint8 [N, S, S, 3] array (or into `out`)."""
+    if out is None:
+        out = np.empty((len(split), image_size, image_size, 3), np.uint8)
+    position = 0
+    for batch in pipeline.EvalImages(pipeline.SplitSource(split), image_size, batch_size):
+        valid = batch["images"][batch["valid"]]
+        out[position : position + len(valid)] = valid
+        position += len(valid)
+    return out
+
+
+def subset_targets(info: registry.DatasetInfo, targets) -> np.ndarray:
+    """Targets the subset rule stratifies by. Retrieval sets without a class list (MSCOCO,
+    Flickr30k) count as one class: Flickr30k's JSON numbers its images 0..999, which would
+    make the subset the full set. FSCOCO carries real class labels and is stratified by them."""
+    targets = np.asarray(targets, np.int64)
+    if info.is_retrieval and not info.num_classes:
+        return np.zeros_like(targets)
+    return targets
+
+
+def load_eval_set(
+    root,
+    key,
+    datasets,
+    tokenizer,
+    image_size,
+    *,
+    info_dir=None,
+    batch_size=256,
+    seed=0,
+    cache_dir=None,
+) -> EvalSet:
+    """Read, decode and tokenize one dataset's test split; fix its subset."""
+    info = registry.get(key, datasets)
+    info_dir = info_dir or fif.default_info_dir(root)
+    split = fif.load_split(root, key, "test", info_dir, datasets=datasets)
+    out = None
+    if cache_dir is not None:  # memory-mapped: the 63 full test sets exceed most hosts' RAM
+        os.makedirs(cache_dir, exist_ok=True)
+        path = os.path.join(cache_dir, f"{info.key}_{image_size}.npy")
+        shape = (len(split), image_size, image_size, 3)
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    images = decode_images(split, image_size, batch_size, out)
+    if info.is_retrieval:
+        texts = [c for r in split for c in r.captions]
+        owner = np.repeat(np.arange(len(split)), [len(r.captions) for r in split])
+    else:
+        texts = [info.prompt(n) for n in registry.classnames(info, info_dir)]
+        owner = None
+    tokens = np.asarray(tokenizer(texts), np.int32)
+    s = EvalSet(info.key, info.role, info.is_retrieval, images, tokens, split.targets, owner)
+    s.fix_subset(subset_targets(info, split.targets), seed)
+    return s
+
+
+def tower_fingerprints(model) -> tuple[str | None, str | None]:
+    """(image, text) digests of everything that can change each tower's embeddings.
+
+    Every leaf of the module's state counts for a tower unless it sits under the other
+    tower's prefix or is `logit_scale` (which neither encoder reads), so a parameter outside
+    both prefixes (an adapter, say) invalidates both caches rather than wrongly reusing one.
+    The config is hashed too (compute dtype, attention). None for objects that are not NNX
+    modules: their embeddings are never cached.
+    """
+    if not isinstance(model, nnx.Module):
+        return None, None
+    flat = params_lib.flatten(nnx.to_pure_dict(nnx.state(model)))
+    digests = {}
+    for tower, other in (("image", "text/"), ("text", "image/")):
+        h = hashlib.blake2b(repr(getattr(model, "config", type(model))).encode(), digest_size=16)
+        for path, leaf in flat.items():
+            if path.startswith(other) or path == "logit_scale":
+                continue
+            if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
+                leaf = jax.random.key_data(leaf)
+            array = np.asarray(jax.device_get(leaf))
+            h.update(f"{path}:{array.dtype}:{array.shape}".encode())
+            h.update(np.ascontiguousarray(array).tobytes())
+        digests[tower] = h.hexdigest()
+    return digests["image"], digests["text"]
+
+
+class _TowerCache:
+    """Embedding groups computed with one tower's weights; cleared when the weights change."""
+
+    def __init__(self):
+        self.fingerprint, self.groups = None, {}
+
+    def get(self, fingerprint, group: str, compute: Callable):
+        if fingerprint is None:
+            return compute()
+        if fingerprint != self.fingerprint:
+            self.fingerprint, self.groups = fingerprint, {}
+        if group not in self.groups:
+            self.groups[group] = compute()
+        return self.groups[group]
+
+
+_to_pixels = jax.jit(lambda images: batch_pixels({"images": images}))
+
+
+def embed_rows(encode: Callable, segments, batch_size: int) -> list[np.ndarray]:
+    """L2-normalized float32 embeddings of `array[indices]` for each (array, indices) segment.
+
+    The segments run back to back through batches of exactly `batch_size` rows (the last one
+    zero padded), so datasets share batches and every call has the same shape. Batches are
+    dispatched before any result is fetched, letting the host gather while the device works.
+    """
+    lengths = [len(indices) for _, indices in segments]
+    owner = np.repeat(np.arange(len(segments)), lengths)
+    rows = np.concatenate([np.asarray(i, np.int64) for _, i in segments] or [np.zeros(0, int)])
+    outputs = []
+    for start in range(0, len(rows), batch_size):
+        seg, row = owner[start : start + batch_size], rows[start : start + batch_size]
+        parts = [segments[s][0][row[seg == s]] for s in np.unique(seg)]
+        batch = np.concatenate(parts)
+        pad = np.zeros((batch_size - len(batch), *batch.shape[1:]), batch.dtype)
+        outputs.append((encode(np.concatenate([batch, pad])), len(batch)))
+    if not outputs:
+        return [np.zeros((0, 0), np.float32) for _ in segments]
+    emb = np.concatenate([np.asarray(out, np.float32)[:n] for out, n in outputs])
+    return np.split(_unit(emb), np.cumsum(lengths)[:-1])
+
+
+class Evaluator:
+    """Zero-shot evaluation of one run: full test sets or the fixed subsets (spec §10).
+
+    Built once per run: reads every dataset's test split, decodes its images once (test
+    transform) and tokenizes its prompts or captions. `evaluate` then only runs the towers;
+    the embeddings of a tower whose weights did not change since the last call (a locked
+    tower, or the same weights evaluated again) are reused.
+
+    Args:
+      root, datasets: the data root and the registry of datasets to evaluate (in order).
+      tokenizer: texts -> int32 [n, L] with L at most the model's context.
+      image_size: side of the test-transformed images.
+      info_dir: folder of the info JSONs (default `<root>/00_info`, else `root`).
+      batch_size: rows per tower call; every call has this shape (one compilation).
+      subset_seed: the experiment seed the fixed subsets derive from.
+      cache_dir: when set, decoded images are memory-mapped `.npy` files there.
+    """
+
+    def __init__(
+        self,
+        root,
+        datasets,
+        tokenizer,
+        image_size,
+        *,
+        info_dir=None,
+        batch_size=256,
+        subset_seed=0,
+        cache_dir=None,
+    ):
+        load = dict(info_dir=info_dir, batch_size=batch_size, seed=subset_seed, cache_dir=cache_dir)
+        sets = [load_eval_set(root, k, datasets, tokenizer, image_size, **load) for k in datasets]
+        self._setup(sets, datasets, batch_size)
+
+    @classmethod
+    def from_sets(cls, sets: Sequence[EvalSet], datasets: dict, batch_size: int = 256):
+        """An evaluator over prepared `EvalSet`s (e.g. built from arrays in tests)."""
+        evaluator = cls.__new__(cls)
+        evaluator._setup(list(sets), datasets, batch_size)
+        return evaluator
+
+    def _setup(self, sets, datasets, batch_size):
+        self.sets, self.datasets, self.batch_size = sets, datasets, batch_size
+        self._image_cache, self._text_cache = _TowerCache(), _TowerCache()
+
+    def subset_manifest(self) -> dict:
+        """{dataset: subset image indices} for the run manifest."""
+        return {s.key: s.subset.tolist() for s in self.sets}
+
+    def _image_group(self, model, subset: bool) -> list[np.ndarray]:
+        segments = [(s.images, s.subset if subset else np.arange(len(s.images))) for s in self.sets]
+        return embed_rows(lambda x: model.encode_image(_to_pixels(x)), segments, self.batch_size)
+
+    def _text_group(self, model, sets, rows) -> dict:
+        segments = [(s.tokens, r) for s, r in zip(sets, rows, strict=True)]
+        embeddings = embed_rows(model.encode_text, segments, self.batch_size)
+        return {s.key: e for s, e in zip(sets, embeddings, strict=True)}
+
+    def evaluate(self, model, *, subset: bool) -> dict:
+        """{dataset: {"accuracy": %}} or {dataset: {"recall@1": %, "recall@5": %}}.
+
+        Class prompts and captions are embedded in separate batch sequences, so a class
+        embedding never depends on whether the subset or the full set is evaluated.
+        """
+        image_fp, text_fp = tower_fingerprints(model)
+        scope = "subset" if subset else "full"
+        images = self._image_cache.get(image_fp, scope, lambda: self._image_group(model, subset))
+        classifiers = [s for s in self.sets if not s.retrieval]
+        retrievals = [s for s in self.sets if s.retrieval]
+        class_emb = self._text_cache.get(
+            text_fp,
+            "classes",
+            lambda: self._text_group(
+                model, classifiers, [np.arange(len(s.tokens)) for s in classifiers]
+            ),
+        )
+        caption_rows = [
+            s.subset_captions if subset else np.arange(len(s.tokens)) for s in retrievals
+        ]
+        caption_emb = self._text_cache.get(
+            text_fp, f"captions/{scope}", lambda: self._text_group(model, retrievals, caption_rows)
+        )
+        results = {}
+        for s, image_emb in zip(self.sets, images, strict=True):
+            if s.retrieval:
+                owner = s.subset_owner if subset else s.owner
+                scores = retrieval_scores(image_emb, caption_emb[s.key], owner, ks=(1, 5))
+                results[s.key] = {k: scores[k] for k in ("recall@1", "recall@5")}
+            else:
+                targets = s.targets[s.subset] if subset else s.targets
+                results[s.key] = {
+                    "accuracy": classification_score(image_emb, class_emb[s.key], targets)
+                }
+        return results
+
+    def summary(self, results: dict) -> dict:
+        """A_KA, A_ZS and GM of `evaluate`'s results (see `headline_metrics`)."""
+        return headline_metrics(results, self.datasets)

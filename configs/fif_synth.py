@@ -1,0 +1,96 @@
+"""Default experiment: continual pretraining on fif_synth (generated; no downloads).
+
+θ0 is a tiny CLIP pretrained on fif_synth's pool (made once, cached next to the data); then
+plain fine-tuning over the stream's tasks with the benchmark's batch mixture, evaluated after
+every task. Runs on 2 CPU cores.
+
+python run.py                                          # this config
+python run.py --config=configs/fif_synth.py:smoke      # the same loop, tiny and fast (tests)
+python run.py --config.schedule.name=rsqrt --workdir=runs/rsqrt
+"""
+
+from ml_collections import config_dict
+
+
+def get_config(arg: str | None = None):
+    c = config_dict.ConfigDict()
+    c.job = "continual"
+    c.seed = 0
+    c.method = "finetune"
+    c.methods = config_dict.ConfigDict({"finetune": config_dict.ConfigDict()})
+    c.num_tasks = 4
+    c.batch_size = 128
+    c.steps_per_task = 200  # None: n_samples // batch_size, else the budget table
+    c.n_samples = config_dict.placeholder(int)
+    c.budget = "paper"  # or "measured" (spec §5.3)
+    c.log_every = 50
+    c.checkpoint_every = 100  # steps; checkpoints are also written after every task
+
+    c.mixture = config_dict.ConfigDict({"pretraining": 0.33, "update": 0.34, "buffer": 0.33})
+
+    c.model = config_dict.ConfigDict()
+    c.model.name = "tiny"
+    c.model.dtype = "float32"
+    c.model.attention_implementation = config_dict.placeholder(str)
+    c.model.context_length = 48
+    c.tokenizer = "bytes"  # or a CLIP BPE file / HF tokenizer folder (fomo_jax.tokenizer)
+
+    c.data = config_dict.ConfigDict()
+    c.data.benchmark = "fif_synth"  # or "fif" (the released data under data.root)
+    c.data.root = "runs/fif_synth_data"
+    c.data.info_dir = config_dict.placeholder(str)  # default <root>/00_info
+    c.data.stream = config_dict.placeholder(str)  # default <root>/streams/random_sequence_1.json
+    c.data.pretraining_pool = config_dict.placeholder(str)  # default <root>/pretraining
+    c.data.num_threads = 0
+    c.data.synth_seed = 0
+    c.data.image_size = 40
+    c.data.train_per_class = 80
+    c.data.test_per_class = 20
+    c.data.pool_size = 20_000
+    c.data.samples_per_shard = 2_500
+
+    c.theta0 = config_dict.ConfigDict()
+    c.theta0.checkpoint = config_dict.placeholder(str)  # a pretrained model instead of making one
+    c.theta0.cache_dir = config_dict.placeholder(str)  # default: the data root
+    c.theta0.steps = 2000
+    c.theta0.batch_size = 128
+    c.theta0.lr = 2e-3
+    c.theta0.weight_decay = 0.2
+
+    c.optimizer = config_dict.ConfigDict()
+    c.optimizer.lr = 2e-3
+    c.optimizer.weight_decay = 0.2
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.clip_norm = 1.0
+    c.optimizer.decay_convention = "all"
+    c.optimizer.carry_state = False  # True: keep AdamW moments across tasks
+
+    c.schedule = config_dict.ConfigDict({"name": "warmup_cosine", "warmup_fraction": 0.1,
+                                         "min_lr_multiplier": 1e-3})  # fmt: skip
+
+    c.eval = config_dict.ConfigDict({"batch_size": 256, "every_nth_task": 1})
+
+    c.mesh = config_dict.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+
+    c.wandb = config_dict.ConfigDict({"enabled": False, "project": "fomo_jax"})
+    c.wandb.name = config_dict.placeholder(str)  # default: the work directory's name
+
+    if arg == "smoke":
+        c.num_tasks = 2
+        c.batch_size = 16
+        c.steps_per_task = 6
+        c.log_every = 3
+        c.checkpoint_every = 2
+        c.data.root = "runs/fif_synth_smoke_data"
+        c.data.train_per_class = 4
+        c.data.test_per_class = 2
+        c.data.pool_size = 400
+        c.data.samples_per_shard = 200
+        c.theta0.steps = 10
+        c.theta0.batch_size = 16
+        c.eval.batch_size = 64
+    elif arg:
+        raise ValueError(f"unknown config argument {arg!r}; expected nothing or 'smoke'")
+    return c

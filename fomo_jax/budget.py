@@ -1,0 +1,462 @@
+"""Compute budgets: Memory-Adjusted FLOPs (MAF) and steps per task (spec/fif.md §5, §4.3).
+
+The benchmark fixes one budget for the whole stream: 28,400 steps of full fine-tuning of a
+ViT-B/16 at batch 512, weighted by MAF = GFLOPs/step x (peak memory / peak memory of full
+fine-tuning). A method that is cheaper per step gets more steps per task.
+
+Two sources of step counts:
+
+* `budget="paper"` (the benchmark): Table 4 of the paper, copied below as printed. Its counts
+  are the budget definition for ViT-B/16; they are *not* re-derived, because FLOP counters and
+  allocators differ between frameworks and the table's own rounding departs from the formula
+  by up to 3 steps (spec §5.2 reading notes).
+* `budget="measured"`: T_s = floor((28,400 / T) x MAF_full / MAF_m) from MAFs measured with
+  `profile_train_step` + `maf`, for new methods and other model sizes.
+
+Method keys are strings; the rank variants are `"lora_r4"`, `"lora_r64"`, `"dora_r4"`, ...
+(`method_key("lora", 4)` builds them, and every function taking a method also takes
+`rank=`), so a key is a plain, loggable, config-friendly name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable, Sequence
+from fractions import Fraction
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from fomo_jax import params as params_lib
+from fomo_jax import sharding
+from fomo_jax.schedules import _ceil_fraction
+from fomo_jax.train import step as step_lib
+
+FULL_FT_STEPS = 28_400  # full fine-tuning, ViT-B/16, T = 20 x 1420 steps: the stream budget
+PAPER_BATCH_SIZE = 512
+PAPER_HORIZONS = (20, 50, 100, 200)
+RANKED_METHODS = ("lora", "dora", "vera")  # methods whose Table 4 rows exist per rank
+PAPER_RANKS = (4, 64)
+
+
+@dataclasses.dataclass(frozen=True)
+class PaperRow:
+    """One row of Table 4 (ViT-B/16, batch 512), values exactly as printed."""
+
+    method: str
+    label: str  # the paper's name
+    gflops: float  # per training step
+    memory_gb: float  # peak device memory
+    mult: float  # memory / memory of full fine-tuning (the paper's rounding)
+    maf: float  # gflops x mult
+    steps: dict[int, int]  # T -> steps per task
+    total_steps: int  # = steps[200] x 200, as printed
+
+
+def _row(method, label, gflops, memory, mult, maf, s20, s50, s100, s200, total):
+    steps = dict(zip(PAPER_HORIZONS, (s20, s50, s100, s200), strict=True))
+    return PaperRow(method, label, gflops, memory, mult, maf, steps, total)
+
+
+# fmt: off
+PAPER_TABLE: dict[str, PaperRow] = {r.method: r for r in (
+    _row("finetune", "full-ft", 63394.7585, 46.5917, 1, 63394.7585, 1420, 568, 284, 142, 28_400),
+    _row("locked_text", "locked-text", 57254.6183, 37.5761, 0.8064, 46170.1241,
+         1949, 780, 390, 195, 39_000),
+    _row("locked_image", "locked-image", 27176.6698, 11.8847, 0.2551, 6932.7684,
+         12982, 5193, 2596, 1298, 259_600),
+    _row("lnfit", "LNFit", 43165.5968, 30.5566, 0.6558, 28307.9983, 3179, 1272, 636, 318, 63_600),
+    _row("bitfit", "BitFit", 43165.5968, 30.5546, 0.6558, 28307.9983, 3179, 1272, 636, 318, 63_600),
+    _row("lora_r4", "LoRA, r=4", 54479.2515, 40.5449, 0.8702, 47407.8446,
+         1898, 759, 380, 190, 38_000),
+    _row("lora_r64", "LoRA, r=64", 54505.0151, 40.6757, 0.873, 47582.8781,
+         1891, 757, 378, 189, 37_800),
+    _row("dora_r4", "DoRA, r=4", 54479.8241, 40.6582, 0.8726, 47539.0945,
+         1893, 757, 379, 189, 37_800),
+    _row("dora_r64", "DoRA, r=64", 54514.1754, 40.7871, 0.8754, 47721.7091,
+         1886, 754, 377, 189, 37_800),
+    _row("vera_r4", "VeRA, r=4", 54479.3393, 40.5449, 0.8702, 47407.921,
+         1898, 759, 380, 190, 38_000),
+    _row("vera_r64", "VeRA, r=64", 54507.8336, 40.5742, 0.8708, 47465.4214,
+         1896, 758, 379, 190, 38_000),
+    _row("ewc", "EWC", 6276081.094, 47.207, 1.0132, 6358925.364, 14, 6, 3, 1, 200),
+    _row("si", "SI", 63394.7585, 46.6523, 1.0013, 63477.1716, 1418, 567, 284, 142, 28_400),
+    _row("zs_merge", "ZS-Merge", 63394.7585, 46.5917, 1, 63394.7585, 1420, 568, 284, 142, 28_400),
+    _row("ft_merge", "FT-Merge", 63394.7585, 46.5917, 1, 63394.7585, 1420, 568, 284, 142, 28_400),
+    _row("ema_merge", "EMA-Merge", 63394.7585, 46.5917, 1, 63394.7585,
+         1420, 568, 284, 142, 28_400),
+)}
+# fmt: on
+
+
+def method_key(method: str, rank: int | None = None) -> str:
+    """The table key: `method_key("lora", 4) == "lora_r4"`; `rank` only for LoRA/DoRA/VeRA."""
+    if rank is None:
+        if method in RANKED_METHODS:
+            raise ValueError(f"{method!r} needs a rank (Table 4 has r={PAPER_RANKS})")
+        return method
+    if method not in RANKED_METHODS:
+        raise ValueError(f"rank={rank} given for {method!r}, which has no rank")
+    return f"{method}_r{int(rank)}"
+
+
+def budget_steps(num_tasks: int, maf_method: float, maf_full: float, *, full_steps=FULL_FT_STEPS):
+    """floor((full_steps / T) x MAF_full / MAF_m), on the decimal values (no float rounding).
+
+    Exact rationals keep the boundary cases right: a method with MAF_m = MAF_full gets exactly
+    full_steps / T steps, not one fewer.
+    """
+    if num_tasks < 1:
+        raise ValueError(f"num_tasks={num_tasks} must be >= 1")
+    if not (maf_method > 0 and maf_full > 0):
+        raise ValueError(f"MAFs must be positive, got method {maf_method}, full {maf_full}")
+    exact = Fraction(full_steps, num_tasks) * _decimal(maf_full) / _decimal(maf_method)
+    steps = math.floor(exact)
+    if steps < 1:
+        raise ValueError(f"budget leaves {float(exact):.3f} < 1 steps per task at T={num_tasks}")
+    return steps
+
+
+def _decimal(x) -> Fraction:
+    return Fraction(repr(float(x)))
+
+
+def steps_per_task(
+    method: str,
+    num_tasks: int,
+    *,
+    budget: str = "paper",
+    rank: int | None = None,
+    measured_maf: float | None = None,
+    full_maf: float | None = None,
+) -> int:
+    """Steps per task T_s for `method` over a stream of `num_tasks` tasks.
+
+    "paper": Table 4's count for (method, T) when T is one of its horizons (20, 50, 100, 200);
+    for another T, the budget formula on the table's MAFs (the paper's definition; no count
+    was published). "measured": the formula on `measured_maf` and `full_maf` (both from
+    `maf`), for any method name.
+    """
+    if budget == "measured":
+        if measured_maf is None or full_maf is None:
+            raise ValueError('budget="measured" needs measured_maf and full_maf (see maf())')
+        return budget_steps(num_tasks, measured_maf, full_maf)
+    if budget != "paper":
+        raise ValueError(f"budget={budget!r}; expected 'paper' or 'measured'")
+    if measured_maf is not None or full_maf is not None:
+        raise ValueError('measured_maf/full_maf are only used with budget="measured"')
+    row = paper_row(method, rank)
+    if num_tasks in row.steps:
+        return row.steps[num_tasks]
+    return budget_steps(num_tasks, row.maf, PAPER_TABLE["finetune"].maf)
+
+
+def paper_row(method: str, rank: int | None = None) -> PaperRow:
+    """Table 4's row; unknown methods/ranks fail with a pointer to the measured budget."""
+    key = method_key(method, rank) if rank is not None or method in RANKED_METHODS else method
+    if key not in PAPER_TABLE:
+        raise KeyError(
+            f"{key!r} is not in Table 4 (known: {', '.join(PAPER_TABLE)}); profile it with "
+            'profile_train_step and use budget="measured"'
+        )
+    return PAPER_TABLE[key]
+
+
+def n_samples(steps: int, batch_size: int = PAPER_BATCH_SIZE) -> int:
+    """Samples per task summed over all pools (spec §4.3: n_samples = T_s x B)."""
+    return int(steps) * int(batch_size)
+
+
+def warmup_steps(steps: int, fraction: float = 0.1) -> int:
+    """ceil(fraction x steps) on the decimal fraction: 30 -> 3 (float 0.1 x 30 would give 4)."""
+    return _ceil_fraction(fraction, steps)
+
+
+# --------------------------------------------------------------------------- profiler
+
+
+def _abstract(tree):
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def _model_of(model_config) -> nnx.Module:
+    """A shape-only CLIP for a config or variant name; a given module is used as it is."""
+    from fomo_jax import models
+    from fomo_jax.models.clip import abstract_clip
+
+    if isinstance(model_config, nnx.Module):
+        return model_config
+    if isinstance(model_config, str):
+        model_config = models.get_config(model_config)
+    return abstract_clip(model_config)
+
+
+def _bytes(tree) -> int:
+    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _partial_step(state, frozen, batch, learning_rate, *, loss_fn, tx):
+    """`train_step` for a trainable subset: frozen weights are inputs, not state.
+
+    Gradients, optimizer moments and updates exist only for the trainable leaves, so XLA
+    computes (and the buffer assignment holds) what a method freezing the rest would.
+    """
+
+    def trainable_loss(params, batch):
+        flat = {**params_lib.flatten(frozen), **params_lib.flatten(params)}
+        return loss_fn(params_lib.unflatten(flat), batch)
+
+    (loss, metrics), grads = jax.value_and_grad(trainable_loss, has_aux=True)(state.params, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    lr = jnp.asarray(learning_rate, jnp.float32)
+    params = jax.tree_util.tree_map(lambda p, u: p - lr * u, state.params, updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+    new_state = step_lib.TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+
+def profile_train_step(
+    model_config,
+    tx: optax.GradientTransformation,
+    batch_size: int,
+    *,
+    mesh=None,
+    loss_fn: Callable | None = None,
+    trainable: Callable[[str], bool] | None = None,
+    input_format: str = "images",
+) -> dict:
+    """XLA's FLOPs and buffer sizes of one compiled train step; the step is never run.
+
+    `model_config`: a CLIPConfig, a variant name (built shape-only with `abstract_clip`, so a
+    ViT-B/16 needs no weights) or an nnx module (e.g. with adapters). `loss_fn(params, batch)
+    -> (loss, metrics)` defaults to the CLIP contrastive loss; `trainable(path) -> bool`
+    selects trained parameters (None: all, the real `compile_train_step`). The batch is
+    uint8 `images` as the runner feeds (or normalized float `pixels`).
+
+    Returns `flops` (per step over all devices: the per-device count of the partitioned
+    program x devices; replicated work such as the optimizer update under pure data
+    parallelism is thereby counted once per device), `peak_bytes` = argument + output +
+    temp - alias bytes of the per-device buffer assignment (`compiled.memory_analysis()`; an
+    estimate made by the compiler, not an allocator measurement; on CPU it is the CPU
+    compiler's assignment: 186 GB for ViT-B/16 at batch 512 against the paper's 46.6 GB on
+    GPU, so compare Mult only within one backend), their parts and parameter sizes.
+    """
+    if input_format not in ("images", "pixels"):
+        raise ValueError(f"input_format={input_format!r}; expected 'images' or 'pixels'")
+    model = _model_of(model_config)
+    cfg = model.config
+    graphdef, params = params_lib.split(model)
+    params = _abstract(params)
+    custom_loss = loss_fn is not None
+    loss_fn = loss_fn or step_lib.make_loss_fn(graphdef)
+    mesh = mesh or sharding.make_mesh()
+    size = cfg.vision.image_size
+    image_dtype = jnp.uint8 if input_format == "images" else jnp.float32
+    batch = {
+        input_format: jax.ShapeDtypeStruct((batch_size, size, size, 3), image_dtype),
+        "token_ids": jax.ShapeDtypeStruct((batch_size, cfg.text.context_length), jnp.int32),
+    }
+    lr = jax.ShapeDtypeStruct((), jnp.float32)
+    frozen = {}
+    if trainable is not None:
+        flat = params_lib.flatten(params)
+        frozen = params_lib.unflatten({k: v for k, v in flat.items() if not trainable(k)})
+        params = params_lib.unflatten({k: v for k, v in flat.items() if trainable(k)})
+        if not params:
+            raise ValueError("trainable() selects no parameter")
+    state = jax.eval_shape(lambda p: step_lib.TrainState.create(p, tx), params)
+    shardings = step_lib.state_shardings(state, mesh)
+    if trainable is None and not custom_loss:  # the runner's own compiled step
+        jitted = step_lib.compile_train_step(graphdef, tx, mesh, shardings)
+        args = (state, batch, lr)
+    else:
+        step_fn, frozen_shardings, args = step_lib.train_step, (), (state, batch, lr)
+        if trainable is not None:
+            step_fn, args = _partial_step, (state, frozen, batch, lr)
+            frozen_shardings = (sharding.tree_shardings(frozen, mesh),)
+        jitted = jax.jit(
+            functools.partial(step_fn, loss_fn=loss_fn, tx=tx),
+            in_shardings=(
+                shardings,
+                *frozen_shardings,
+                sharding.batch_sharding(mesh),
+                sharding.replicated(mesh),
+            ),
+            out_shardings=(shardings, sharding.replicated(mesh)),
+            donate_argnums=(0,),
+        )
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    compile_seconds = time.perf_counter() - start
+    return _report(compiled, mesh, batch_size, compile_seconds, params, frozen)
+
+
+def _report(compiled, mesh, batch_size, compile_seconds, trainable_params, frozen) -> dict:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    per_device = float(cost.get("flops", 0.0))
+    memory = compiled.memory_analysis()
+    parts = {}
+    if memory is not None:
+        parts = {
+            "argument_bytes": int(memory.argument_size_in_bytes),
+            "output_bytes": int(memory.output_size_in_bytes),
+            "temp_bytes": int(memory.temp_size_in_bytes),
+            "alias_bytes": int(memory.alias_size_in_bytes),
+        }
+    peak = (
+        parts["argument_bytes"] + parts["output_bytes"] + parts["temp_bytes"] - parts["alias_bytes"]
+        if parts
+        else None
+    )
+    trainable_bytes = _bytes(trainable_params)
+    return {
+        "flops": per_device * mesh.size,
+        "flops_per_device": per_device,
+        "peak_bytes": peak,
+        **parts,
+        "param_bytes": trainable_bytes + _bytes(frozen),
+        "trainable_param_bytes": trainable_bytes,
+        "batch_size": batch_size,
+        "devices": mesh.size,
+        "platform": mesh.devices.flat[0].platform,
+        "compile_seconds": compile_seconds,
+    }
+
+
+# --------------------------------------------------------------------------- MAF and tables
+
+
+def maf(profile: dict, full_profile: dict) -> dict:
+    """GFLOPs/step, peak memory (GB = 1e9 bytes), Mult and MAF of `profile` against full FT.
+
+    Mult is left unrounded (the paper printed 4 decimals); memory units cancel in Mult.
+    Both profiles must come from the same model, batch size and device kind.
+    """
+    for p in (profile, full_profile):
+        if not p.get("peak_bytes"):
+            raise ValueError("profile has no peak_bytes (the backend gave no memory analysis)")
+    gflops = profile["flops"] / 1e9
+    mult = profile["peak_bytes"] / full_profile["peak_bytes"]
+    return {
+        "gflops": gflops,
+        "memory_gb": profile["peak_bytes"] / 1e9,
+        "mult": mult,
+        "maf": gflops * mult,
+    }
+
+
+def task_budget(
+    method: str,
+    num_tasks: int,
+    *,
+    batch_size: int = PAPER_BATCH_SIZE,
+    warmup_fraction: float = 0.1,
+    budget: str = "paper",
+    rank: int | None = None,
+    measured_maf: float | None = None,
+    full_maf: float | None = None,
+) -> dict:
+    """What a run logs at its start (spec §5.3): T_s, n_samples, W, the MAFs and their source."""
+    steps = steps_per_task(
+        method,
+        num_tasks,
+        budget=budget,
+        rank=rank,
+        measured_maf=measured_maf,
+        full_maf=full_maf,
+    )
+    if budget == "paper":
+        row = paper_row(method, rank)
+        measured_maf, full_maf = row.maf, PAPER_TABLE["finetune"].maf
+        source = "Table 4" if num_tasks in row.steps else "formula on Table 4 MAFs"
+    else:
+        source = "formula on measured MAFs"
+    return {
+        "method": method_key(method, rank) if rank is not None else method,
+        "num_tasks": num_tasks,
+        "steps_per_task": steps,
+        "total_steps": steps * num_tasks,
+        "n_samples": n_samples(steps, batch_size),
+        "warmup_steps": warmup_steps(steps, warmup_fraction),
+        "maf": measured_maf,
+        "full_maf": full_maf,
+        "source": source,
+    }
+
+
+def budget_table(
+    num_tasks: Sequence[int] = PAPER_HORIZONS,
+    *,
+    methods: Sequence[str] | None = None,
+    profiles: dict[str, dict] | None = None,
+    full: str = "finetune",
+) -> list[dict]:
+    """Rows (method, gflops, memory_gb, mult, maf, steps {T: T_s}, source).
+
+    Without `profiles`: Table 4 (default all its methods). With `profiles` ({method: profile
+    from profile_train_step}, including `full`): the measured MAFs and formula step counts.
+    """
+    rows = []
+    if profiles is None:
+        for name in methods or PAPER_TABLE:
+            row = paper_row(name)
+            steps = {t: steps_per_task(name, t) for t in num_tasks}
+            rows.append(
+                {
+                    "method": row.method,
+                    "gflops": row.gflops,
+                    "memory_gb": row.memory_gb,
+                    "mult": row.mult,
+                    "maf": row.maf,
+                    "steps": steps,
+                    "source": "paper",
+                }
+            )
+        return rows
+    if full not in profiles:
+        raise KeyError(f"profiles need the reference {full!r} (the full fine-tuning step)")
+    full_maf = maf(profiles[full], profiles[full])["maf"]
+    for name in methods or profiles:
+        m = maf(profiles[name], profiles[full])
+        steps = {
+            t: steps_per_task(name, t, budget="measured", measured_maf=m["maf"], full_maf=full_maf)
+            for t in num_tasks
+        }
+        rows.append({"method": name, **m, "steps": steps, "source": "measured"})
+    return rows
+
+
+def format_budget_table(rows: Sequence[dict]) -> str:
+    """A plain-text table of `budget_table` rows for the start of a run's log."""
+    horizons = sorted({t for r in rows for t in r["steps"]})
+    header = ["method", "GFLOPs/step", "mem (GB)", "Mult", "MAF"] + [f"T={t}" for t in horizons]
+    body = [
+        [
+            r["method"],
+            f"{r['gflops']:.4f}",
+            f"{r['memory_gb']:.4f}",
+            f"{r['mult']:.4f}",
+            f"{r['maf']:.4f}",
+            *(str(r["steps"].get(t, "-")) for t in horizons),
+        ]
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+
+    def fmt(line):
+        cells = [line[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(line[1:], widths[1:], strict=True)
+        ]
+        return "  ".join(cells).rstrip()
+
+    sources = sorted({r["source"] for r in rows})
+    rule = "-" * len(fmt(header))
+    footer = f"steps per task; source: {', '.join(sources)}"
+    return "\n".join([fmt(header), rule, *map(fmt, body), rule, footer])

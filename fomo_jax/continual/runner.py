@@ -1,0 +1,339 @@
+"""The continual runner: θ0, then for each task train, end-of-task hook, evaluate, checkpoint.
+
+Spec §7.1 (loop), §8.1 (weight bookkeeping), §10 (evaluation), §11 (checkpoints). One jitted
+step serves the whole stream (the learning rate is a host-computed input). The run is a pure
+function of its config: a checkpoint stores the train state, the method state and the run's
+progress, and the input pipeline is rebuilt from (seed, task, step), so a killed run resumes
+to exactly the result of an uninterrupted one.
+
+Work directory: `config.json`, `metrics.jsonl` (per logged step), `results.json` (`final` and
+`trajectory`, metrics only), `plots/` (A_KA-A_ZS trajectory, per-dataset heatmap, learning
+rate), `checkpoints/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from fomo_jax import budget, models, schedules, sharding
+from fomo_jax import evaluate as evaluate_lib
+from fomo_jax import params as params_lib
+from fomo_jax.continual import methods, plots, theta0
+from fomo_jax.continual.checkpoints import Checkpoints
+from fomo_jax.continual.logger import RunLogger
+from fomo_jax.continual.step import ContinualState, compile_step, shardings_of
+from fomo_jax.data import fif, fif_synth, mixture, pipeline, registry, streams, webdataset
+from fomo_jax.models.clip import abstract_clip
+from fomo_jax.tokenizer import load_tokenizer
+from fomo_jax.train import optimizer
+
+METRIC_KEYS = ("knowledge_accumulation", "zero_shot_retention", "geometric_mean")
+
+
+@dataclasses.dataclass
+class Data:
+    root: str
+    datasets: dict
+    catalogue: mixture.Catalogue
+    pool: webdataset.WebDatasetSource
+    tasks: list
+
+
+def prepare_data(config) -> Data:
+    """The benchmark's datasets, the stream's tasks, the training catalogue and the pool."""
+    d = config.data
+    if d.benchmark == "fif_synth":
+        fif_synth.generate(
+            d.root, seed=d.synth_seed, image_size=d.image_size, pool_size=d.pool_size,
+            train_per_class=d.train_per_class, test_per_class=d.test_per_class,
+            samples_per_shard=d.samples_per_shard,
+        )  # fmt: skip
+        datasets = fif_synth.load_datasets(d.root)
+    elif d.benchmark == "fif":
+        datasets = dict(registry.DATASETS)
+    else:
+        raise ValueError(f"data.benchmark must be 'fif_synth' or 'fif', got {d.benchmark!r}")
+    info_dir = d.info_dir or fif.default_info_dir(d.root)
+    stream_path = d.stream or os.path.join(d.root, "streams", "random_sequence_1.json")
+    entries = streams.load_stream(stream_path, info_dir, datasets=datasets)
+    targets = streams.parse_targets(entries, info_dir, datasets=datasets)
+    tasks = streams.chunk([(t.dataset, t.target) for t in targets], config.num_tasks)
+    sources = {
+        key: pipeline.SplitSource(fif.load_split(d.root, key, "train", info_dir, datasets=datasets))
+        for key in streams.stream_datasets(entries)
+    }
+    pool_dir = d.pretraining_pool or os.path.join(d.root, "pretraining")
+    return Data(d.root, datasets, mixture.Catalogue(sources), webdataset.WebDatasetSource(pool_dir),
+                tasks)  # fmt: skip
+
+
+def task_budget(config, method, model_config, tx) -> dict:
+    """Steps per task and where they come from: the config, n_samples, or the budget (§5)."""
+    if config.steps_per_task:
+        steps, source = int(config.steps_per_task), "config.steps_per_task"
+    elif config.n_samples:
+        steps, source = int(config.n_samples) // config.batch_size, "config.n_samples"
+    else:
+        measured = {}
+        if config.budget == "measured":  # MAF of this method relative to full fine-tuning
+            profile = budget.profile_train_step(model_config, tx, config.batch_size)
+            full = budget.profile_train_step(model_config, optimizer.adamw(), config.batch_size)
+            measured = dict(measured_maf=budget.maf(profile, full)["maf"],
+                            full_maf=budget.maf(full, full)["maf"])  # fmt: skip
+        info = budget.task_budget(
+            method.name, config.num_tasks, batch_size=config.batch_size, budget=config.budget,
+            **measured,
+        )  # fmt: skip
+        return info
+    return dict(method=method.name, num_tasks=config.num_tasks, steps_per_task=steps,
+                total_steps=steps * config.num_tasks,
+                n_samples=budget.n_samples(steps, config.batch_size), source=source)  # fmt: skip
+
+
+def model_and_tokenizer(config):
+    """The model config (from θ0's checkpoint when one is given) and its tokenizer."""
+    if config.theta0.checkpoint:
+        model_config = models.load_pretrained(config.theta0.checkpoint).config
+    else:
+        model_config = models.get_config(config.model.name)
+        if config.model.context_length:
+            text = dataclasses.replace(model_config.text,
+                                       context_length=config.model.context_length)  # fmt: skip
+            model_config = model_config.replace(text=text)
+    model_config = model_config.replace(
+        dtype=config.model.dtype, attention_implementation=config.model.attention_implementation
+    )
+    tokenizer = load_tokenizer(config.tokenizer, context_length=model_config.text.context_length)
+    return model_config, tokenizer
+
+
+def _headline(summary: dict) -> str:
+    return " | ".join(f"{k} {summary[k]:.2f}" for k in METRIC_KEYS)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    # Configuration mistakes stop here, before any data is made or compute spent.
+    started = time.perf_counter()
+    method = methods.get(config.method, config.methods.get(config.method))
+    for key in ("data.root", "tokenizer"):
+        section, _, name = key.rpartition(".")
+        if not (config[section] if section else config)[name]:
+            raise ValueError(f"config.{key} is required (see {config.data.benchmark} configs)")
+    ratios = dict(config.mixture)
+    for task in (0, 1):
+        mixture.pool_batch_sizes(config.batch_size, ratios, task)
+    model_config, tokenizer = model_and_tokenizer(config)
+    base_tx = optimizer.adamw(
+        b1=config.optimizer.b1, b2=config.optimizer.b2, eps=config.optimizer.eps,
+        weight_decay=config.optimizer.weight_decay, clip_norm=config.optimizer.clip_norm,
+        decay_convention=config.optimizer.decay_convention,
+    )  # fmt: skip
+    budget_info = task_budget(config, method, model_config, base_tx)
+    steps = budget_info["steps_per_task"]
+    schedule_params = {k: v for k, v in config.schedule.items() if k != "name"}
+    lr_of = schedules.make(
+        config.schedule.name, base_lr=config.optimizer.lr, steps_per_task=steps,
+        num_tasks=config.num_tasks, **schedule_params,
+    )  # fmt: skip
+    logging.info("budget: %s", json.dumps(budget_info))
+    logging.info("compute budget of the paper's methods (Table 4 MAFs, spec §5):\n%s",
+                 budget.format_budget_table(budget.budget_table((config.num_tasks,))))  # fmt: skip
+
+    os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+    config_json = config.to_json_best_effort(indent=2)
+    config_path = os.path.join(workdir, "config.json")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            if f.read() != config_json:
+                raise ValueError(f"{workdir} holds a run with a different config ({config_path})")
+    else:
+        with open(config_path, "w") as f:
+            f.write(config_json)
+    results_path = os.path.join(workdir, "results.json")
+    if os.path.exists(results_path):
+        logging.info("run in %s is complete; nothing to do", workdir)
+        with open(results_path) as f:
+            results = json.load(f)
+        print(format_table(results))
+        return results
+
+    data = prepare_data(config)
+    image_size = model_config.vision.image_size
+    mesh = sharding.make_mesh(**config.mesh)
+
+    theta0_params = theta0.load_or_make(
+        config, model_config, tokenizer, data.pool, config.theta0.cache_dir or data.root, mesh
+    )
+    graphdef = params_lib.split(abstract_clip(model_config))[0]
+    tx = method.optimizer(base_tx, theta0_params)
+    evaluator = evaluate_lib.Evaluator(
+        data.root, data.datasets, tokenizer, image_size, batch_size=config.eval.batch_size,
+        subset_seed=config.seed,
+    )  # fmt: skip
+
+    def fresh_state(params, method_state):
+        return ContinualState(np.zeros((), np.int32), params, tx.init(params), method_state)
+
+    abstract = jax.eval_shape(fresh_state, theta0_params, method.init_state(theta0_params))
+    state_sharding = shardings_of(abstract, mesh)
+    step_fn = compile_step(graphdef, tx, method, mesh, state_sharding)
+
+    def place(state):
+        return jax.device_put(state, state_sharding, may_alias=False)
+
+    def evaluate(params, subset: bool) -> dict:
+        model = params_lib.merge(graphdef, params)
+        per_dataset = evaluator.evaluate(model, subset=subset)
+        return dict(evaluator.summary(per_dataset), per_dataset=per_dataset,
+                    evaluation="subset" if subset else "full")  # fmt: skip
+
+    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"))
+    latest = checkpoints.latest()
+    if latest is not None:
+        state, progress = checkpoints.restore(latest, abstract, state_sharding)
+        logging.info("resuming from checkpoint %d: task %d, step %d", latest,
+                     progress["task"], progress["step"])  # fmt: skip
+    else:
+        state = place(fresh_state(theta0_params, method.init_state(theta0_params)))
+        zero_shot = evaluate(theta0_params, subset=False)
+        zero_shot_subset = evaluate(theta0_params, subset=True)
+        logging.info("zero-shot (full test sets): %s", _headline(zero_shot))
+        progress = dict(task=0, step=0, saves=0, metric_lines=0, zero_shot_full=zero_shot,
+                        trajectory=[zero_shot_subset], batch_sizes=[])  # fmt: skip
+        checkpoints.save(0, state, progress)
+
+    log = RunLogger(workdir, config, keep_lines=progress["metric_lines"])
+    if latest is None:
+        log.evaluation(zero_shot, 0)
+    try:
+        for task in range(progress["task"], config.num_tasks):
+            sizes = mixture.pool_batch_sizes(config.batch_size, ratios, task)
+            update_ids, buffer_ids = mixture.task_pools(data.catalogue, data.tasks, task)
+            offset = sum(b["pretraining"] * steps for b in progress["batch_sizes"][:task])
+            if progress["step"] == 0:  # a task starts: the method picks its training weights
+                params = method.train_params(task, state.params, state.method_state)
+                opt_state = state.opt_state if config.optimizer.carry_state else tx.init(params)
+                state = place(state.replace(params=params, opt_state=opt_state))
+            batches = pipeline.TaskBatches(
+                catalogue=data.catalogue, update_ids=update_ids, buffer_ids=buffer_ids,
+                pretraining=data.pool if sizes["pretraining"] else None, batch_sizes=sizes,
+                steps=steps, seed=config.seed, task=task, pretraining_offset=offset,
+                tokenizer=tokenizer, image_size=image_size, num_threads=config.data.num_threads,
+            )  # fmt: skip
+            state, progress = _train_task(
+                config, method, task, steps, batches, state, step_fn, lr_of, progress, log,
+                checkpoints,
+            )  # fmt: skip
+            params, method_state = method.end_of_task(task, state.params, state.method_state)
+            state = place(state.replace(params=params, method_state=method_state))
+            last = task == config.num_tasks - 1
+            if last or (task + 1) % config.eval.every_nth_task == 0:
+                point = evaluate(method.eval_params(task, params, method_state), subset=True)
+                point["task"] = task
+                progress["trajectory"].append(point)
+                log.evaluation(point, task + 1)
+                logging.info("after task %d (subset): %s", task, _headline(point))
+            progress.update(task=task + 1, step=0)
+            progress["batch_sizes"] = progress["batch_sizes"][:task] + [sizes]
+            progress["saves"] += 1
+            checkpoints.save(progress["saves"], state, progress)
+    finally:
+        log.close()
+        checkpoints.close()
+
+    final_params = method.eval_params(config.num_tasks - 1, state.params, state.method_state)
+    final = evaluate(final_params, subset=False)
+    models.export_hf(params_lib.merge(graphdef, jax.device_get(final_params)),
+                     os.path.join(workdir, "model"))  # fmt: skip
+    results = _results(progress, final, steps, config, evaluator)
+    results.update(budget=budget_info, wall_seconds_this_process=time.perf_counter() - started)
+    plots.write_all(results, [lr_of(k, s) for k in range(config.num_tasks) for s in range(steps)],
+                    os.path.join(workdir, "plots"))  # fmt: skip
+    tmp = results_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, results_path)
+    print(format_table(results))
+    return results
+
+
+def _train_task(
+    config, method, task, steps, batches, state, step_fn, lr_of, progress, log, checkpoints
+):
+    start_step = progress["step"]
+    window_start, data_wait, last_logged = time.perf_counter(), 0.0, start_step
+    iterator = iter(batches.dataset(start_step))
+    for step in range(start_step, steps):
+        t0 = time.perf_counter()
+        batch = next(iterator)
+        data_wait += time.perf_counter() - t0
+        batch = {"images": batch["images"], "token_ids": batch["token_ids"]}
+        replay = method.replay_batch(task, step, state.method_state)
+        if replay is not None:
+            batch["replay"] = replay
+        state, metrics = step_fn(state, batch, lr_of(task, step))
+        done = step + 1
+        if done % config.log_every == 0 or done == steps:
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not metrics["finite"]:
+                raise FloatingPointError(f"task {task}: non-finite loss at step {done}")
+            elapsed = time.perf_counter() - window_start
+            rate = (done - last_logged) * batches.batch_size / elapsed
+            record = dict(task=task, step=done, samples_per_second=rate,
+                          data_wait_fraction=data_wait / elapsed, **metrics)  # fmt: skip
+            log.step(record, global_step=task * steps + done)
+            progress["metric_lines"] = log.lines
+            logging.info(
+                "task %d step %d/%d | loss %.4f | lr %.2e | %.0f samples/s | data wait %.0f%% "
+                "| ETA task %.0fs", task, done, steps, metrics["loss"], metrics["learning_rate"],
+                rate, 100 * data_wait / elapsed, (steps - done) * batches.batch_size / rate,
+            )  # fmt: skip
+            window_start, data_wait, last_logged = time.perf_counter(), 0.0, done
+        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < steps:
+            progress.update(task=task, step=done)
+            progress["saves"] += 1
+            checkpoints.save(progress["saves"], state, progress)
+    return state, progress
+
+
+def _results(progress, final, steps, config, evaluator) -> dict:
+    trajectory = [progress["zero_shot_full"]] + progress["trajectory"][1:]
+    points = [{k: p[k] for k in METRIC_KEYS} | {"evaluation": p["evaluation"]} for p in trajectory]
+    curves = {k: [p[k] for p in trajectory] for k in METRIC_KEYS}
+    return {
+        "final": {k: final[k] for k in METRIC_KEYS},
+        "trajectory": points,
+        "area_under_trajectory": {
+            k: evaluate_lib.area_under_trajectory(v) for k, v in curves.items()
+        },
+        "per_dataset": {
+            "zero_shot_full": progress["zero_shot_full"]["per_dataset"],
+            "tasks_subset": [p["per_dataset"] for p in progress["trajectory"][1:]],
+            "final_full": final["per_dataset"],
+        },
+        "steps_per_task": steps,
+        "samples_per_task": steps * config.batch_size,
+        "batch_sizes": progress["batch_sizes"],
+        "subset_indices": evaluator.subset_manifest(),
+    }
+
+
+def format_table(results: dict) -> str:
+    rows = [("zero-shot (full)", results["trajectory"][0])]
+    rows += [(f"after task {i} (subset)", p) for i, p in enumerate(results["trajectory"][1:])]
+    rows.append(("final (full)", results["final"]))
+    lines = [f"{'':26s} {'A_KA':>8s} {'A_ZS':>8s} {'GM':>8s}"]
+    for name, p in rows:
+        lines.append(
+            f"{name:26s} {p['knowledge_accumulation']:8.2f} {p['zero_shot_retention']:8.2f} "
+            f"{p['geometric_mean']:8.2f}"
+        )
+    return "\n".join(lines)

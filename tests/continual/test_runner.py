@@ -1,0 +1,258 @@
+"""The continual runner end to end on the smoke config: outputs, no retracing, exact resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import pytest
+
+from configs import fif_synth as fif_synth_config
+from fomo_jax import runtime
+from fomo_jax.continual import methods, runner
+
+RUN = os.path.join(runtime.REPO_ROOT, "run.py")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("fif_synth_smoke"))
+
+
+def _smoke(data_root, **overrides):
+    config = fif_synth_config.get_config("smoke")
+    config.data.root = data_root
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+def _command(data_root, workdir):
+    return [sys.executable, RUN, "--config=configs/fif_synth.py:smoke",
+            f"--config.data.root={data_root}", f"--workdir={workdir}"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_root, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    result = subprocess.run(_command(data_root, workdir), cwd=runtime.REPO_ROOT,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return workdir, result
+
+
+def test_outputs_and_final_table(uninterrupted):
+    workdir, result = uninterrupted
+    results = json.loads((workdir / "results.json").read_text())
+    keys = {"knowledge_accumulation", "zero_shot_retention", "geometric_mean"}
+    assert set(results["final"]) == keys
+    assert len(results["trajectory"]) == 1 + 2  # zero-shot + one point per task
+    assert [p["evaluation"] for p in results["trajectory"]] == ["full", "subset", "subset"]
+    for point in results["trajectory"] + [results["final"]]:
+        assert keys <= set(point) and all(0 <= point[k] <= 100 for k in keys)
+    assert results["batch_sizes"][0] == {"pretraining": 8, "update": 8, "buffer": 0}
+    assert results["batch_sizes"][1] == {"pretraining": 6, "update": 5, "buffer": 5}
+    assert "A_KA" in result.stdout and "final (full)" in result.stdout
+    for plot in ("ka_zs_trajectory.png", "per_dataset.png", "learning_rate.png"):
+        assert (workdir / "plots" / plot).stat().st_size > 1000
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    assert [(r["task"], r["step"]) for r in map(json.loads, lines)] == [
+        (0, 3),
+        (0, 6),
+        (1, 3),
+        (1, 6),
+    ]
+
+
+def test_kill_and_resume_is_bitwise_identical(data_root, uninterrupted, tmp_path):
+    reference, _ = uninterrupted
+    workdir = tmp_path / "killed"
+    process = subprocess.Popen(_command(data_root, workdir), cwd=runtime.REPO_ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while not (workdir / "checkpoints" / "2").exists():  # the second mid-task checkpoint
+        assert process.poll() is None and time.time() < deadline, "run ended before the kill"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (workdir / "results.json").exists()  # killed mid-run
+    result = subprocess.run(_command(data_root, workdir), cwd=runtime.REPO_ROOT,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "resuming from checkpoint" in result.stderr
+    got = json.loads((workdir / "results.json").read_text())
+    want = json.loads((reference / "results.json").read_text())
+    assert got["final"] == want["final"] and got["trajectory"] == want["trajectory"]
+    assert got["per_dataset"] == want["per_dataset"]
+    for name in os.listdir(reference / "model"):  # final parameters, bit for bit
+        assert (workdir / "model" / name).read_bytes() == (reference / "model" / name).read_bytes()
+    lines = lambda d: [{k: v for k, v in json.loads(x).items()  # noqa: E731
+                        if k not in ("samples_per_second", "data_wait_fraction")}
+                       for x in (d / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    assert lines(workdir) == lines(reference)
+
+
+def test_finished_run_changes_nothing(data_root, uninterrupted):
+    workdir, _ = uninterrupted
+    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
+    result = subprocess.run(_command(data_root, workdir), cwd=runtime.REPO_ROOT,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()} == before
+
+
+class _TracedOnce(methods.Method):
+    """Fine-tuning whose loss hook fails if the step is traced a second time."""
+
+    name = "traced_once"
+
+    @chex.assert_max_traces(n=1)
+    def extra_loss(self, params, state, batch):
+        return super().extra_loss(params, state, batch)
+
+
+def test_step_is_traced_once_for_the_whole_stream(data_root, tmp_path, monkeypatch):
+    monkeypatch.setitem(methods.METHODS, "traced_once", _TracedOnce)
+    config = _smoke(data_root, method="traced_once")
+    config.methods["traced_once"] = {}
+    chex.clear_trace_counter()
+    results = runner.run(config, str(tmp_path / "run"))  # 2 tasks, a new schedule per task
+    assert len(results["trajectory"]) == 3
+
+
+def test_config_mistakes_stop_before_compute(data_root, tmp_path):
+    config = _smoke(data_root)
+    config.mixture.update = 0.5  # ratios no longer sum to 1
+    with pytest.raises(ValueError, match="sum to 1"):
+        runner.run(config, str(tmp_path / "bad"))
+    config = _smoke(data_root, method="no_such_method")
+    with pytest.raises(ValueError, match="no_such_method"):
+        runner.run(config, str(tmp_path / "bad2"))
+
+
+def test_required_paths_and_optional_wandb(data_root, tmp_path):
+    from configs import fif as fif_config
+
+    with pytest.raises(ValueError, match="config.data.root is required"):
+        runner.run(fif_config.get_config(), str(tmp_path / "fif"))
+    config = _smoke(data_root)
+    config.wandb.enabled = True
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install wandb"):
+            runner.run(config, str(tmp_path / "wandb"))
+
+
+def test_tensorboard_events_hold_training_and_evaluation(uninterrupted):
+    from tensorboardX.proto import event_pb2
+
+    workdir, _ = uninterrupted
+    tags = set()
+    for path in (workdir / "tensorboard").iterdir():
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):  # TFRecord framing: length, crc, payload, crc
+            length = int.from_bytes(data[offset : offset + 8], "little")
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            tags |= {v.tag for v in event.summary.value}
+            offset += 12 + length + 4
+    assert {"train/loss", "train/learning_rate", "eval/knowledge_accumulation",
+            "eval/zero_shot_retention"} <= tags  # fmt: skip
+
+
+RESTORE_ON_4_DEVICES = """
+import dataclasses, sys
+import jax, numpy as np
+from fomo_jax import models, sharding
+from fomo_jax import params as params_lib
+from fomo_jax.continual.checkpoints import Checkpoints
+from fomo_jax.continual.step import ContinualState, shardings_of
+from fomo_jax.models.clip import abstract_clip
+from fomo_jax.train import optimizer
+cfg = models.get_config("tiny")
+cfg = cfg.replace(text=dataclasses.replace(cfg.text, context_length=48))
+params = params_lib.split(abstract_clip(cfg))[1]
+tx = optimizer.adamw()
+abstract = jax.eval_shape(lambda p: ContinualState(np.int32(0), p, tx.init(p), {}), params)
+ckpt = Checkpoints(sys.argv[1] + "/checkpoints")
+index = ckpt.latest()
+one = sharding.make_mesh(devices=jax.devices()[:1])
+four = sharding.make_mesh(data=2, model=2)
+single, _ = ckpt.restore(index, abstract, shardings_of(abstract, one))
+spread, progress = ckpt.restore(index, abstract, shardings_of(abstract, four))
+leaf = spread.params["image"]["transformer"]["resblocks"][0]["mlp"]["c_fc"]["kernel"]
+assert len(leaf.sharding.device_set) == 4, leaf.sharding
+a = params_lib.flatten(jax.device_get(spread.params))
+b = params_lib.flatten(jax.device_get(single.params))
+assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+print("restored", len(a), "leaves on", len(jax.devices()), "devices; task", progress["task"])
+"""
+
+
+def test_checkpoint_restores_onto_another_mesh(uninterrupted):
+    workdir, _ = uninterrupted
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PYTHONPATH=runtime.REPO_ROOT)  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", RESTORE_ON_4_DEVICES, str(workdir)],
+                            capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "on 4 devices; task 2" in result.stdout
+
+
+class _FrozenImageTower(methods.Method):
+    """A method through the interface: the image tower is frozen by the trainable rule."""
+
+    name = "frozen_image"
+
+    def trainable(self, path):
+        return not path.startswith("image/")
+
+
+def test_trainable_rule_freezes_parameters(data_root, tmp_path, monkeypatch):
+    import numpy as np
+
+    from fomo_jax import models
+    from fomo_jax import params as params_lib
+
+    monkeypatch.setitem(methods.METHODS, "frozen_image", _FrozenImageTower)
+    config = _smoke(data_root, method="frozen_image")
+    config.methods["frozen_image"] = {}
+    runner.run(config, str(tmp_path / "frozen"))
+    reference = _smoke(data_root)
+    runner.run(reference, str(tmp_path / "plain"))
+    frozen = params_lib.flatten(
+        params_lib.split(models.load_pretrained(tmp_path / "frozen" / "model"))[1]
+    )
+    plain = params_lib.flatten(
+        params_lib.split(models.load_pretrained(tmp_path / "plain" / "model"))[1]
+    )
+    theta0 = params_lib.flatten(jax_theta0(config))
+    for key in theta0:
+        if key.startswith("image/"):
+            np.testing.assert_array_equal(np.asarray(frozen[key]), theta0[key], err_msg=key)
+    assert any(
+        not np.array_equal(np.asarray(plain[k]), theta0[k])
+        for k in theta0
+        if k.startswith("image/")
+    )
+    assert any(
+        not np.array_equal(np.asarray(frozen[k]), theta0[k])
+        for k in theta0
+        if k.startswith("text/")
+    )
+
+
+def jax_theta0(config):
+    import glob
+
+    import numpy as np
+
+    from fomo_jax import params as params_lib
+
+    (path,) = glob.glob(os.path.join(config.data.root, "theta0-*.npz"))
+    with np.load(path) as f:
+        return params_lib.unflatten({k: f[k] for k in f.files})

@@ -1,0 +1,205 @@
+"""The compute budget: Table 4 as printed, the MAF step formula, warmup and the profiler."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from fomo_jax import budget
+from fomo_jax import params as params_lib
+from fomo_jax.models import get_config
+from fomo_jax.models.clip import abstract_clip
+from fomo_jax.train import optimizer
+from fomo_jax.train.step import make_loss_fn
+
+FULL = budget.PAPER_TABLE["finetune"]
+
+
+@pytest.mark.parametrize(
+    "key, gflops, memory, mult, maf, steps",
+    [
+        ("finetune", 63394.7585, 46.5917, 1, 63394.7585, (1420, 568, 284, 142)),
+        ("locked_text", 57254.6183, 37.5761, 0.8064, 46170.1241, (1949, 780, 390, 195)),
+        ("locked_image", 27176.6698, 11.8847, 0.2551, 6932.7684, (12982, 5193, 2596, 1298)),
+        ("bitfit", 43165.5968, 30.5546, 0.6558, 28307.9983, (3179, 1272, 636, 318)),
+        ("lora_r64", 54505.0151, 40.6757, 0.873, 47582.8781, (1891, 757, 378, 189)),
+        ("vera_r4", 54479.3393, 40.5449, 0.8702, 47407.921, (1898, 759, 380, 190)),
+        ("ewc", 6276081.094, 47.207, 1.0132, 6358925.364, (14, 6, 3, 1)),
+        ("si", 63394.7585, 46.6523, 1.0013, 63477.1716, (1418, 567, 284, 142)),
+    ],
+)
+def test_table_rows_as_printed(key, gflops, memory, mult, maf, steps):
+    row = budget.PAPER_TABLE[key]
+    assert (row.gflops, row.memory_gb, row.mult, row.maf) == (gflops, memory, mult, maf)
+    assert tuple(row.steps[t] for t in (20, 50, 100, 200)) == steps
+    for t, s in zip((20, 50, 100, 200), steps, strict=True):
+        assert budget.steps_per_task(key, t) == s
+
+
+def test_table_has_every_method_and_rank():
+    expected = {"finetune", "locked_text", "locked_image", "lnfit", "bitfit", "ewc", "si"}
+    expected |= {"zs_merge", "ft_merge", "ema_merge"}
+    expected |= {f"{m}_r{r}" for m in ("lora", "dora", "vera") for r in (4, 64)}
+    assert set(budget.PAPER_TABLE) == expected
+    assert budget.steps_per_task("dora", 100, rank=64) == 377
+    assert budget.steps_per_task("dora_r64", 100) == 377
+
+
+def test_reading_notes_hold_for_the_whole_table():
+    """Spec §5.2: T=20 is the formula within ±3, other T round(T_s(20)·20/T) but one cell."""
+    off_by_rounding = []
+    for row in budget.PAPER_TABLE.values():
+        assert row.maf == pytest.approx(row.gflops * row.mult, rel=1e-8)
+        assert row.total_steps == row.steps[200] * 200  # not steps[20] * 20
+        formula = math.floor(1420 * FULL.maf / row.maf)
+        assert abs(budget.budget_steps(20, row.maf, FULL.maf) - formula) == 0
+        assert abs(row.steps[20] - formula) <= 3
+        for t in (50, 100, 200):
+            if row.steps[t] != round(row.steps[20] * 20 / t):
+                off_by_rounding.append((row.method, t))
+    assert off_by_rounding == [("lora_r64", 50)]
+
+
+def test_worked_example_lora_r4():
+    """1420 × 63394.7585 / 47407.8446 = 1898.9 → 1898."""
+    assert budget.budget_steps(20, 47407.8446, 63394.7585) == 1898
+    measured = budget.steps_per_task(
+        "my_new_lora", 20, budget="measured", measured_maf=47407.8446, full_maf=63394.7585
+    )
+    assert measured == budget.steps_per_task("lora", 20, rank=4) == 1898
+
+
+def test_formula_is_exact_at_integer_boundaries():
+    # full fine-tuning gets exactly 28,400 / T steps, for any T dividing it
+    for t in (1, 20, 50, 71, 100, 200, 400):
+        assert budget.budget_steps(t, 63394.7585, 63394.7585) == 28_400 // t
+    assert budget.budget_steps(3, 1.0, 1.0) == 9466  # floor(9466.67)
+
+
+def test_paper_budget_at_other_horizons_uses_table_mafs():
+    assert budget.steps_per_task("finetune", 10) == 2840
+    assert budget.steps_per_task("lora", 10, rank=4) == math.floor(2840 * FULL.maf / 47407.8446)
+    info = budget.task_budget("lora", 10, rank=4)
+    assert info["source"] == "formula on Table 4 MAFs" and info["maf"] == 47407.8446
+
+
+def test_steps_per_task_errors():
+    with pytest.raises(KeyError, match='budget="measured"'):
+        budget.steps_per_task("my_method", 20)
+    with pytest.raises(KeyError, match="lora_r8"):
+        budget.steps_per_task("lora", 20, rank=8)
+    with pytest.raises(ValueError, match="needs a rank"):
+        budget.steps_per_task("lora", 20)
+    with pytest.raises(ValueError, match="has no rank"):
+        budget.steps_per_task("bitfit", 20, rank=4)
+    with pytest.raises(ValueError, match="budget="):
+        budget.steps_per_task("finetune", 20, budget="guess")
+    with pytest.raises(ValueError, match="measured_maf and full_maf"):
+        budget.steps_per_task("finetune", 20, budget="measured", measured_maf=1.0)
+    with pytest.raises(ValueError, match="only used"):
+        budget.steps_per_task("finetune", 20, measured_maf=1.0, full_maf=1.0)
+    with pytest.raises(ValueError, match="num_tasks"):
+        budget.steps_per_task("finetune", 0)
+    with pytest.raises(ValueError, match="< 1 steps"):
+        budget.steps_per_task("ewc", 300)  # 28,400/300 × MAF ratio < 1
+
+
+def test_samples_and_warmup():
+    assert budget.n_samples(1420, 512) == 727_040
+    assert budget.n_samples(28_400) == 14_540_800
+    cases = {1420: 142, 568: 57, 284: 29, 142: 15, 1898: 190, 12982: 1299, 28400: 2840, 30: 3}
+    assert {s: budget.warmup_steps(s) for s in cases} == cases
+    info = budget.task_budget("finetune", 20)
+    assert (info["steps_per_task"], info["n_samples"], info["warmup_steps"]) == (1420, 727_040, 142)
+    assert info["total_steps"] == 28_400 and info["source"] == "Table 4"
+
+
+def test_format_paper_table():
+    text = budget.format_budget_table(budget.budget_table((20, 200), methods=["finetune", "ewc"]))
+    lines = text.splitlines()
+    assert lines[0].split() == ["method", "GFLOPs/step", "mem", "(GB)", "Mult", "MAF"] + [
+        "T=20",
+        "T=200",
+    ]
+    assert lines[2].split() == ["finetune", "63394.7585", "46.5917", "1.0000", "63394.7585"] + [
+        "1420",
+        "142",
+    ]
+    assert lines[3].split()[-2:] == ["14", "1"]
+
+
+# --------------------------------------------------------------------------- profiler
+
+TX = optimizer.adamw()
+BATCH = 32
+
+
+@pytest.fixture(scope="module")
+def full_profile():
+    return budget.profile_train_step("tiny", TX, BATCH)
+
+
+def test_profile_full_step_is_about_three_forward_passes(full_profile):
+    """Independent check of the FLOP count: backward ≈ 2× forward, so a step ≈ 3× forward."""
+    graphdef, params = params_lib.split(abstract_clip(get_config("tiny")))
+    batch = {
+        "images": jax.ShapeDtypeStruct((BATCH, 32, 32, 3), jnp.uint8),
+        "token_ids": jax.ShapeDtypeStruct((BATCH, 16), jnp.int32),
+    }
+    cost = jax.jit(make_loss_fn(graphdef)).lower(params, batch).compile().cost_analysis()
+    forward = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    assert full_profile["flops"] > 0
+    assert 2.5 <= full_profile["flops"] / forward <= 3.5
+
+
+def test_profile_memory(full_profile):
+    p = full_profile
+    # params, two Adam moments and the gradients are all live at once
+    assert p["peak_bytes"] > 3 * p["param_bytes"] > 0
+    assert p["peak_bytes"] == (
+        p["argument_bytes"] + p["output_bytes"] + p["temp_bytes"] - p["alias_bytes"]
+    )
+    assert p["alias_bytes"] > 0  # the state is donated
+    assert p["devices"] == 1 and p["flops"] == p["flops_per_device"]
+
+
+def test_profile_subset_never_executes(full_profile):
+    """Abstract inputs only, and a host callback in the loss that would fire if it ran."""
+    calls = []
+    graphdef, _ = params_lib.split(abstract_clip(get_config("tiny")))
+    base = make_loss_fn(graphdef)
+
+    def loss_fn(params, batch):
+        jax.debug.callback(lambda: calls.append(1))
+        return base(params, batch)
+
+    frozen_image = budget.profile_train_step(
+        get_config("tiny"),
+        TX,
+        BATCH,
+        loss_fn=loss_fn,
+        trainable=lambda path: not path.startswith("image/"),
+    )
+    assert calls == []
+    assert frozen_image["trainable_param_bytes"] < frozen_image["param_bytes"]
+    assert frozen_image["param_bytes"] == full_profile["param_bytes"]
+    # no weight gradients for the image tower, no moments for it
+    assert 0 < frozen_image["flops"] < full_profile["flops"]
+    assert 0 < frozen_image["peak_bytes"] < full_profile["peak_bytes"]
+
+    m = budget.maf(frozen_image, full_profile)
+    assert 0 < m["mult"] < 1 and m["maf"] == pytest.approx(m["gflops"] * m["mult"])
+    rows = budget.budget_table(
+        (20,), profiles={"finetune": full_profile, "locked_image": frozen_image}
+    )
+    assert rows[0]["steps"][20] == 1420 and rows[0]["mult"] == 1
+    assert rows[1]["steps"][20] == math.floor(1420 / m["maf"] * rows[0]["maf"] + 1e-9)
+    assert "measured" in budget.format_budget_table(rows)
+
+
+def test_profile_accepts_a_built_module(tiny_model, full_profile):
+    """A module with real weights is profiled through its shapes: the same compiled step."""
+    profile = budget.profile_train_step(tiny_model, TX, BATCH)
+    assert profile["flops"] == full_profile["flops"]
+    assert profile["peak_bytes"] == full_profile["peak_bytes"]
