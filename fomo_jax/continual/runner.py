@@ -30,7 +30,16 @@ from fomo_jax.continual import methods, plots, theta0
 from fomo_jax.continual.checkpoints import Checkpoints
 from fomo_jax.continual.logger import RunLogger
 from fomo_jax.continual.step import ContinualState, compile_step, shardings_of
-from fomo_jax.data import fif, fif_synth, mixture, pipeline, registry, streams, webdataset
+from fomo_jax.data import (
+    fif,
+    fif_synth,
+    mixture,
+    pipeline,
+    records,
+    registry,
+    streams,
+    webdataset,
+)
 from fomo_jax.models.clip import abstract_clip
 from fomo_jax.tokenizer import load_tokenizer
 from fomo_jax.train import optimizer
@@ -43,7 +52,7 @@ class Data:
     root: str
     datasets: dict
     catalogue: mixture.Catalogue
-    pool: webdataset.WebDatasetSource
+    pool: webdataset.WebDatasetSource | records.RecordSource
     tasks: list
 
 
@@ -71,8 +80,11 @@ def prepare_data(config) -> Data:
         for key in streams.stream_datasets(entries)
     }
     pool_dir = d.pretraining_pool or os.path.join(d.root, "pretraining")
-    return Data(d.root, datasets, mixture.Catalogue(sources), webdataset.WebDatasetSource(pool_dir),
-                tasks)  # fmt: skip
+    if os.path.exists(os.path.join(pool_dir, "manifest.json")):  # ArrayRecord shards
+        pool = records.RecordSource(pool_dir)
+    else:  # WebDataset tar shards
+        pool = webdataset.WebDatasetSource(pool_dir)
+    return Data(d.root, datasets, mixture.Catalogue(sources), pool, tasks)
 
 
 def task_budget(config, method, model_config, tx) -> dict:

@@ -74,6 +74,12 @@ def pretrain(model_config, tokenizer, pool, recipe: dict, mesh) -> dict:
     return jax.device_get(state.params)
 
 
+def pool_fingerprint(pool) -> str:
+    """The content hash of a WebDataset pool or of ArrayRecord shards."""
+    manifest = pool.manifest() if callable(pool.manifest) else pool.manifest
+    return manifest.get("content_hash") or manifest["content_sha256"]
+
+
 def load_or_make(config, model_config, tokenizer, pool, cache_dir: str, mesh) -> dict:
     """θ0 params: from `config.theta0.checkpoint`, from the cache, or pretrained and cached."""
     if config.theta0.checkpoint:
@@ -85,7 +91,7 @@ def load_or_make(config, model_config, tokenizer, pool, cache_dir: str, mesh) ->
         lr=config.theta0.lr,
         weight_decay=config.theta0.weight_decay,
         seed=config.seed,
-        pool=pool.manifest()["content_hash"],
+        pool=pool_fingerprint(pool),
     )
     path = cache_path(cache_dir, model_config, recipe)
     if os.path.exists(path):

@@ -256,3 +256,43 @@ def jax_theta0(config):
     (path,) = glob.glob(os.path.join(config.data.root, "theta0-*.npz"))
     with np.load(path) as f:
         return params_lib.unflatten({k: f[k] for k in f.files})
+
+
+def test_a_stream_naming_a_dataset_without_training_data_stops_early(data_root, tmp_path):
+    runner.prepare_data(_smoke(data_root))  # make sure the data exists
+    stream = tmp_path / "stream.json"
+    stream.write_text(json.dumps(["SYNTH_GLYPHS+++star", "SYNTH_OBJECTS+++red disk"]))
+    config = _smoke(data_root)
+    config.data.stream = str(stream)
+    with pytest.raises(ValueError, match="synth_objects"):
+        runner.run(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before any training
+
+
+def test_pretraining_pool_from_arrayrecord_shards(data_root, tmp_path):
+    from fomo_jax.data import records, webdataset
+
+    pool = webdataset.WebDatasetSource(os.path.join(data_root, "pretraining"))
+    items = [pool[i] for i in range(len(pool))]
+    source = records.Source(
+        items=items,
+        adapter=lambda i, x: records.Example(
+            image=x["image"],
+            captions=[x["text"]],
+            target=0,
+            classname=None,
+            dataset="pool",
+            key=x["key"],
+            origin=x["key"],
+        ),  # fmt: skip
+        description={"kind": "test pool"},
+        dataset="pool",
+    )
+    records.convert(source, str(tmp_path / "pool"), records_per_shard=100, image_size=None)
+    config = _smoke(data_root)
+    config.data.pretraining_pool = str(tmp_path / "pool")
+    config.theta0.cache_dir = str(tmp_path / "theta0")
+    data = runner.prepare_data(config)
+    assert isinstance(data.pool, records.RecordSource) and len(data.pool) == len(pool)
+    results = runner.run(config, str(tmp_path / "run"))
+    assert len(results["trajectory"]) == 3
