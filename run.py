@@ -1,6 +1,5 @@
 """fomo_jax command line: `python run.py [--config=configs/X.py[:arg]] [--config.KEY=VALUE ...]`."""
 
-import logging as pylogging
 import os
 
 from absl import app, flags, logging
@@ -25,7 +24,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from fomo_jax import runtime
 
-    pylogging.getLogger("absl").addFilter(_quiet_checkpointing)  # absl.logging's own logger
+    runtime.quiet_checkpoint_logs()
     runtime.enable_compilation_cache()
     config = _CONFIG.value
     if config.get("job", "pretrain") == "continual":  # configs/fif_synth.py, configs/fif.py
@@ -39,11 +38,6 @@ def main(argv):
     logging.info("results (%s/results.json):", _WORKDIR.value)
     for key, value in results.items():
         print(f"  {key:28s} {value:.4g}" if isinstance(value, float) else f"  {key:28s} {value}")
-
-
-def _quiet_checkpointing(record) -> bool:
-    """orbax logs every step of every save at INFO; keep its warnings and errors only."""
-    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
 
 
 if __name__ == "__main__":

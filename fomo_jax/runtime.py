@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
@@ -21,3 +22,12 @@ def enable_compilation_cache(directory: str | None = None) -> str:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return directory
+
+
+def _not_orbax_info(record) -> bool:
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
+def quiet_checkpoint_logs() -> None:
+    """orbax logs every stage of every save at INFO through absl; keep its warnings only."""
+    logging.getLogger("absl").addFilter(_not_orbax_info)

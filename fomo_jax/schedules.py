@@ -14,10 +14,21 @@ Names (reference name in brackets): `constant` [none], `cosine` [cosine], `warmu
 [cosine_with_linear_warmup_and_dynamic_recovery], `multistep`, `rsqrt` [rsqrt], `rsqrt_meta`
 [rsqrt_with_recovery; `meta_mode` autoregressive / continued / recovered], and `wsd`
 (warmup-stable-decay; listed but never implemented by the reference, so ours is new).
+
+The formulas are plain float64 math rather than optax schedule objects: optax evaluates in
+float32 jnp (its warmup also starts at 0, not lr0/W), and the spec's values are host-side
+numbers fed to the jitted step, so the exact float64 value is what the step should receive.
+
+Plot one or several schedules over a whole stream:
+
+    python -m fomo_jax.schedules --names warmup_cosine,warmup_cosine_meta,rsqrt_meta \
+        --steps_per_task 1420 --num_tasks 20 --out schedules.png
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 from collections.abc import Callable
 from fractions import Fraction
@@ -182,3 +193,71 @@ def _wsd(lr0, lr_min, steps, w, p) -> Callable[[int, int], float]:
         return lr_min + (1.0 - drop) * (lr0 - lr_min)
 
     return fn
+
+
+def stream_curve(schedule: Schedule, steps_per_task: int, num_tasks: int) -> list[float]:
+    """The learning rate at every step of the stream, task after task."""
+    return [schedule(k, s) for k in range(num_tasks) for s in range(steps_per_task)]
+
+
+def plot(curves: dict[str, list[float]], steps_per_task: int, path: str) -> None:
+    """One line per schedule over the stream, task boundaries dotted (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    for name, values in curves.items():
+        ax.plot(values, label=name, lw=1.4)
+    num_tasks = len(next(iter(curves.values()))) // steps_per_task
+    for k in range(1, num_tasks):
+        ax.axvline(k * steps_per_task, color="grey", lw=0.5, ls=":")
+    ax.set(xlabel="step over the stream", ylabel="learning rate",
+           title=f"{num_tasks} tasks x {steps_per_task} steps")  # fmt: skip
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """ "rsqrt_meta:meta_mode=continued;recovered_compat=true" -> (name, params); values are
+    JSON where they parse (numbers, true/false), strings otherwise."""
+    name, _, rest = text.partition(":")
+    params = {}
+    for item in filter(None, rest.split(";")):
+        key, _, value = item.partition("=")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return name, params
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Plot learning-rate schedules over a stream.")
+    parser.add_argument(
+        "--names",
+        default="warmup_cosine,warmup_cosine_meta,rsqrt_meta",
+        help="comma-separated; NAME:key=value;... adds parameters, e.g. "
+        "'rsqrt_meta:meta_mode=continued'. Separate variants with '+'.",
+    )
+    parser.add_argument("--base_lr", type=float, default=1e-5)
+    parser.add_argument("--steps_per_task", type=int, default=1420)
+    parser.add_argument("--num_tasks", type=int, default=20)
+    parser.add_argument("--out", default="schedules.png")
+    args = parser.parse_args(argv)
+    curves = {}
+    for label in args.names.split(","):
+        name, params = parse_variant(label)
+        schedule = make(name, base_lr=args.base_lr, steps_per_task=args.steps_per_task,
+                        num_tasks=args.num_tasks, **params)  # fmt: skip
+        curves[label] = stream_curve(schedule, args.steps_per_task, args.num_tasks)
+    plot(curves, args.steps_per_task, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

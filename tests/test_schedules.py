@@ -159,3 +159,48 @@ def test_bad_requests():
 def test_values_are_python_floats():
     for name in ("constant", "cosine", "warmup_cosine", "warmup_cosine_meta", "rsqrt", "wsd"):
         assert type(make(name)(2, 100)) is float
+
+
+ALL = ("constant", "cosine", "warmup_cosine", "warmup_cosine_meta", "warmup_cosine_dynamic",
+       "multistep", "rsqrt", "rsqrt_meta", "wsd")  # fmt: skip
+
+
+def test_one_compiled_step_serves_every_schedule_and_task(tiny_model):
+    """The rate is a host float fed to the step: no schedule or task boundary retraces it."""
+    import jax
+
+    from fomo_jax import params as params_lib
+    from fomo_jax import sharding
+    from fomo_jax.train import optimizer
+    from fomo_jax.train.step import TrainState, compile_train_step, init_state, state_shardings
+
+    graphdef, params = params_lib.split(tiny_model)
+    tx, mesh = optimizer.adamw(), sharding.make_mesh()
+    shardings = state_shardings(jax.eval_shape(lambda p: TrainState.create(p, tx), params), mesh)
+    step = compile_train_step(graphdef, tx, mesh, shardings)
+    state = init_state(params, tx, shardings)
+    rng = np.random.default_rng(0)
+    batch = {
+        "images": rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8),
+        "token_ids": rng.integers(1, 250, (4, 16)).astype(np.int32),
+    }
+    for name in ALL:
+        lr = schedules.make(name, base_lr=1e-3, steps_per_task=20, num_tasks=3)
+        for task, s in [(0, 0), (0, 19), (1, 0), (2, 5)]:  # boundaries of tasks
+            state, metrics = step(state, batch, lr(task, s))
+            assert float(metrics["learning_rate"]) == pytest.approx(lr(task, s), rel=1e-6)
+    assert step._cache_size() == 1
+
+
+def test_plot_command_and_variant_parsing(tmp_path):
+    assert schedules.parse_variant("rsqrt_meta:meta_mode=continued;recovered_compat=true") == (
+        "rsqrt_meta",
+        {"meta_mode": "continued", "recovered_compat": True},
+    )
+    assert schedules.parse_variant("wsd:decay_fraction=0.2") == ("wsd", {"decay_fraction": 0.2})
+    out = tmp_path / "lr.png"
+    schedules.main(["--names", "warmup_cosine,rsqrt_meta:meta_mode=recovered", "--steps_per_task",
+                    "50", "--num_tasks", "3", "--out", str(out)])  # fmt: skip
+    assert out.stat().st_size > 5000
+    curve = schedules.stream_curve(make("warmup_cosine", steps=50, tasks=3), 50, 3)
+    assert len(curve) == 150 and curve[0] == curve[50] == curve[100]  # restarts every task

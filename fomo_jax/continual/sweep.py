@@ -1,0 +1,142 @@
+"""The same experiment under several learning-rate schedules, compared in one table and figure.
+
+    python -m fomo_jax.continual.sweep --workdir=runs/schedule_sweep
+    python -m fomo_jax.continual.sweep --config=configs/fif_synth.py:smoke --workdir=/tmp/sweep \
+        --schedules=warmup_cosine,rsqrt_meta:meta_mode=continued
+
+Each schedule runs in `<workdir>/<schedule>/` through the continual runner (so an interrupted
+sweep resumes, and finished runs are reused); everything else in the config is shared. Writes
+`comparison.json`, `comparison.md` (final and area-under-trajectory A_KA / A_ZS / GM),
+`trajectories.png` (A_ZS against A_KA for every schedule) and `schedules.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from absl import app, flags, logging
+from ml_collections import config_dict, config_flags
+
+from fomo_jax import schedules
+
+SCHEDULES = (
+    "constant",
+    "cosine",
+    "warmup_cosine",
+    "warmup_cosine_meta",
+    "warmup_cosine_dynamic",
+    "multistep",
+    "rsqrt",
+    "rsqrt_meta",
+    "rsqrt_meta:meta_mode=continued",
+    "rsqrt_meta:meta_mode=recovered",
+    "wsd",
+)
+KEYS = ("knowledge_accumulation", "zero_shot_retention", "geometric_mean")
+# The reference's multistep milestones (175,000 and 225,000 samples of a 727,040-sample task)
+# as fractions of a task, so that a shorter synthetic task keeps their place.
+MULTISTEP_FRACTIONS = (175_000 / 727_040, 225_000 / 727_040)
+
+
+def schedule_config(variant: str, config) -> config_dict.ConfigDict:
+    """The `config.schedule` block of a variant ("name:key=value;...") with spec defaults."""
+    name, params = schedules.parse_variant(variant)
+    if name == "multistep" and "milestones" not in params:
+        samples = config.steps_per_task * config.batch_size
+        params.update(batch_size=config.batch_size,
+                      milestones=[round(f * samples) for f in MULTISTEP_FRACTIONS])  # fmt: skip
+    return config_dict.ConfigDict({"name": name, **params})
+
+
+def run_sweep(config, workdir: str, variants=SCHEDULES) -> dict:
+    from fomo_jax.continual import runner
+
+    os.makedirs(workdir, exist_ok=True)
+    rows, curves = {}, {}
+    for variant in variants:
+        run_config = config_dict.ConfigDict(config.to_dict())
+        run_config.schedule = schedule_config(variant, run_config)
+        folder = os.path.join(workdir, re.sub(r"[^A-Za-z0-9_.=-]+", "_", variant))
+        logging.info("sweep: %s -> %s", variant, folder)
+        results = runner.run(run_config, folder)
+        rows[variant] = dict(
+            final={k: results["final"][k] for k in KEYS},
+            area_under_trajectory=results["area_under_trajectory"],
+            trajectory=[{k: p[k] for k in KEYS} for p in results["trajectory"]],
+        )
+        params = {k: v for k, v in run_config.schedule.items() if k != "name"}
+        steps = results["steps_per_task"]
+        lr = schedules.make(
+            run_config.schedule.name, base_lr=run_config.optimizer.lr, steps_per_task=steps,
+            num_tasks=run_config.num_tasks, **params,
+        )  # fmt: skip
+        curves[variant] = schedules.stream_curve(lr, steps, run_config.num_tasks)
+    with open(os.path.join(workdir, "comparison.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(workdir, "comparison.md"), "w") as f:
+        f.write(format_comparison(rows))
+    schedules.plot(curves, steps, os.path.join(workdir, "schedules.png"))
+    _plot_trajectories(rows, os.path.join(workdir, "trajectories.png"))
+    print(format_comparison(rows))
+    return rows
+
+
+def format_comparison(rows: dict) -> str:
+    lines = [
+        "| schedule | final A_KA | final A_ZS | final GM | AUT A_KA | AUT A_ZS | AUT GM |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for variant, row in rows.items():
+        final = [f"{row['final'][k]:.2f}" for k in KEYS]
+        area = [f"{row['area_under_trajectory'][k]:.2f}" for k in KEYS]
+        lines.append(f"| {variant} | " + " | ".join(final + area) + " |")
+    lines.append("")
+    lines.append("AUT: area under the trajectory (zero-shot point, then one point per task), "
+                 "normalized by the number of intervals.")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _plot_trajectories(rows: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for variant, row in rows.items():
+        ka = [p["knowledge_accumulation"] for p in row["trajectory"]]
+        zs = [p["zero_shot_retention"] for p in row["trajectory"]]
+        ax.plot(ka, zs, "-o", ms=3, lw=1.2, label=variant)
+    ax.set(xlabel="A_KA: knowledge accumulation (%)", ylabel="A_ZS: zero-shot retention (%)",
+           title="Schedules: what is learned vs what is kept")  # fmt: skip
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    os.path.join(os.path.dirname(__file__), "..", "..", "configs", "fif_synth.py"),
+    "Experiment config shared by every run of the sweep.",
+)
+_WORKDIR = flags.DEFINE_string("workdir", "runs/schedule_sweep", "Where the runs go.")
+_SCHEDULES = flags.DEFINE_list("schedules", list(SCHEDULES), "Schedule variants to compare.")
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from fomo_jax import runtime
+
+    runtime.quiet_checkpoint_logs()
+    runtime.enable_compilation_cache()
+    run_sweep(_CONFIG.value, _WORKDIR.value, _SCHEDULES.value)
+
+
+if __name__ == "__main__":
+    logging.set_verbosity(logging.INFO)
+    app.run(main)
