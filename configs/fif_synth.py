@@ -67,8 +67,16 @@ def get_config(arg: str | None = None):
     c.optimizer.decay_convention = "all"
     c.optimizer.carry_state = False  # True: keep AdamW moments across tasks
 
-    c.schedule = config_dict.ConfigDict({"name": "warmup_cosine", "warmup_fraction": 0.1,
-                                         "min_lr_multiplier": 1e-3})  # fmt: skip
+    # One flag picks the schedule; unset parameters take the spec's defaults (fomo_jax.schedules),
+    # and a parameter the chosen schedule does not use is an error.
+    c.schedule = config_dict.ConfigDict()
+    c.schedule.name = "warmup_cosine"
+    for key, kind in [("warmup_fraction", float), ("warmup_steps", int),
+                      ("cooldown_fraction", float), ("min_lr_multiplier", float),
+                      ("meta_mode", str), ("recovered_compat", bool), ("decay_fraction", float),
+                      ("decay_shape", str), ("gamma", float)]:  # fmt: skip
+        c.schedule[key] = config_dict.placeholder(kind)
+    c.schedule.milestones = config_dict.placeholder(tuple)  # multistep, in samples
 
     c.eval = config_dict.ConfigDict({"batch_size": 256, "every_nth_task": 1})
 

@@ -96,7 +96,10 @@ def task_budget(config, method, model_config, tx) -> dict:
     else:
         measured = {}
         if config.budget == "measured":  # MAF of this method relative to full fine-tuning
-            profile = budget.profile_train_step(model_config, tx, config.batch_size)
+            frozen = type(method).trainable is not methods.Method.trainable
+            profile = budget.profile_train_step(
+                model_config, tx, config.batch_size, trainable=method.trainable if frozen else None
+            )
             full = budget.profile_train_step(model_config, optimizer.adamw(), config.batch_size)
             measured = dict(measured_maf=budget.maf(profile, full)["maf"],
                             full_maf=budget.maf(full, full)["maf"])  # fmt: skip
@@ -108,6 +111,15 @@ def task_budget(config, method, model_config, tx) -> dict:
     return dict(method=method.name, num_tasks=config.num_tasks, steps_per_task=steps,
                 total_steps=steps * config.num_tasks,
                 n_samples=budget.n_samples(steps, config.batch_size), source=source)  # fmt: skip
+
+
+def schedule_of(config, steps: int) -> schedules.Schedule:
+    """`config.schedule`: its name and the parameters that are set (others: spec defaults)."""
+    params = {k: v for k, v in config.schedule.items() if k != "name" and v is not None}
+    if config.schedule.name == "multistep":
+        params.setdefault("batch_size", config.batch_size)  # milestones are in samples
+    return schedules.make(config.schedule.name, base_lr=config.optimizer.lr,
+                          steps_per_task=steps, num_tasks=config.num_tasks, **params)  # fmt: skip
 
 
 def model_and_tokenizer(config):
@@ -150,12 +162,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )  # fmt: skip
     budget_info = task_budget(config, method, model_config, base_tx)
     steps = budget_info["steps_per_task"]
-    schedule_params = {k: v for k, v in config.schedule.items() if k != "name"}
-    lr_of = schedules.make(
-        config.schedule.name, base_lr=config.optimizer.lr, steps_per_task=steps,
-        num_tasks=config.num_tasks, **schedule_params,
-    )  # fmt: skip
+    lr_of = schedule_of(config, steps)
     logging.info("budget: %s", json.dumps(budget_info))
+
     logging.info("compute budget of the paper's methods (Table 4 MAFs, spec §5):\n%s",
                  budget.format_budget_table(budget.budget_table((config.num_tasks,))))  # fmt: skip
 

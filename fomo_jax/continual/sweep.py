@@ -45,8 +45,7 @@ def schedule_config(variant: str, config) -> config_dict.ConfigDict:
     name, params = schedules.parse_variant(variant)
     if name == "multistep" and "milestones" not in params:
         samples = config.steps_per_task * config.batch_size
-        params.update(batch_size=config.batch_size,
-                      milestones=[round(f * samples) for f in MULTISTEP_FRACTIONS])  # fmt: skip
+        params["milestones"] = [round(f * samples) for f in MULTISTEP_FRACTIONS]
     return config_dict.ConfigDict({"name": name, **params})
 
 
@@ -66,12 +65,8 @@ def run_sweep(config, workdir: str, variants=SCHEDULES) -> dict:
             area_under_trajectory=results["area_under_trajectory"],
             trajectory=[{k: p[k] for k in KEYS} for p in results["trajectory"]],
         )
-        params = {k: v for k, v in run_config.schedule.items() if k != "name"}
         steps = results["steps_per_task"]
-        lr = schedules.make(
-            run_config.schedule.name, base_lr=run_config.optimizer.lr, steps_per_task=steps,
-            num_tasks=run_config.num_tasks, **params,
-        )  # fmt: skip
+        lr = runner.schedule_of(run_config, steps)
         curves[variant] = schedules.stream_curve(lr, steps, run_config.num_tasks)
     with open(os.path.join(workdir, "comparison.json"), "w") as f:
         json.dump(rows, f, indent=1)

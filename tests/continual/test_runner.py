@@ -296,3 +296,50 @@ def test_pretraining_pool_from_arrayrecord_shards(data_root, tmp_path):
     assert isinstance(data.pool, records.RecordSource) and len(data.pool) == len(pool)
     results = runner.run(config, str(tmp_path / "run"))
     assert len(results["trajectory"]) == 3
+
+
+def test_steps_per_task_from_the_budget(data_root):
+    from fomo_jax.train import optimizer
+
+    config = _smoke(data_root, steps_per_task=None, num_tasks=20)
+    model_config, _ = runner.model_and_tokenizer(config)
+    method = methods.get("finetune")
+    info = runner.task_budget(config, method, model_config, optimizer.adamw())
+    assert info["steps_per_task"] == 1420 and info["source"] == "Table 4"  # the paper's budget
+    config.budget = "measured"  # fine-tuning measured against itself: the same 28,400 / T
+    info = runner.task_budget(config, method, model_config, optimizer.adamw())
+    assert info["steps_per_task"] == 1420 and info["maf"] == info["full_maf"]
+    config.n_samples = 1600
+    assert (
+        runner.task_budget(config, method, model_config, optimizer.adamw())["steps_per_task"] == 100
+    )
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "constant",
+        "cosine",
+        "warmup_cosine",
+        "warmup_cosine_meta",
+        "warmup_cosine_dynamic",
+        "multistep",
+        "rsqrt",
+        "rsqrt_meta",
+        "wsd",
+    ],  # fmt: skip
+)
+def test_one_flag_selects_any_schedule(name):
+    config = fif_synth_config.get_config()
+    config.schedule.name = name  # the only change: every other parameter keeps its default
+    lr = runner.schedule_of(config, 200)
+    assert 0 <= lr(3, 199) <= lr(0, 19) <= config.optimizer.lr * (1 + 1e-12)
+    if name not in ("constant", "cosine", "multistep"):  # the warmup schedules
+        config.schedule.warmup_steps = 10  # an absolute warmup instead of the 10% default
+        assert runner.schedule_of(config, 200)(0, 9) == pytest.approx(config.optimizer.lr)
+        assert runner.schedule_of(config, 200)(0, 8) < config.optimizer.lr
+    config = fif_synth_config.get_config()
+    config.schedule.name = "constant"
+    config.schedule.warmup_fraction = 0.2  # does nothing for a constant rate: refused
+    with pytest.raises(ValueError, match="does not take"):
+        runner.schedule_of(config, 200)
