@@ -117,12 +117,8 @@ def ceiling(jpegs: list[bytes], threads: int = 1) -> float:
         return transforms.train_transform(transforms.decode_rgb(jpeg), rng)
 
     with futures.ThreadPoolExecutor(threads) as pool:
-        run = (
-            (lambda: list(map(work, jpegs)))
-            if threads == 1
-            else lambda: list(pool.map(work, jpegs))
-        )
-        walls = [timed(run)[0] for _ in range(3)]
+        mapper = map if threads == 1 else pool.map
+        walls = [timed(lambda: list(mapper(work, jpegs)))[0] for _ in range(3)]
     return len(jpegs) / float(np.median(walls))
 
 
@@ -299,8 +295,7 @@ def markdown(r: dict) -> str:
         "at 224 px, update/buffer/pretraining 0.34/0.33/0.33, all three pools read from the "
         "shards, captions tokenized with ByteTokenizer(77).",
         "",
-        "Ceiling: `decode_rgb` + `train_transform` on the same JPEG bytes in memory, one "
-        "thread, measured again just before each setting (the VM's speed drifts).",
+        "Each row has its own ceilings, measured just before it (a shared VM's speed drifts).",
         "",
     ]
     lines += _table(
@@ -314,14 +309,15 @@ def markdown(r: dict) -> str:
          for p in r["pipeline"]],
     )  # fmt: skip
     lines += [
-        "*ceiling, 1 core*: bare `decode_rgb` + `train_transform`, one thread. *bare PIL, same "
-        "cores*: the same in a pool of that many threads, i.e. what those cores give without "
-        "the pipeline. *cores used* = min(num_threads, cores), and 1 for num_threads=0 (grain "
-        "then works in the calling thread: no thread pool); *images/s per core* = images/s / "
-        "cores used. With threads the calling thread also collates and tokenizes each batch, "
-        "so *per core* may exceed what one core does; *per CPU-second* divides by the CPU time "
-        "of all threads instead. *mp2*: not the library's path but a proposed one, the same "
-        "batches built whole in 2 grain worker processes (`mp_dataset` in the script).",
+        "*ceiling, 1 core*: bare `decode_rgb` + `train_transform` on the same JPEG bytes in "
+        "memory, one thread. *bare PIL, same cores*: the same in a pool of that many threads, "
+        "what those cores give without the pipeline. *cores used* = min(num_threads, cores), "
+        "and 1 for num_threads=0 (grain then works in the calling thread: no thread pool); "
+        "*images/s per core* = images/s / cores used. With threads the calling thread also "
+        "collates and tokenizes each batch, so *per core* may exceed what one core does; *per "
+        "CPU-second* divides by the CPU time of all threads instead. *mp2*: not the library's "
+        "path but a proposed one, the same batches built whole in 2 grain worker processes "
+        "(`mp_dataset` in the script).",
         "",
         "## One element, stage by stage (one thread, best of 3)",
         "",
@@ -338,7 +334,7 @@ def markdown(r: dict) -> str:
     lines += ["## cProfile of the synchronous pipeline (top own time)", ""]
     lines += _table(
         ["function", "calls per element", "own µs per element", "cumulative µs per element"],
-        [[f"`{p['function']}`", f"{p['calls']:.2f}", f"{p['own_us']:.1f}",
+        [[f"`{p['function']}`", f"{p['calls']:.3g}", f"{p['own_us']:.1f}",
           f"{p['cumulative_us']:.1f}"] for p in r["profile"]],
     )  # fmt: skip
     lines += [
