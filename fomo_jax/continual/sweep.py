@@ -100,10 +100,11 @@ def _plot_trajectories(rows: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 5))
-    for variant, row in rows.items():
+    colors = plt.get_cmap("tab20")
+    for i, (variant, row) in enumerate(rows.items()):
         ka = [p["knowledge_accumulation"] for p in row["trajectory"]]
         zs = [p["zero_shot_retention"] for p in row["trajectory"]]
-        ax.plot(ka, zs, "-o", ms=3, lw=1.2, label=variant)
+        ax.plot(ka, zs, "-o", ms=3, lw=1.2, label=variant, color=colors(2 * i % 20 + i // 10))
     ax.set(xlabel="A_KA: knowledge accumulation (%)", ylabel="A_ZS: zero-shot retention (%)",
            title="Schedules: what is learned vs what is kept")  # fmt: skip
     ax.legend(fontsize=7)
