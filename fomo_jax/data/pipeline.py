@@ -11,6 +11,7 @@ a checkpoint needs to store (the grain iterator state of `dataset()` works as we
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Mapping
 
 import grain
@@ -59,7 +60,8 @@ class TaskBatches:
       pretraining_offset: position of the (continuing) pretraining stream at the task start.
       tokenizer: texts -> int32 [B, L].
       image_size: side of the training crops.
-      num_threads: decode threads (0 = in the calling thread).
+      num_threads: decode threads (0 = in the calling thread; default one per core, up to 8:
+        more threads than cores only add GIL contention, benchmarks/data_throughput.py).
     """
 
     def __init__(
@@ -76,7 +78,7 @@ class TaskBatches:
         pretraining_offset: int = 0,
         tokenizer: Callable,
         image_size: int,
-        num_threads: int = 8,
+        num_threads: int | None = None,
         prefetch: int = 2,
     ):
         self.sizes = {k: int(batch_sizes[k]) for k in mixture.BATCH_ORDER}
@@ -101,6 +103,8 @@ class TaskBatches:
         self.pretraining_offset = pretraining_offset
         self.tokenizer = tokenizer
         self.transform = TrainTransform(image_size)
+        if num_threads is None:
+            num_threads = min(8, os.cpu_count() or 1)
         self.read_options = grain.ReadOptions(
             num_threads=num_threads, prefetch_buffer_size=max(1, prefetch * self.batch_size)
         )
@@ -160,8 +164,10 @@ class EvalImages:
     are zeros with valid False, so an evaluation step compiles once per batch size.
     """
 
-    def __init__(self, source, image_size: int, batch_size: int, *, num_threads: int = 8):
+    def __init__(self, source, image_size: int, batch_size: int, *, num_threads: int | None = None):
         self.source, self.image_size, self.batch_size = source, image_size, batch_size
+        if num_threads is None:
+            num_threads = min(8, os.cpu_count() or 1)
         self.read_options = grain.ReadOptions(
             num_threads=num_threads, prefetch_buffer_size=max(1, 2 * batch_size)
         )
