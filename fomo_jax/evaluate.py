@@ -9,8 +9,7 @@ sort: among equally similar candidates the one with the lower index ranks first.
 `Evaluator` is what a continual run uses: it decodes the test images once, fixes the "10%"
 evaluation subset of every dataset (spec §10.4), embeds all datasets in one pass of fixed-size
 batches and reuses the embeddings of a tower whose weights did not change (spec §12 item 19).
-`evaluate_datasets` / `summarize` are the simple one-shot path of the synthetic pretraining run;
-both paths share the metric functions.
+`evaluate_datasets` / `summarize` give the same numbers as flat {dataset: score} dicts.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from flax import nnx
 
 from fomo_jax import params as params_lib
 from fomo_jax.data import fif, pipeline, registry
-from fomo_jax.data.synthetic import normalize
 from fomo_jax.train.step import batch_pixels
 
 
@@ -99,57 +97,21 @@ def retrieval_scores(image_emb, text_emb, owner, ks: Sequence[int] = (1, 5)) -> 
 # ----------------------------------------------------------------- one-shot evaluation
 
 
-def image_embeddings(model, split: fif.Split, image_size: int, batch_size: int = 256):
-    """L2-normalized image embeddings of a split under the test transform."""
-    features = []
-    for batch in pipeline.EvalImages(pipeline.SplitSource(split), image_size, batch_size):
-        features.append(np.asarray(model.encode_image(normalize(batch["images"])))[batch["valid"]])
-    return _unit(np.concatenate(features))
-
-
-def classification_accuracy(model, split, prompts, tokenizer, image_size) -> float:
-    """Top-1 accuracy in percent; `prompts[c]` is the text of class c."""
-    class_emb = _unit(np.asarray(model.encode_text(tokenizer(list(prompts)))))
-    image_emb = image_embeddings(model, split, image_size)
-    return classification_score(image_emb, class_emb, split.targets)
-
-
-def retrieval_recall(model, split, tokenizer, image_size, k: int = 5) -> float:
-    """(T2I R@k + I2T R@k) / 2 in percent, over all captions of every image."""
-    texts = [c for r in split for c in r.captions]
-    owner = np.repeat(np.arange(len(split)), [len(r.captions) for r in split])
-    image_emb = image_embeddings(model, split, image_size)
-    text_emb = _unit(np.asarray(model.encode_text(tokenizer(texts))))
-    return retrieval_scores(image_emb, text_emb, owner, ks=(k,))[f"recall@{k}"]
-
-
-def zero_shot_accuracy(model, images: np.ndarray, labels: np.ndarray, prompts, tokenizer) -> float:
-    """Top-1 accuracy (a fraction) of normalized `images` against one prompt per class."""
-    class_emb = _unit(np.asarray(model.encode_text(tokenizer(list(prompts)))))
-    image_emb = np.asarray(model.encode_image(images))
-    return float(np.mean(np.argmax(image_emb @ class_emb.T, axis=-1) == labels))
-
-
 def evaluate_datasets(model, root, datasets, tokenizer, image_size, info_dir=None) -> dict:
-    """{dataset key: accuracy or R@5} on the full test split of every dataset."""
-    info_dir = info_dir or fif.default_info_dir(root)
-    results = {}
-    for key, info in datasets.items():
-        split = fif.load_split(root, key, "test", info_dir, datasets=datasets)
-        if info.is_retrieval:
-            results[key] = retrieval_recall(model, split, tokenizer, image_size)
-        else:
-            names = registry.classnames(info, info_dir)
-            prompts = [info.prompt(n) for n in names]
-            results[key] = classification_accuracy(model, split, prompts, tokenizer, image_size)
-    return results
+    """{dataset key: accuracy or R@5} on the full test split of every dataset (one shot; a
+    run that evaluates repeatedly keeps one `Evaluator`)."""
+    evaluator = Evaluator(root, datasets, tokenizer, image_size, info_dir=info_dir)
+    return {k: headline(v) for k, v in evaluator.evaluate(model, subset=False).items()}
 
 
-def summarize(results: dict, datasets: dict) -> dict:
-    """A_KA (mean over adaptation sets), A_ZS (over evaluation-only sets) and GM (spec §10.5)."""
-    a_ka = float(np.mean([results[k] for k, d in datasets.items() if d.role == "adaptation"]))
-    a_zs = float(np.mean([results[k] for k, d in datasets.items() if d.role == "evaluation"]))
-    return dict(A_KA=a_ka, A_ZS=a_zs, GM=float(np.sqrt(a_ka * a_zs)))
+def summarize(scores: dict, datasets: dict) -> dict:
+    """A_KA, A_ZS and GM (short names) of {dataset: accuracy or R@5} (spec §10.5)."""
+    metrics = headline_metrics({k: {"accuracy": v} for k, v in scores.items()}, datasets)
+    return dict(
+        A_KA=metrics["knowledge_accumulation"],
+        A_ZS=metrics["zero_shot_retention"],
+        GM=metrics["geometric_mean"],
+    )
 
 
 def chance_levels(datasets: dict, root: str) -> dict:

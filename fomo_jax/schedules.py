@@ -34,6 +34,8 @@ from collections.abc import Callable
 from fractions import Fraction
 
 Schedule = Callable[[int, int], float]
+NAMES = ("constant", "cosine", "warmup_cosine", "warmup_cosine_meta", "warmup_cosine_dynamic",
+         "multistep", "rsqrt", "rsqrt_meta", "wsd")  # fmt: skip
 
 
 def _ceil_fraction(fraction: float, steps: int) -> int:
@@ -100,10 +102,7 @@ def make(name: str, *, base_lr: float, steps_per_task: int, num_tasks: int, **pa
     elif name == "wsd":
         fn = _wsd(lr0, lr_min, steps, warmup_steps(), p)
     else:
-        raise ValueError(
-            f"unknown schedule {name!r}; known: constant, cosine, warmup_cosine, "
-            "warmup_cosine_meta, warmup_cosine_dynamic, multistep, rsqrt, rsqrt_meta, wsd"
-        )
+        raise ValueError(f"unknown schedule {name!r}; known: {', '.join(NAMES)}")
     p.check()
 
     def schedule(task: int, step: int) -> float:

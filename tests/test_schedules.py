@@ -161,8 +161,7 @@ def test_values_are_python_floats():
         assert type(make(name)(2, 100)) is float
 
 
-ALL = ("constant", "cosine", "warmup_cosine", "warmup_cosine_meta", "warmup_cosine_dynamic",
-       "multistep", "rsqrt", "rsqrt_meta", "wsd")  # fmt: skip
+ALL = schedules.NAMES
 
 
 def test_one_compiled_step_serves_every_schedule_and_task(tiny_model):

@@ -11,11 +11,9 @@ from typing import Any
 
 import flax
 import jax
-import jax.numpy as jnp
-import optax
 
 from fomo_jax import sharding
-from fomo_jax.train.step import make_loss_fn
+from fomo_jax.train.step import apply_gradients, jit_step, make_loss_fn
 
 
 @flax.struct.dataclass
@@ -34,21 +32,12 @@ def step_fn(state: ContinualState, batch, learning_rate, *, loss_fn, tx, method)
 
     (loss, metrics), grads = jax.value_and_grad(total_loss, has_aux=True)(state.params)
     grads = method.transform_grads(grads, state.method_state, state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    lr = jnp.asarray(learning_rate, jnp.float32)
-    params = jax.tree_util.tree_map(lambda p, u: p - lr * u, state.params, updates)
-    method_state = method.step_update(state.method_state, params)
-    grad_norm = optax.tree.norm(grads)
-    metrics = dict(
-        metrics,
-        loss=loss,
-        grad_norm=grad_norm,
-        learning_rate=lr,
-        logit_scale=params["logit_scale"],
-        finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+    params, opt_state, step_metrics = apply_gradients(
+        state.params, state.opt_state, grads, loss, learning_rate, tx
     )
+    method_state = method.step_update(state.method_state, params)
     new = ContinualState(state.step + 1, params, opt_state, method_state)
-    return new, metrics
+    return new, dict(metrics, **step_metrics)
 
 
 def shardings_of(state: ContinualState, mesh, rules=sharding.CLIP_RULES) -> ContinualState:
@@ -63,9 +52,4 @@ def shardings_of(state: ContinualState, mesh, rules=sharding.CLIP_RULES) -> Cont
 
 def compile_step(graphdef, tx, method, mesh, state_sharding: ContinualState):
     fn = functools.partial(step_fn, loss_fn=make_loss_fn(graphdef), tx=tx, method=method)
-    return jax.jit(
-        fn,
-        in_shardings=(state_sharding, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
-        out_shardings=(state_sharding, sharding.replicated(mesh)),
-        donate_argnums=(0,),
-    )
+    return jit_step(fn, mesh, state_sharding)

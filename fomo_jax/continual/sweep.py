@@ -21,19 +21,8 @@ from ml_collections import config_dict, config_flags
 
 from fomo_jax import schedules
 
-SCHEDULES = (
-    "constant",
-    "cosine",
-    "warmup_cosine",
-    "warmup_cosine_meta",
-    "warmup_cosine_dynamic",
-    "multistep",
-    "rsqrt",
-    "rsqrt_meta",
-    "rsqrt_meta:meta_mode=continued",
-    "rsqrt_meta:meta_mode=recovered",
-    "wsd",
-)
+# Every schedule with its defaults, plus the other two rsqrt meta modes.
+SCHEDULES = schedules.NAMES + ("rsqrt_meta:meta_mode=continued", "rsqrt_meta:meta_mode=recovered")
 KEYS = ("knowledge_accumulation", "zero_shot_retention", "geometric_mean")
 # The reference's multistep milestones (175,000 and 225,000 samples of a 727,040-sample task)
 # as fractions of a task, so that a shorter synthetic task keeps their place.

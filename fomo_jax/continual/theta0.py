@@ -20,7 +20,7 @@ import optax
 
 from fomo_jax import models
 from fomo_jax import params as params_lib
-from fomo_jax.data import mixture, pipeline
+from fomo_jax.data import pipeline
 from fomo_jax.train import optimizer
 from fomo_jax.train.step import TrainState, compile_train_step, init_state, state_shardings
 
@@ -42,19 +42,10 @@ def pretrain(model_config, tokenizer, pool, recipe: dict, mesh) -> dict:
     steps, lr = recipe["steps"], recipe["lr"]
     warmup = max(1, int(np.ceil(0.1 * steps)))
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_value=lr * 1e-3)
-    batches = pipeline.TaskBatches(
-        catalogue=mixture.Catalogue({}),
-        update_ids=np.zeros(0, np.int64),
-        buffer_ids=np.zeros(0, np.int64),
-        pretraining=pool,
-        batch_sizes={"pretraining": recipe["batch_size"], "update": 0, "buffer": 0},
-        steps=steps,
-        seed=recipe["seed"],
-        task=0,
-        tokenizer=tokenizer,
-        image_size=model_config.vision.image_size,
-        num_threads=0,
-    )
+    batches = pipeline.pool_batches(
+        pool, batch_size=recipe["batch_size"], steps=steps, seed=recipe["seed"],
+        tokenizer=tokenizer, image_size=model_config.vision.image_size, num_threads=0,
+    )  # fmt: skip
     start = time.perf_counter()
     for step, batch in enumerate(batches.dataset()):
         batch = {"images": batch["images"], "token_ids": batch["token_ids"]}

@@ -157,6 +157,23 @@ class TaskBatches:
         )
 
 
+def pool_batches(pool, *, batch_size, steps, seed, tokenizer, image_size, num_threads=None):
+    """Batches from the pretraining pool alone (making θ0): a task with only that pool."""
+    return TaskBatches(
+        catalogue=mixture.Catalogue({}),
+        update_ids=np.zeros(0, np.int64),
+        buffer_ids=np.zeros(0, np.int64),
+        pretraining=pool,
+        batch_sizes={"pretraining": batch_size, "update": 0, "buffer": 0},
+        steps=steps,
+        seed=seed,
+        task=0,
+        tokenizer=tokenizer,
+        image_size=image_size,
+        num_threads=num_threads,
+    )
+
+
 class EvalImages:
     """Test-transformed images of a split in fixed-size batches (the last one padded).
 

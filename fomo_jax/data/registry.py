@@ -165,26 +165,29 @@ DATASETS: dict[str, DatasetInfo] = {d.key: d for d in ADAPTATION + EVALUATION}
 ADAPTATION_KEYS = tuple(d.key for d in ADAPTATION)
 EVALUATION_KEYS = tuple(d.key for d in EVALUATION)
 
-_LOOKUP = {}
-for _d in DATASETS.values():
-    for _spelling in (_d.key, _d.name, *_d.aliases):
-        _LOOKUP[_spelling] = _d
-        _LOOKUP.setdefault(_spelling.lower(), _d)
+
+def _spellings(datasets: dict[str, DatasetInfo]) -> dict[str, DatasetInfo]:
+    """Every accepted spelling -> its dataset; lower-cased spellings as the fallback."""
+    table: dict[str, DatasetInfo] = {}
+    for d in datasets.values():
+        for spelling in (d.key, d.name, *d.aliases):
+            table[spelling] = d
+    for spelling, d in list(table.items()):
+        table.setdefault(spelling.lower(), d)
+    return table
+
+
+_LOOKUP = _spellings(DATASETS)
 
 
 def get(dataset: str, registry: dict[str, DatasetInfo] | None = None) -> DatasetInfo:
-    """A dataset by key or any accepted folder spelling (case-insensitive fallback)."""
-    if registry is not None:
-        for d in registry.values():
-            if dataset in (d.key, d.name, *d.aliases):
-                return d
-        for d in registry.values():
-            if dataset.lower() in (d.key.lower(), d.name.lower()):
-                return d
-        raise KeyError(f"unknown dataset {dataset!r}; known: {sorted(registry)}")
-    found = _LOOKUP.get(dataset) or _LOOKUP.get(dataset.lower())
+    """A dataset by key or any accepted folder spelling (case-insensitive fallback), from the
+    63 benchmark datasets or from `registry` (e.g. fif_synth's)."""
+    table = _LOOKUP if registry is None else _spellings(registry)
+    found = table.get(dataset) or table.get(dataset.lower())
     if found is None:
-        raise KeyError(f"unknown dataset {dataset!r}; known keys: {sorted(DATASETS)}")
+        known = sorted(DATASETS if registry is None else registry)
+        raise KeyError(f"unknown dataset {dataset!r}; known keys: {known}")
     return found
 
 

@@ -8,7 +8,6 @@ access, shuffling and exact resume.
 
 from __future__ import annotations
 
-import grain
 import numpy as np
 
 # OpenAI CLIP normalisation statistics (spec/fif.md §2.6), used by every model here.
@@ -89,19 +88,3 @@ class SyntheticPairs:
 def normalize(images_uint8: np.ndarray) -> np.ndarray:
     """uint8 NHWC -> float32 normalized with the CLIP statistics."""
     return (images_uint8.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
-
-
-def batches(source, tokenizer, batch_size: int, seed: int, *, repeat=True) -> grain.IterDataset:
-    """Shuffled, batched, tokenized and normalized: {"pixels", "token_ids", "label"}."""
-    dataset = grain.MapDataset.source(source).shuffle(seed=seed)
-    if repeat:
-        dataset = dataset.repeat()
-
-    def collate(examples):
-        return {
-            "pixels": normalize(np.stack([e["image"] for e in examples])),
-            "token_ids": tokenizer([e["text"] for e in examples]),
-            "label": np.array([e["label"] for e in examples], np.int32),
-        }
-
-    return dataset.batch(batch_size, drop_remainder=True, batch_fn=collate).to_iter_dataset()

@@ -27,7 +27,7 @@ import optax
 from fomo_jax import evaluate as evaluate_lib
 from fomo_jax import models, sharding
 from fomo_jax import params as params_lib
-from fomo_jax.data import fif_synth, mixture, pipeline, webdataset
+from fomo_jax.data import fif_synth, pipeline, webdataset
 from fomo_jax.tokenizer import ByteTokenizer
 from fomo_jax.train import optimizer
 from fomo_jax.train.step import TrainState, compile_train_step, init_state, state_shardings
@@ -127,9 +127,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     datasets = fif_synth.load_datasets(root)
     pool = webdataset.WebDatasetSource(os.path.join(root, "pretraining"))
 
+    evaluator = evaluate_lib.Evaluator(root, datasets, tokenizer, image_size)  # decodes once
+
     def evaluate(state):
-        model = params_lib.merge(graphdef, state.params)
-        scores = evaluate_lib.evaluate_datasets(model, root, datasets, tokenizer, image_size)
+        results = evaluator.evaluate(params_lib.merge(graphdef, state.params), subset=False)
+        scores = {k: evaluate_lib.headline(v) for k, v in results.items()}
         return dict(evaluate_lib.summarize(scores, datasets), per_dataset=scores)
 
     before = evaluate(state)
@@ -143,20 +145,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
 
     data = iter(
-        pipeline.TaskBatches(
-            catalogue=mixture.Catalogue({}),
-            update_ids=np.zeros(0, np.int64),
-            buffer_ids=np.zeros(0, np.int64),
-            pretraining=pool,
-            batch_sizes={"pretraining": config.batch_size, "update": 0, "buffer": 0},
-            steps=config.steps,
-            seed=config.seed,
-            task=0,
-            tokenizer=tokenizer,
-            image_size=image_size,
-            num_threads=config.data.num_threads,
+        pipeline.pool_batches(
+            pool, batch_size=config.batch_size, steps=config.steps, seed=config.seed,
+            tokenizer=tokenizer, image_size=image_size, num_threads=config.data.num_threads,
         ).dataset()
-    )
+    )  # fmt: skip
     records, losses, pending = [], [], []
     window_start, data_wait = time.perf_counter(), 0.0
     start = time.perf_counter()

@@ -55,22 +55,33 @@ def make_loss_fn(graphdef) -> Callable:
     return loss_fn
 
 
-def train_step(state: TrainState, batch: Batch, learning_rate, *, loss_fn, tx):
-    """One AdamW step; `learning_rate` is a traced scalar, so schedules never recompile."""
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+def apply_gradients(params, opt_state, grads, loss, learning_rate, tx):
+    """The optimizer update `p - lr * u` and the step's common metrics.
+
+    Returns (params, opt_state, metrics); shared by this step and the continual step.
+    """
+    updates, opt_state = tx.update(grads, opt_state, params)
     lr = jnp.asarray(learning_rate, jnp.float32)
-    params = jax.tree_util.tree_map(lambda p, u: p - lr * u, state.params, updates)
+    params = jax.tree_util.tree_map(lambda p, u: p - lr * u, params, updates)
     grad_norm = optax.tree.norm(grads)
     metrics = dict(
-        metrics,
         loss=loss,
         grad_norm=grad_norm,
         learning_rate=lr,
         logit_scale=params["logit_scale"],
         finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm),
     )
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return params, opt_state, metrics
+
+
+def train_step(state: TrainState, batch: Batch, learning_rate, *, loss_fn, tx):
+    """One AdamW step; `learning_rate` is a traced scalar, so schedules never recompile."""
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    params, opt_state, step_metrics = apply_gradients(
+        state.params, state.opt_state, grads, loss, learning_rate, tx
+    )
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    return new, dict(metrics, **step_metrics)
 
 
 def init_state(params, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
@@ -91,13 +102,17 @@ def state_shardings(state: TrainState, mesh, rules=sharding.CLIP_RULES) -> Train
     )
 
 
-def compile_train_step(graphdef, tx, mesh, state_sharding: TrainState):
-    """jit with explicit shardings and donation of the incoming state."""
-    step = functools.partial(train_step, loss_fn=make_loss_fn(graphdef), tx=tx)
-    batch_sharding = sharding.batch_sharding(mesh)
+def jit_step(step, mesh, state_sharding):
+    """jit a (state, batch, lr) step with explicit shardings, donating the incoming state."""
     return jax.jit(
         step,
-        in_shardings=(state_sharding, batch_sharding, sharding.replicated(mesh)),
+        in_shardings=(state_sharding, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=(0,),
     )
+
+
+def compile_train_step(graphdef, tx, mesh, state_sharding: TrainState):
+    """The jitted CLIP step for the model structure `graphdef`."""
+    step = functools.partial(train_step, loss_fn=make_loss_fn(graphdef), tx=tx)
+    return jit_step(step, mesh, state_sharding)

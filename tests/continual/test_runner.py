@@ -11,7 +11,7 @@ import chex
 import pytest
 
 from configs import fif_synth as fif_synth_config
-from fomo_jax import runtime
+from fomo_jax import runtime, schedules
 from fomo_jax.continual import methods, runner
 
 RUN = os.path.join(runtime.REPO_ROOT, "run.py")
@@ -315,20 +315,7 @@ def test_steps_per_task_from_the_budget(data_root):
     )
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "constant",
-        "cosine",
-        "warmup_cosine",
-        "warmup_cosine_meta",
-        "warmup_cosine_dynamic",
-        "multistep",
-        "rsqrt",
-        "rsqrt_meta",
-        "wsd",
-    ],  # fmt: skip
-)
+@pytest.mark.parametrize("name", schedules.NAMES)
 def test_one_flag_selects_any_schedule(name):
     config = fif_synth_config.get_config()
     config.schedule.name = name  # the only change: every other parameter keeps its default
