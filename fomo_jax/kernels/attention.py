@@ -4,6 +4,27 @@ Every tower (ViT, text transformer, VLM decoder) calls `attention`. Masks are gi
 structure (causal flag, key padding, prefix length, segment ids), never as a dense [T, T]
 matrix, so that fused kernels can build them per tile. The XLA path below is the numerical
 reference for every other backend.
+
+Backends:
+  * "xla": `reference_attention`, dense [T, T] logits; every mask, every platform.
+  * "pallas": the fused flash-attention kernel (`flash.py`): every mask, no [T, T]
+    matrix; Triton on GPU, Mosaic on TPU, the Pallas interpreter on CPU (slow; for tests).
+  * "cudnn": cuDNN's fused attention through `jax.nn.dot_product_attention`; GPU only,
+    float16/bfloat16, causal and key-padding masks only (padding as per-row lengths, so the
+    valid keys must be a prefix of each row).
+
+`implementation=None` picks, per shape, by this rule (the choice is logged once per shape):
+  1. "pallas" on a single GPU/TPU for long key sequences (>= `PALLAS_MIN_KV_LEN`) where the
+     kernel fits: there XLA's [T, T] logits cost memory quadratically and the fused kernel
+     saves the traffic. Not on several devices: a pallas_call has no SPMD partitioning rule,
+     so under a sharded jit XLA would gather its operands and run it whole on every device
+     (call it inside shard_map instead);
+  2. else "cudnn" on GPU where it supports the call (half-precision inputs, head_dim a
+     multiple of 8 up to 128, no prefix/segment masks, and no kv_mask, whose prefix shape
+     cannot be checked at trace time);
+  3. else "xla" (always on CPU, where the kernel would only run interpreted).
+The threshold is a first guess, not a measurement: `benchmarks/attention.py` times all three
+backends at the CLIP and long-sequence shapes, and its GPU table is what should move it.
 """
 
 from __future__ import annotations
@@ -13,7 +34,10 @@ import logging
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = (None, "xla", "cudnn")
+from fomo_jax.kernels import flash
+
+IMPLEMENTATIONS = (None, "xla", "cudnn", "pallas")
+PALLAS_MIN_KV_LEN = 1024
 _logged_choices: set = set()
 
 
@@ -87,8 +111,11 @@ def _cudnn_attention(q, k, v, *, causal, kv_mask, prefix_length, segment_ids, sc
     if prefix_length is not None or segment_ids is not None:
         raise ValueError(
             "implementation='cudnn' supports only causal and kv_mask masks; "
-            "use 'xla' for prefix_length / segment_ids"
+            "use 'xla' or 'pallas' for prefix_length / segment_ids"
         )
+    if causal and q.shape[1] != k.shape[1]:
+        # jax.nn aligns the causal mask top-left; ours aligns the last query with the last key.
+        raise ValueError("implementation='cudnn' needs causal queries and keys of equal length")
     kv_lengths = None
     if kv_mask is not None:
         # cuDNN takes lengths, so the valid keys must be a prefix of each row.
@@ -102,6 +129,31 @@ def _cudnn_attention(q, k, v, *, causal, kv_mask, prefix_length, segment_ids, sc
         key_value_seq_lengths=kv_lengths,
         implementation="cudnn",
     )
+
+
+def _choose(q, k, *, causal, kv_mask, prefix_length, segment_ids):
+    """The backend `implementation=None` runs (rule in the module docstring)."""
+    platform = jax.default_backend()
+    if (
+        platform in flash.PLATFORMS
+        and jax.device_count() == 1
+        and k.shape[1] >= PALLAS_MIN_KV_LEN
+        and flash.fits(q.shape, k.shape, q.dtype, platform)
+    ):
+        return "pallas"
+    head_dim = q.shape[-1]
+    if (
+        platform == "gpu"
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+        and head_dim % 8 == 0
+        and head_dim <= 128
+        and kv_mask is None
+        and prefix_length is None
+        and segment_ids is None
+        and not (causal and q.shape[1] != k.shape[1])
+    ):
+        return "cudnn"
+    return "xla"
 
 
 def attention(
@@ -124,25 +176,24 @@ def attention(
       kv_mask: [B, Tk] bool, True for valid (non-padding) keys.
       prefix_length: [B] int; keys before it are visible to every query (prefix-LM).
       segment_ids: [B, T] int; tokens attend only within their segment (packing).
-      scale: logit scale, default 1/sqrt(D).
-      implementation: None (choose), "xla", or "cudnn" (GPU only).
+      scale: logit scale, default 1/sqrt(D) (a Python float for "pallas").
+      implementation: None (choose per shape), "xla", "pallas" (interpreted on CPU) or
+        "cudnn" (GPU only); see the module docstring.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"attention implementation={implementation!r}; expected one of {IMPLEMENTATIONS}"
         )
-    chosen = implementation or "xla"
+    masks = dict(
+        causal=causal, kv_mask=kv_mask, prefix_length=prefix_length, segment_ids=segment_ids
+    )
+    chosen = implementation or _choose(q, k, **masks)
     key = (chosen, q.shape, k.shape, str(q.dtype))
     if key not in _logged_choices:
         _logged_choices.add(key)
         logging.info("attention: %s for q%s k%s %s", *key)
-    kwargs = dict(
-        causal=causal,
-        kv_mask=kv_mask,
-        prefix_length=prefix_length,
-        segment_ids=segment_ids,
-        scale=scale,
-    )
+    if chosen == "pallas":
+        return flash.flash_attention(q, k, v, **masks, scale=scale)
     if chosen == "cudnn":
-        return _cudnn_attention(q, k, v, **kwargs)
-    return reference_attention(q, k, v, **kwargs)
+        return _cudnn_attention(q, k, v, **masks, scale=scale)
+    return reference_attention(q, k, v, **masks, scale=scale)
