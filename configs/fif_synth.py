@@ -11,13 +11,15 @@ python run.py --config.schedule.name=rsqrt --workdir=runs/rsqrt
 
 from ml_collections import config_dict
 
+from fomo_jax.continual import methods
+
 
 def get_config(arg: str | None = None):
     c = config_dict.ConfigDict()
     c.job = "continual"
     c.seed = 0
     c.method = "finetune"
-    c.methods = config_dict.ConfigDict({"finetune": config_dict.ConfigDict()})
+    c.methods = methods.default_configs()  # every method's hyperparameters (spec §8)
     c.num_tasks = 4
     c.batch_size = 128
     c.steps_per_task = 200  # None: n_samples // batch_size, else the budget table

@@ -297,6 +297,53 @@ def profile_train_step(
     return _report(compiled, mesh, batch_size, compile_seconds, params, frozen)
 
 
+def profile_method(method, model_config, tx, batch_size: int, *, mesh=None) -> dict:
+    """`profile_train_step` of a continual method's own step (`fomo_jax.continual.step`).
+
+    What the method changes is what is compiled: its architecture (adapters), the parameters
+    it trains (frozen ones are never differentiated and have no optimizer state), its loss
+    (replay and distillation passes, penalties) and its per-step state update. `method` must
+    have been `setup` (a Context without data is enough). Host-side work at task ends (e.g.
+    EWC's Fisher pass) is not in the step; charge it separately.
+    """
+    from fomo_jax import models
+    from fomo_jax.continual import step as continual_step
+    from fomo_jax.models.clip import abstract_clip
+
+    if isinstance(model_config, str):
+        model_config = models.get_config(model_config)
+    plain = _abstract(params_lib.split(abstract_clip(model_config))[1])
+    graphdef = params_lib.split(abstract_clip(method.model_config(model_config)))[0]
+    mesh = mesh or sharding.make_mesh()
+
+    def fresh_state(theta0):
+        params = method.init_params(theta0)
+        return continual_step.ContinualState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(continual_step.trained(params, method)),
+            method_state=method.init_state(params),
+            key=jax.random.key_data(jax.random.key(0)),
+        )
+
+    state = jax.eval_shape(fresh_state, plain)
+    shardings = continual_step.shardings_of(state, mesh)
+    size, length = model_config.vision.image_size, model_config.text.context_length
+    batch = {
+        "images": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8),
+        "token_ids": jax.ShapeDtypeStruct((batch_size, length), jnp.int32),
+    }
+    lr = jax.ShapeDtypeStruct((), jnp.float32)
+    jitted = continual_step.compile_step(graphdef, tx, method, mesh, shardings)
+    start = time.perf_counter()
+    compiled = jitted.lower(state, batch, lr).compile()
+    compile_seconds = time.perf_counter() - start
+    trained, frozen = params_lib.partition(state.params, method.trainable)
+    report = _report(compiled, mesh, batch_size, compile_seconds, trained, frozen)
+    report["method_state_bytes"] = _bytes(state.method_state)
+    return report
+
+
 def _report(compiled, mesh, batch_size, compile_seconds, trainable_params, frozen) -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost

@@ -55,3 +55,19 @@ def unflatten(flat: dict[str, Any]) -> Params:
             node = node.setdefault(part, {})
         node[last] = leaf
     return tree
+
+
+def partition(params: Params, select) -> tuple[Params, Params]:
+    """(selected, rest): the leaves whose path `select(path)` accepts, and the others, each a
+    nested dict of the same layout (a side may be empty). Works on traced values."""
+    flat = flatten(params)
+    chosen = {k: v for k, v in flat.items() if select(k)}
+    return unflatten(chosen), unflatten({k: v for k, v in flat.items() if k not in chosen})
+
+
+def combine(*trees: Params) -> Params:
+    """Inverse of `partition`: one nested dict holding the leaves of all `trees`."""
+    flat: dict[str, Any] = {}
+    for tree in trees:
+        flat.update(flatten(tree))
+    return unflatten(flat)

@@ -14,6 +14,7 @@ rate), `checkpoints/`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -29,7 +30,13 @@ from fomo_jax import params as params_lib
 from fomo_jax.continual import methods, plots, theta0
 from fomo_jax.continual.checkpoints import Checkpoints
 from fomo_jax.continual.logger import RunLogger
-from fomo_jax.continual.step import ContinualState, compile_step, shardings_of
+from fomo_jax.continual.step import (
+    ContinualState,
+    compile_step,
+    make_forward,
+    shardings_of,
+    trained,
+)
 from fomo_jax.data import (
     fif,
     fif_synth,
@@ -95,22 +102,35 @@ def task_budget(config, method, model_config, tx) -> dict:
         steps, source = int(config.n_samples) // config.batch_size, "config.n_samples"
     else:
         measured = {}
-        if config.budget == "measured":  # MAF of this method relative to full fine-tuning
-            frozen = type(method).trainable is not methods.Method.trainable
-            profile = budget.profile_train_step(
-                model_config, tx, config.batch_size, trainable=method.trainable if frozen else None
-            )
-            full = budget.profile_train_step(model_config, optimizer.adamw(), config.batch_size)
+        if config.budget == "measured":  # MAF of this method's step relative to full FT
+            profile, full = (
+                budget.profile_method(profiling_instance(config, model_config, name),
+                                      model_config, tx, config.batch_size)
+                for name in (config.method, "finetune")
+            )  # fmt: skip
             measured = dict(measured_maf=budget.maf(profile, full)["maf"],
                             full_maf=budget.maf(full, full)["maf"])  # fmt: skip
         info = budget.task_budget(
             method.name, config.num_tasks, batch_size=config.batch_size, budget=config.budget,
-            **measured,
+            rank=method.config.get("rank"), **measured,
         )  # fmt: skip
         return info
     return dict(method=method.name, num_tasks=config.num_tasks, steps_per_task=steps,
                 total_steps=steps * config.num_tasks,
                 n_samples=budget.n_samples(steps, config.batch_size), source=source)  # fmt: skip
+
+
+def profiling_instance(config, model_config, name=None) -> methods.Method:
+    """Method `name` (default: the configured one) set up without data, for compiling (not
+    running) its step."""
+    name = name or config.method
+    method = methods.get(name, config.methods.get(name))
+    graphdef = params_lib.split(abstract_clip(method.model_config(model_config)))[0]
+    method.setup(methods.Context(
+        config=config, workdir=None, model_config=model_config, graphdef=graphdef,
+        tokenizer=None, forward=make_forward(graphdef), steps_per_task=None,
+    ))  # fmt: skip
+    return method
 
 
 def schedule_of(config, steps: int) -> schedules.Schedule:
@@ -169,7 +189,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  budget.format_budget_table(budget.budget_table((config.num_tasks,))))  # fmt: skip
 
     os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
-    config_json = config.to_json_best_effort(indent=2)
+    # A run is identified by its config with only its own method's block: other methods'
+    # hyperparameters (and methods added to the library later) do not change it.
+    recorded = ml_collections.ConfigDict(config.to_dict())
+    recorded.methods = {config.method: config.methods.get(config.method, {})}
+    config_json = json.dumps(json.loads(recorded.to_json_best_effort()), indent=2, sort_keys=True)
     config_path = os.path.join(workdir, "config.json")
     if os.path.exists(config_path):
         with open(config_path) as f:
@@ -193,17 +217,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     theta0_params = theta0.load_or_make(
         config, model_config, tokenizer, data.pool, config.theta0.cache_dir or data.root, mesh
     )
-    graphdef = params_lib.split(abstract_clip(model_config))[0]
-    tx = method.optimizer(base_tx, theta0_params)
+    graphdef = params_lib.split(abstract_clip(method.model_config(model_config)))[0]
+    method.setup(methods.Context(
+        config=config, workdir=workdir, model_config=model_config, graphdef=graphdef,
+        tokenizer=tokenizer, forward=make_forward(graphdef), steps_per_task=steps, data=data,
+        update_batches=functools.partial(_update_batches, config, data, tokenizer, image_size),
+    ))  # fmt: skip
+    start_params = method.init_params(theta0_params)
+    tx = base_tx
     evaluator = evaluate_lib.Evaluator(
         data.root, data.datasets, tokenizer, image_size, batch_size=config.eval.batch_size,
         subset_seed=config.seed,
     )  # fmt: skip
+    step_key = np.asarray(jax.random.key_data(jax.random.key(
+        mixture.derive_seed(config.seed, "method") % 2**32)))  # fmt: skip
 
     def fresh_state(params, method_state):
-        return ContinualState(np.zeros((), np.int32), params, tx.init(params), method_state)
+        opt_state = tx.init(trained(params, method))
+        return ContinualState(np.zeros((), np.int32), params, opt_state, method_state, step_key)
 
-    abstract = jax.eval_shape(fresh_state, theta0_params, method.init_state(theta0_params))
+    abstract = jax.eval_shape(lambda p: fresh_state(p, method.init_state(p)), start_params)
     state_sharding = shardings_of(abstract, mesh)
     step_fn = compile_step(graphdef, tx, method, mesh, state_sharding)
 
@@ -223,9 +256,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.info("resuming from checkpoint %d: task %d, step %d", latest,
                      progress["task"], progress["step"])  # fmt: skip
     else:
-        state = place(fresh_state(theta0_params, method.init_state(theta0_params)))
-        zero_shot = evaluate(theta0_params, subset=False)
-        zero_shot_subset = evaluate(theta0_params, subset=True)
+        state = place(fresh_state(start_params, method.init_state(start_params)))
+        zero_shot = evaluate(start_params, subset=False)
+        zero_shot_subset = evaluate(start_params, subset=True)
         logging.info("zero-shot (full test sets): %s", _headline(zero_shot))
         progress = dict(task=0, step=0, saves=0, metric_lines=0, zero_shot_full=zero_shot,
                         trajectory=[zero_shot_subset], batch_sizes=[])  # fmt: skip
@@ -241,7 +274,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             offset = sum(b["pretraining"] * steps for b in progress["batch_sizes"][:task])
             if progress["step"] == 0:  # a task starts: the method picks its training weights
                 params = method.train_params(task, state.params, state.method_state)
-                opt_state = state.opt_state if config.optimizer.carry_state else tx.init(params)
+                opt_state = (state.opt_state if config.optimizer.carry_state
+                             else tx.init(trained(params, method)))  # fmt: skip
                 state = place(state.replace(params=params, opt_state=opt_state))
             batches = pipeline.TaskBatches(
                 catalogue=data.catalogue, update_ids=update_ids, buffer_ids=buffer_ids,
@@ -272,7 +306,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     final_params = method.eval_params(config.num_tasks - 1, state.params, state.method_state)
     final = evaluate(final_params, subset=False)
-    models.export_hf(params_lib.merge(graphdef, jax.device_get(final_params)),
+    export_config, export_params = method.export_params(jax.device_get(final_params))
+    export_graphdef = params_lib.split(abstract_clip(export_config))[0]
+    models.export_hf(params_lib.merge(export_graphdef, export_params),
                      os.path.join(workdir, "model"))  # fmt: skip
     results = _results(progress, final, steps, config, evaluator)
     results.update(budget=budget_info, wall_seconds_this_process=time.perf_counter() - started)
@@ -286,6 +322,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return results
 
 
+def _update_batches(config, data, tokenizer, image_size, task, batch_size, num_batches):
+    """`num_batches` batches of the update pool of `task` alone (e.g. for a Fisher pass)."""
+    update_ids, _ = mixture.task_pools(data.catalogue, data.tasks, task)
+    batches = pipeline.TaskBatches(
+        catalogue=data.catalogue, update_ids=update_ids, buffer_ids=np.zeros(0, np.int64),
+        pretraining=None, batch_sizes={"update": batch_size, "buffer": 0, "pretraining": 0},
+        steps=num_batches, seed=config.seed, task=task, tokenizer=tokenizer,
+        image_size=image_size, num_threads=config.data.num_threads,
+    )  # fmt: skip
+    for batch in batches.dataset(0):
+        yield {"images": batch["images"], "token_ids": batch["token_ids"]}
+
+
 def _train_task(
     config, method, task, steps, batches, state, step_fn, lr_of, progress, log, checkpoints
 ):
@@ -297,9 +346,6 @@ def _train_task(
         batch = next(iterator)
         data_wait += time.perf_counter() - t0
         batch = {"images": batch["images"], "token_ids": batch["token_ids"]}
-        replay = method.replay_batch(task, step, state.method_state)
-        if replay is not None:
-            batch["replay"] = replay
         state, metrics = step_fn(state, batch, lr_of(task, step))
         done = step + 1
         if done % config.log_every == 0 or done == steps:

@@ -1,13 +1,18 @@
-"""The same experiment under several learning-rate schedules, compared in one table and figure.
+"""The same experiment under several learning-rate schedules or continual methods, compared
+in one table and figure.
 
     python -m fomo_jax.continual.sweep --workdir=runs/schedule_sweep
     python -m fomo_jax.continual.sweep --config=configs/fif_synth.py:smoke --workdir=/tmp/sweep \
         --schedules=warmup_cosine,rsqrt_meta:meta_mode=continued
+    python -m fomo_jax.continual.sweep --workdir=runs/method_sweep --methods=all
+    python -m fomo_jax.continual.sweep --methods=finetune,lora:rank=64,zs_merge:merge.name=ties
 
-Each schedule runs in `<workdir>/<schedule>/` through the continual runner (so an interrupted
-sweep resumes, and finished runs are reused); everything else in the config is shared. Writes
-`comparison.json`, `comparison.md` (final and area-under-trajectory A_KA / A_ZS / GM),
-`trajectories.png` (A_ZS against A_KA for every schedule) and `schedules.png`.
+Each variant runs in `<workdir>/<variant>/` through the continual runner (so an interrupted
+sweep resumes, and finished runs are reused); everything else in the config is shared. A
+method variant is NAME:key=value;... over `config.methods.NAME` (dotted keys reach nested
+blocks). Writes `comparison.json`, `comparison.md` (final and area-under-trajectory A_KA /
+A_ZS / GM), `trajectories.png` (A_ZS against A_KA for every variant) and, for schedules,
+`schedules.png`.
 """
 
 from __future__ import annotations
@@ -38,14 +43,37 @@ def schedule_config(variant: str, config) -> config_dict.ConfigDict:
     return config_dict.ConfigDict({"name": name, **params})
 
 
-def run_sweep(config, workdir: str, variants=SCHEDULES) -> dict:
+def method_config(variant: str, config) -> None:
+    """Set `config.method` and its hyperparameters from "name:key=value;..." (in place)."""
+    name, params = schedules.parse_variant(variant)
+    if name not in config.methods:
+        raise ValueError(f"unknown method {name!r} in sweep variant {variant!r}")
+    config.method = name
+    for key, value in params.items():
+        node = config.methods[name]
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+
+
+def all_methods() -> list[str]:
+    from fomo_jax.continual import methods
+
+    return sorted(methods.default_configs())
+
+
+def run_sweep(config, workdir: str, variants=SCHEDULES, *, axis: str = "schedule") -> dict:
     from fomo_jax.continual import runner
 
     os.makedirs(workdir, exist_ok=True)
     rows, curves = {}, {}
     for variant in variants:
         run_config = config_dict.ConfigDict(config.to_dict())
-        run_config.schedule = schedule_config(variant, run_config)
+        if axis == "schedule":
+            run_config.schedule = schedule_config(variant, run_config)
+        else:
+            method_config(variant, run_config)
         folder = os.path.join(workdir, re.sub(r"[^A-Za-z0-9_.=-]+", "_", variant))
         logging.info("sweep: %s -> %s", variant, folder)
         results = runner.run(run_config, folder)
@@ -60,16 +88,17 @@ def run_sweep(config, workdir: str, variants=SCHEDULES) -> dict:
     with open(os.path.join(workdir, "comparison.json"), "w") as f:
         json.dump(rows, f, indent=1)
     with open(os.path.join(workdir, "comparison.md"), "w") as f:
-        f.write(format_comparison(rows))
-    schedules.plot(curves, steps, os.path.join(workdir, "schedules.png"))
-    _plot_trajectories(rows, os.path.join(workdir, "trajectories.png"))
-    print(format_comparison(rows))
+        f.write(format_comparison(rows, axis))
+    if axis == "schedule":
+        schedules.plot(curves, steps, os.path.join(workdir, "schedules.png"))
+    _plot_trajectories(rows, os.path.join(workdir, "trajectories.png"), axis)
+    print(format_comparison(rows, axis))
     return rows
 
 
-def format_comparison(rows: dict) -> str:
+def format_comparison(rows: dict, axis: str = "schedule") -> str:
     lines = [
-        "| schedule | final A_KA | final A_ZS | final GM | AUT A_KA | AUT A_ZS | AUT GM |",
+        f"| {axis} | final A_KA | final A_ZS | final GM | AUT A_KA | AUT A_ZS | AUT GM |",
         "|---|---|---|---|---|---|---|",
     ]
     for variant, row in rows.items():
@@ -82,7 +111,7 @@ def format_comparison(rows: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot_trajectories(rows: dict, path: str) -> None:
+def _plot_trajectories(rows: dict, path: str, axis: str = "schedule") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,7 +124,7 @@ def _plot_trajectories(rows: dict, path: str) -> None:
         zs = [p["zero_shot_retention"] for p in row["trajectory"]]
         ax.plot(ka, zs, "-o", ms=3, lw=1.2, label=variant, color=colors(2 * i % 20 + i // 10))
     ax.set(xlabel="A_KA: knowledge accumulation (%)", ylabel="A_ZS: zero-shot retention (%)",
-           title="Schedules: what is learned vs what is kept")  # fmt: skip
+           title=f"{axis.capitalize()}s: what is learned vs what is kept")  # fmt: skip
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -110,6 +139,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", "runs/schedule_sweep", "Where the runs go.")
 _SCHEDULES = flags.DEFINE_list("schedules", list(SCHEDULES), "Schedule variants to compare.")
+_METHODS = flags.DEFINE_list(
+    "methods", [], "Method variants to compare instead of schedules ('all': every method)."
+)
 
 
 def main(argv) -> None:
@@ -119,7 +151,11 @@ def main(argv) -> None:
 
     runtime.quiet_checkpoint_logs()
     runtime.enable_compilation_cache()
-    run_sweep(_CONFIG.value, _WORKDIR.value, _SCHEDULES.value)
+    if _METHODS.value:
+        variants = all_methods() if _METHODS.value == ["all"] else _METHODS.value
+        run_sweep(_CONFIG.value, _WORKDIR.value, variants, axis="method")
+    else:
+        run_sweep(_CONFIG.value, _WORKDIR.value, _SCHEDULES.value)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,16 @@
 
 from flax import nnx
 
-from fomo_jax.models.checkpoint_io import read_state_dict
+from fomo_jax.models.adapters import (
+    AdapterConfig,
+    add_adapters,
+    is_adapter,
+    is_frozen_adapter,
+    merge_adapters,
+    plain_config,
+    split_adapters,
+)
+from fomo_jax.models.checkpoint_io import load_model, read_state_dict, save_model
 from fomo_jax.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
 from fomo_jax.models.convert import export_hf, load_pretrained
 from fomo_jax.models.variants import VARIANTS, get_config
@@ -28,4 +37,13 @@ __all__ = [
     "load_pretrained",
     "export_hf",
     "read_state_dict",
+    "save_model",
+    "load_model",
+    "AdapterConfig",
+    "add_adapters",
+    "split_adapters",
+    "merge_adapters",
+    "plain_config",
+    "is_adapter",
+    "is_frozen_adapter",
 ]

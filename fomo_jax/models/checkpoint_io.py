@@ -4,6 +4,8 @@
 * torch.save zip files (`pytorch_model.bin`, OpenCLIP `.pt`/`.bin`): unpickled with a
   restricted unpickler that understands tensors and storages and refuses any other global,
   so loading a checkpoint never runs code from it.
+* fomo_jax's own model files (`save_model` / `load_model`): safetensors keyed by parameter path
+  (adapter leaves included) with the `CLIPConfig` (adapter included) as JSON metadata.
 """
 
 from __future__ import annotations
@@ -46,9 +48,7 @@ _TORCH_STORAGES = {
 }
 
 
-def read_safetensors(path) -> dict[str, np.ndarray]:
-    with open(path, "rb") as f:
-        raw = f.read()
+def _safetensors_header(path, raw: bytes) -> tuple[dict, int]:
     if len(raw) < 8:
         raise ValueError(f"{path}: too short to be a safetensors file")
     (header_len,) = struct.unpack("<Q", raw[:8])
@@ -56,7 +56,21 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
         header = json.loads(raw[8 : 8 + header_len])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a safetensors file (bad header: {e})") from None
-    base = 8 + header_len
+    return header, 8 + header_len
+
+
+def read_safetensors_metadata(path) -> dict[str, str]:
+    """The `__metadata__` strings of a safetensors file (empty if it has none)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        raw = head + f.read(struct.unpack("<Q", head)[0] if len(head) == 8 else 0)
+    return dict(_safetensors_header(path, raw)[0].get("__metadata__", {}))
+
+
+def read_safetensors(path) -> dict[str, np.ndarray]:
+    with open(path, "rb") as f:
+        raw = f.read()
+    header, base = _safetensors_header(path, raw)
     out = {}
     for name, entry in header.items():
         if name == "__metadata__":
@@ -186,3 +200,42 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     return {k: np.asarray(v) for k, v in state.items() if isinstance(v, np.ndarray)}
+
+
+CONFIG_METADATA_KEY = "fomo_jax_config"
+
+
+def save_model(path, model) -> None:
+    """Write a CLIP, adapters included, as one safetensors file: every parameter under its
+    '/'-joined path (e.g. `image/transformer/resblocks/0/attn/q_proj/lora_a`,
+    `adapter_shared/vera_768x768/random_a`) and `model.config` as JSON metadata."""
+    import jax
+
+    from fomo_jax import params as params_lib
+
+    _, params = params_lib.split(model)
+    flat = {k: np.asarray(v) for k, v in params_lib.flatten(jax.device_get(params)).items()}
+    metadata = {
+        "format": "fomo_jax",
+        CONFIG_METADATA_KEY: json.dumps(model.config.to_dict(), sort_keys=True),
+    }
+    write_safetensors(os.fspath(path), flat, metadata=metadata)
+
+
+def load_model(path, **config_overrides):
+    """The CLIP `save_model` wrote (config from the file; `config_overrides`, e.g. `dtype`, are
+    applied to it)."""
+    from fomo_jax import params as params_lib
+    from fomo_jax.models.clip import CLIPConfig
+    from fomo_jax.models.convert import model_from_params
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model file not found: {path}")
+    metadata = read_safetensors_metadata(path)
+    if CONFIG_METADATA_KEY not in metadata:
+        raise ValueError(f"{path}: not a fomo_jax model file (no {CONFIG_METADATA_KEY} metadata)")
+    cfg = CLIPConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+    if config_overrides:
+        cfg = cfg.replace(**config_overrides)
+    return model_from_params(params_lib.unflatten(read_safetensors(path)), cfg)

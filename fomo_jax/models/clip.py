@@ -22,6 +22,9 @@ import numpy as np
 from flax import nnx
 
 from fomo_jax import kernels
+from fomo_jax.kernels.attention import IMPLEMENTATIONS
+from fomo_jax.models import adapters as adapters_lib
+from fomo_jax.models.adapters import AdapterConfig
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact erf form (LAION models)
@@ -62,8 +65,17 @@ class CLIPConfig:
     logit_scale_init: float = math.log(1 / 0.07)
     dtype: str = "float32"  # compute dtype; parameters are always float32
     attention_implementation: str | None = None
+    # LoRA / DoRA / VeRA on the transformer linears (fomo_jax.models.adapters); None: plain CLIP.
+    adapter: AdapterConfig | None = None
 
     def __post_init__(self):
+        if self.adapter is not None and not isinstance(self.adapter, AdapterConfig):
+            raise ValueError(f"adapter={self.adapter!r}; expected an AdapterConfig or None")
+        if self.attention_implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"attention_implementation={self.attention_implementation!r}; "
+                f"expected one of {IMPLEMENTATIONS}"
+            )
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"activation={self.activation!r}; expected one of {sorted(ACTIVATIONS)}"
@@ -79,8 +91,31 @@ class CLIPConfig:
                 f"patch_size {self.vision.patch_size}"
             )
 
+    def __repr__(self):
+        # The dataclass repr, leaving out `adapter` when it is None so that plain configs read
+        # (and key caches such as θ0's) exactly as before the field existed.
+        fields = [
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if f.repr and not (f.name == "adapter" and self.adapter is None)
+        ]
+        return f"{type(self).__qualname__}({', '.join(fields)})"
+
     def replace(self, **changes) -> CLIPConfig:
         return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """A JSON-serializable dict; `CLIPConfig.from_dict` inverts it."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CLIPConfig:
+        d = dict(d)
+        d["vision"] = VisionConfig(**d.get("vision", {}))
+        d["text"] = TextConfig(**d.get("text", {}))
+        if d.get("adapter") is not None:
+            d["adapter"] = AdapterConfig(**d["adapter"])
+        return cls(**d)
 
 
 # encode_text trims padding to a multiple of this many tokens (bounds the compiled shapes).
@@ -126,14 +161,21 @@ class LayerNorm(nnx.LayerNorm):
 
 
 class Attention(nnx.Module):
-    def __init__(self, width, heads, dtype, attn_std, out_std, implementation, *, rngs):
-        def linear(std):
-            return nnx.Linear(
-                width, width, dtype=dtype, kernel_init=_normal(std), bias_init=_ZEROS, rngs=rngs
-            )
+    def __init__(
+        self, width, heads, dtype, attn_std, out_std, implementation, *, rngs, sites=None, path=""
+    ):
+        sites = sites or adapters_lib.Sites(None)
 
-        self.q_proj, self.k_proj, self.v_proj = linear(attn_std), linear(attn_std), linear(attn_std)
-        self.out_proj = linear(out_std)
+        def linear(name, std):
+            return sites.linear(
+                f"{path}/{name}", width, width, dtype=dtype, kernel_init=_normal(std),
+                bias_init=_ZEROS, rngs=rngs,
+            )  # fmt: skip
+
+        self.q_proj = linear("q_proj", attn_std)
+        self.k_proj = linear("k_proj", attn_std)
+        self.v_proj = linear("v_proj", attn_std)
+        self.out_proj = linear("out_proj", out_std)
         self.heads = heads
         self.implementation = implementation
 
@@ -152,13 +194,18 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, width, mlp_dim, activation, dtype, fc_std, proj_std, *, rngs):
-        self.c_fc = nnx.Linear(
-            width, mlp_dim, dtype=dtype, kernel_init=_normal(fc_std), bias_init=_ZEROS, rngs=rngs
-        )
-        self.c_proj = nnx.Linear(
-            mlp_dim, width, dtype=dtype, kernel_init=_normal(proj_std), bias_init=_ZEROS, rngs=rngs
-        )
+    def __init__(
+        self, width, mlp_dim, activation, dtype, fc_std, proj_std, *, rngs, sites=None, path=""
+    ):
+        sites = sites or adapters_lib.Sites(None)
+        self.c_fc = sites.linear(
+            f"{path}/c_fc", width, mlp_dim, dtype=dtype, kernel_init=_normal(fc_std),
+            bias_init=_ZEROS, rngs=rngs,
+        )  # fmt: skip
+        self.c_proj = sites.linear(
+            f"{path}/c_proj", mlp_dim, width, dtype=dtype, kernel_init=_normal(proj_std),
+            bias_init=_ZEROS, rngs=rngs,
+        )  # fmt: skip
         self.activation = activation
 
     def __call__(self, x):
@@ -168,7 +215,9 @@ class MLP(nnx.Module):
 class ResidualBlock(nnx.Module):
     """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, width, heads, mlp_dim, layers, cfg: CLIPConfig, *, rngs):
+    def __init__(
+        self, width, heads, mlp_dim, layers, cfg: CLIPConfig, *, rngs, sites=None, path=""
+    ):
         dtype = jnp.dtype(cfg.dtype)
         # OpenCLIP's initialisation: residual-branch outputs shrink with depth.
         attn_std, proj_std, fc_std = (
@@ -178,10 +227,14 @@ class ResidualBlock(nnx.Module):
         )
         self.ln_1 = LayerNorm(width, cfg.layer_norm_eps, dtype, rngs=rngs)
         self.attn = Attention(
-            width, heads, dtype, attn_std, proj_std, cfg.attention_implementation, rngs=rngs
-        )
+            width, heads, dtype, attn_std, proj_std, cfg.attention_implementation, rngs=rngs,
+            sites=sites, path=f"{path}/attn",
+        )  # fmt: skip
         self.ln_2 = LayerNorm(width, cfg.layer_norm_eps, dtype, rngs=rngs)
-        self.mlp = MLP(width, mlp_dim, cfg.activation, dtype, fc_std, proj_std, rngs=rngs)
+        self.mlp = MLP(
+            width, mlp_dim, cfg.activation, dtype, fc_std, proj_std, rngs=rngs, sites=sites,
+            path=f"{path}/mlp",
+        )  # fmt: skip
 
     def __call__(self, x, *, causal=False):
         x = x + self.attn(self.ln_1(x), causal=causal).astype(jnp.float32)
@@ -189,10 +242,13 @@ class ResidualBlock(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    def __init__(self, width, heads, mlp_dim, layers, cfg: CLIPConfig, *, rngs):
-        self.resblocks = nnx.List(
-            [ResidualBlock(width, heads, mlp_dim, layers, cfg, rngs=rngs) for _ in range(layers)]
+    def __init__(
+        self, width, heads, mlp_dim, layers, cfg: CLIPConfig, *, rngs, sites=None, path=""
+    ):
+        block = functools.partial(
+            ResidualBlock, width, heads, mlp_dim, layers, cfg, rngs=rngs, sites=sites
         )
+        self.resblocks = nnx.List([block(path=f"{path}/resblocks/{i}") for i in range(layers)])
 
     def __call__(self, x, *, causal=False):
         for block in self.resblocks:
@@ -203,7 +259,7 @@ class Transformer(nnx.Module):
 class VisionTower(nnx.Module):
     """ViT: patchify, class token, positions, ln_pre, blocks, ln_post on the class token, proj."""
 
-    def __init__(self, cfg: CLIPConfig, *, rngs):
+    def __init__(self, cfg: CLIPConfig, *, rngs, sites=None):
         v = cfg.vision
         self.cfg = v
         self.dtype = jnp.dtype(cfg.dtype)
@@ -220,7 +276,10 @@ class VisionTower(nnx.Module):
             _normal(scale)(rngs.params(), (grid * grid + 1, v.width))
         )
         self.ln_pre = LayerNorm(v.width, cfg.layer_norm_eps, jnp.float32, rngs=rngs)
-        self.transformer = Transformer(v.width, v.heads, v.mlp_dim, v.layers, cfg, rngs=rngs)
+        self.transformer = Transformer(
+            v.width, v.heads, v.mlp_dim, v.layers, cfg, rngs=rngs, sites=sites,
+            path="image/transformer",
+        )  # fmt: skip
         self.ln_post = LayerNorm(v.width, cfg.layer_norm_eps, jnp.float32, rngs=rngs)
         self.proj = nnx.Param(_normal(scale)(rngs.params(), (v.width, cfg.embed_dim)))
 
@@ -253,7 +312,7 @@ class VisionTower(nnx.Module):
 class TextTower(nnx.Module):
     """Causal transformer pooled at the end-of-text token (the largest id in each row)."""
 
-    def __init__(self, cfg: CLIPConfig, *, rngs):
+    def __init__(self, cfg: CLIPConfig, *, rngs, sites=None):
         t = cfg.text
         self.cfg = t
         self.token_embedding = nnx.Embed(
@@ -262,7 +321,10 @@ class TextTower(nnx.Module):
         self.positional_embedding = nnx.Param(
             _normal(0.01)(rngs.params(), (t.context_length, t.width))
         )
-        self.transformer = Transformer(t.width, t.heads, t.mlp_dim, t.layers, cfg, rngs=rngs)
+        self.transformer = Transformer(
+            t.width, t.heads, t.mlp_dim, t.layers, cfg, rngs=rngs, sites=sites,
+            path="text/transformer",
+        )  # fmt: skip
         self.ln_final = LayerNorm(t.width, cfg.layer_norm_eps, jnp.float32, rngs=rngs)
         self.proj = nnx.Param(_normal(t.width**-0.5)(rngs.params(), (t.width, cfg.embed_dim)))
 
@@ -281,13 +343,22 @@ class TextTower(nnx.Module):
 
 
 class CLIP(nnx.Module):
-    """Two towers and the learnable log-temperature `logit_scale`."""
+    """Two towers and the learnable log-temperature `logit_scale`.
+
+    With `cfg.adapter` set, the selected transformer linears carry LoRA / DoRA / VeRA adapters
+    (`fomo_jax.models.adapters`); for VeRA, `adapter_shared` owns the frozen random matrices
+    that the adapted linears of each shape share.
+    """
 
     def __init__(self, cfg: CLIPConfig, *, rngs: nnx.Rngs):
         self.config = cfg
-        self.image = VisionTower(cfg, rngs=rngs)
-        self.text = TextTower(cfg, rngs=rngs)
+        sites = adapters_lib.Sites(cfg.adapter)
+        self.image = VisionTower(cfg, rngs=rngs, sites=sites)
+        self.text = TextTower(cfg, rngs=rngs, sites=sites)
         self.logit_scale = nnx.Param(jnp.asarray(cfg.logit_scale_init, jnp.float32))
+        shared = sites.finish(cfg)
+        if shared is not None:
+            self.adapter_shared = shared
 
     def __call__(self, pixels=None, token_ids=None):
         """Projected, un-normalized embeddings of either or both inputs, plus intermediates."""

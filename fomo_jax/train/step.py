@@ -68,7 +68,6 @@ def apply_gradients(params, opt_state, grads, loss, learning_rate, tx):
         loss=loss,
         grad_norm=grad_norm,
         learning_rate=lr,
-        logit_scale=params["logit_scale"],
         finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm),
     )
     return params, opt_state, metrics
@@ -81,7 +80,7 @@ def train_step(state: TrainState, batch: Batch, learning_rate, *, loss_fn, tx):
         state.params, state.opt_state, grads, loss, learning_rate, tx
     )
     new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-    return new, dict(metrics, **step_metrics)
+    return new, dict(metrics, **step_metrics, logit_scale=params["logit_scale"])
 
 
 def init_state(params, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:

@@ -110,8 +110,8 @@ class _TracedOnce(methods.Method):
     name = "traced_once"
 
     @chex.assert_max_traces(n=1)
-    def extra_loss(self, params, state, batch):
-        return super().extra_loss(params, state, batch)
+    def loss(self, params, state, batch, forward, key):
+        return super().loss(params, state, batch, forward, key)
 
 
 def test_step_is_traced_once_for_the_whole_stream(data_root, tmp_path, monkeypatch):
@@ -177,7 +177,8 @@ cfg = models.get_config("tiny")
 cfg = cfg.replace(text=dataclasses.replace(cfg.text, context_length=48))
 params = params_lib.split(abstract_clip(cfg))[1]
 tx = optimizer.adamw()
-abstract = jax.eval_shape(lambda p: ContinualState(np.int32(0), p, tx.init(p), {}), params)
+key = jax.random.key_data(jax.random.key(0))
+abstract = jax.eval_shape(lambda p: ContinualState(np.int32(0), p, tx.init(p), {}, key), params)
 ckpt = Checkpoints(sys.argv[1] + "/checkpoints")
 index = ckpt.latest()
 one = sharding.make_mesh(devices=jax.devices()[:1])

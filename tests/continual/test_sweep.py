@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from configs import fif_synth as fif_synth_config
 from fomo_jax.continual import sweep
 
@@ -26,3 +28,16 @@ def test_sweep_compares_schedules(tmp_path_factory):
     multistep = json.loads((workdir / "multistep" / "config.json").read_text())["schedule"]
     assert multistep["milestones"] == [round(f * 6 * 16) for f in sweep.MULTISTEP_FRACTIONS]
     assert rows["warmup_cosine"]["final"] != rows["rsqrt_meta:meta_mode=continued"]["final"]
+
+
+def test_method_variants_set_the_method_and_its_hyperparameters():
+    config = fif_synth_config.get_config("smoke")
+    sweep.method_config("zs_merge:merge.name=ties;merge.prune_fraction=0.5", config)
+    assert config.method == "zs_merge"
+    assert config.methods.zs_merge.merge.name == "ties"
+    assert config.methods.zs_merge.merge.prune_fraction == 0.5
+    sweep.method_config("lora:rank=64", config)
+    assert (config.method, config.methods.lora.rank) == ("lora", 64)
+    assert set(sweep.all_methods()) >= {"finetune", "lora", "zs_merge", "offline_merge"}
+    with pytest.raises(ValueError, match="unknown method 'lorra'"):
+        sweep.method_config("lorra", config)
