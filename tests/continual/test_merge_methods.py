@@ -197,19 +197,14 @@ def _recording(name):
     return Recording
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("fif_synth_smoke"))
-
-
 @pytest.mark.parametrize(
     "name", ["zs_merge", "ft_merge", "ema_merge", "offline_merge", "double_merge"]
 )
-def test_runner_evaluates_the_specified_merge(name, data_root, tmp_path, monkeypatch):
+def test_runner_evaluates_the_specified_merge(name, smoke_data_root, tmp_path, monkeypatch):
     recording = _recording(name)
     monkeypatch.setitem(methods.METHODS, name, recording)
     config = fif_synth.get_config("smoke")
-    config.data.root = data_root
+    config.data.root = smoke_data_root
     config.method = name
     config.num_tasks = 3
     if name == "double_merge":

@@ -280,17 +280,9 @@ def test_si_starts_from_theta0(si, micro):
 # ------------------------------------------------------------------------------- the runner
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    # Shared with tests/continual/test_replay.py within a session (generated once).
-    root = tmp_path_factory.getbasetemp() / "fif_synth_smoke_methods"
-    root.mkdir(exist_ok=True)
-    return str(root)
-
-
-def test_ewc_through_the_runner(data_root, tmp_path):
+def test_ewc_through_the_runner(smoke_data_root, tmp_path):
     config = fif_synth_config.get_config("smoke")
-    config.data.root = data_root
+    config.data.root = smoke_data_root
     config.method = "ewc"
     config.methods["ewc"] = {"fisher_batches": 2}
     config.checkpoint_every = 0

@@ -423,17 +423,9 @@ def test_zscl_weight_ensemble_and_end_of_task(zscl, micro):
 # ------------------------------------------------------------------------------- the runner
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    # Shared with tests/continual/test_regularized.py within a session (generated once).
-    root = tmp_path_factory.getbasetemp() / "fif_synth_smoke_methods"
-    root.mkdir(exist_ok=True)
-    return str(root)
-
-
-def test_er_through_the_runner(data_root, tmp_path):
+def test_er_through_the_runner(smoke_data_root, tmp_path):
     config = fif_synth_config.get_config("smoke")
-    config.data.root = data_root
+    config.data.root = smoke_data_root
     config.method = "er"
     config.methods["er"] = {"buffer_size": 40}
     config.checkpoint_every = 0
