@@ -40,6 +40,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from clip_step import median_time  # noqa: E402  (benchmarks/ is the script's folder)
+
 from fomo_jax import kernels, runtime  # noqa: E402
 
 BACKENDS = ("pallas", "cudnn", "xla")
@@ -91,16 +93,6 @@ def unavailable(backend, case) -> str | None:
     if backend == "cudnn" and case["mask"] == "prefix":
         return "cuDNN has no prefix-LM mask"
     return None
-
-
-def median_time(fn, repeats: int, min_seconds: float = 1.0) -> float:
-    """Median wall time of `fn` over at least `repeats` calls and `min_seconds` in total."""
-    times = []
-    while len(times) < repeats or sum(times) < min_seconds:
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def compiled_bytes(compiled) -> int | None:

@@ -11,7 +11,8 @@ Two sources of step counts:
   allocators differ between frameworks and the table's own rounding departs from the formula
   by up to 3 steps (spec §5.2 reading notes).
 * `budget="measured"`: T_s = floor((28,400 / T) x MAF_full / MAF_m) from MAFs measured with
-  `profile_train_step` + `maf`, for new methods and other model sizes.
+  `profile_method` (a method's own compiled step) + `maf`, for new methods and other model
+  sizes.
 
 Method keys are strings; the rank variants are `"lora_r4"`, `"lora_r64"`, `"dora_r4"`, ...
 (`method_key("lora", 4)` builds them, and every function taking a method also takes
@@ -21,10 +22,9 @@ Method keys are strings; the rank variants are `"lora_r4"`, `"lora_r64"`, `"dora
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from fractions import Fraction
 
 import jax
@@ -163,7 +163,7 @@ def paper_row(method: str, rank: int | None = None) -> PaperRow:
     if key not in PAPER_TABLE:
         raise KeyError(
             f"{key!r} is not in Table 4 (known: {', '.join(PAPER_TABLE)}); profile it with "
-            'profile_train_step and use budget="measured"'
+            'profile_method and use budget="measured"'
         )
     return PAPER_TABLE[key]
 
@@ -201,24 +201,17 @@ def _bytes(tree) -> int:
     return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def _partial_step(state, frozen, batch, learning_rate, *, loss_fn, tx):
-    """`train_step` for a trainable subset: frozen weights are inputs, not state.
-
-    Gradients, optimizer moments and updates exist only for the trainable leaves, so XLA
-    computes (and the buffer assignment holds) what a method freezing the rest would.
-    """
-
-    def trainable_loss(params, batch):
-        flat = {**params_lib.flatten(frozen), **params_lib.flatten(params)}
-        return loss_fn(params_lib.unflatten(flat), batch)
-
-    (loss, metrics), grads = jax.value_and_grad(trainable_loss, has_aux=True)(state.params, batch)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    lr = jnp.asarray(learning_rate, jnp.float32)
-    params = jax.tree_util.tree_map(lambda p, u: p - lr * u, state.params, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
-    new_state = step_lib.TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-    return new_state, metrics
+def _abstract_batch(cfg, batch_size: int, input_format: str = "images") -> dict:
+    """The batch a train step takes, as shapes: uint8 `images` as the runner feeds (or
+    normalized float `pixels`) and int32 `token_ids`."""
+    if input_format not in ("images", "pixels"):
+        raise ValueError(f"input_format={input_format!r}; expected 'images' or 'pixels'")
+    size = cfg.vision.image_size
+    image_dtype = jnp.uint8 if input_format == "images" else jnp.float32
+    return {
+        input_format: jax.ShapeDtypeStruct((batch_size, size, size, 3), image_dtype),
+        "token_ids": jax.ShapeDtypeStruct((batch_size, cfg.text.context_length), jnp.int32),
+    }
 
 
 def profile_train_step(
@@ -227,17 +220,14 @@ def profile_train_step(
     batch_size: int,
     *,
     mesh=None,
-    loss_fn: Callable | None = None,
-    trainable: Callable[[str], bool] | None = None,
     input_format: str = "images",
 ) -> dict:
-    """XLA's FLOPs and buffer sizes of one compiled train step; the step is never run.
+    """XLA's FLOPs and buffer sizes of one compiled CLIP train step; the step is never run.
 
     `model_config`: a CLIPConfig, a variant name (built shape-only with `abstract_clip`, so a
-    ViT-B/16 needs no weights) or an nnx module (e.g. with adapters). `loss_fn(params, batch)
-    -> (loss, metrics)` defaults to the CLIP contrastive loss; `trainable(path) -> bool`
-    selects trained parameters (None: all, the real `compile_train_step`). The batch is
-    uint8 `images` as the runner feeds (or normalized float `pixels`).
+    ViT-B/16 needs no weights) or an nnx module. This is full fine-tuning, the budget's
+    reference; a continual method's own step (frozen parameters, adapters, extra losses) is
+    `profile_method`'s.
 
     Returns `flops` (per step over all devices: the per-device count of the partitioned
     program x devices; replicated work such as the optimizer update under pure data
@@ -247,54 +237,17 @@ def profile_train_step(
     compiler's assignment: 186 GB for ViT-B/16 at batch 512 against the paper's 46.6 GB on
     GPU, so compare Mult only within one backend), their parts and parameter sizes.
     """
-    if input_format not in ("images", "pixels"):
-        raise ValueError(f"input_format={input_format!r}; expected 'images' or 'pixels'")
     model = _model_of(model_config)
-    cfg = model.config
     graphdef, params = params_lib.split(model)
     params = _abstract(params)
-    custom_loss = loss_fn is not None
-    loss_fn = loss_fn or step_lib.make_loss_fn(graphdef)
+    batch = _abstract_batch(model.config, batch_size, input_format)
     mesh = mesh or sharding.make_mesh()
-    size = cfg.vision.image_size
-    image_dtype = jnp.uint8 if input_format == "images" else jnp.float32
-    batch = {
-        input_format: jax.ShapeDtypeStruct((batch_size, size, size, 3), image_dtype),
-        "token_ids": jax.ShapeDtypeStruct((batch_size, cfg.text.context_length), jnp.int32),
-    }
-    lr = jax.ShapeDtypeStruct((), jnp.float32)
-    frozen = {}
-    if trainable is not None:
-        flat = params_lib.flatten(params)
-        frozen = params_lib.unflatten({k: v for k, v in flat.items() if not trainable(k)})
-        params = params_lib.unflatten({k: v for k, v in flat.items() if trainable(k)})
-        if not params:
-            raise ValueError("trainable() selects no parameter")
     state = jax.eval_shape(lambda p: step_lib.TrainState.create(p, tx), params)
-    shardings = step_lib.state_shardings(state, mesh)
-    if trainable is None and not custom_loss:  # the runner's own compiled step
-        jitted = step_lib.compile_train_step(graphdef, tx, mesh, shardings)
-        args = (state, batch, lr)
-    else:
-        step_fn, frozen_shardings, args = step_lib.train_step, (), (state, batch, lr)
-        if trainable is not None:
-            step_fn, args = _partial_step, (state, frozen, batch, lr)
-            frozen_shardings = (sharding.tree_shardings(frozen, mesh),)
-        jitted = jax.jit(
-            functools.partial(step_fn, loss_fn=loss_fn, tx=tx),
-            in_shardings=(
-                shardings,
-                *frozen_shardings,
-                sharding.batch_sharding(mesh),
-                sharding.replicated(mesh),
-            ),
-            out_shardings=(shardings, sharding.replicated(mesh)),
-            donate_argnums=(0,),
-        )
+    jitted = step_lib.compile_train_step(graphdef, tx, mesh, step_lib.state_shardings(state, mesh))
     start = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
+    compiled = jitted.lower(state, batch, jax.ShapeDtypeStruct((), jnp.float32)).compile()
     compile_seconds = time.perf_counter() - start
-    return _report(compiled, mesh, batch_size, compile_seconds, params, frozen)
+    return _report(compiled, mesh, batch_size, compile_seconds, params, {})
 
 
 def profile_method(method, model_config, tx, batch_size: int, *, mesh=None) -> dict:
@@ -328,11 +281,7 @@ def profile_method(method, model_config, tx, batch_size: int, *, mesh=None) -> d
 
     state = jax.eval_shape(fresh_state, plain)
     shardings = continual_step.shardings_of(state, mesh)
-    size, length = model_config.vision.image_size, model_config.text.context_length
-    batch = {
-        "images": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8),
-        "token_ids": jax.ShapeDtypeStruct((batch_size, length), jnp.int32),
-    }
+    batch = _abstract_batch(model_config, batch_size)
     lr = jax.ShapeDtypeStruct((), jnp.float32)
     jitted = continual_step.compile_step(graphdef, tx, method, mesh, shardings)
     start = time.perf_counter()
@@ -448,7 +397,8 @@ def budget_table(
     """Rows (method, gflops, memory_gb, mult, maf, steps {T: T_s}, source).
 
     Without `profiles`: Table 4 (default all its methods). With `profiles` ({method: profile
-    from profile_train_step}, including `full`): the measured MAFs and formula step counts.
+    from profile_method or profile_train_step}, including `full`): the measured MAFs and
+    formula step counts.
     """
     rows = []
     if profiles is None:

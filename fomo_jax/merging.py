@@ -271,14 +271,36 @@ def lines_scales(paths: Sequence[str], alpha=0.5, beta=0.5, shape="linear") -> l
     return scales
 
 
-def _scales(t: _Trees, scale, lines) -> dict[int, Any]:
+def _leaf_scales(paths: Sequence[str], scale, lines) -> list:
+    """The multiplier of each leaf's task vector: λ, or LiNeS's s(ℓ), which replaces λ."""
     config = _lines_config(lines)
     if config is None:
-        return {j: scale for j in t.merged}
+        return [scale] * len(paths)
     if isinstance(scale, jax.core.Tracer) or float(scale) != 1:
         raise ValueError("LiNeS replaces the scale λ: pass scale=1 together with lines")
-    scales = lines_scales(t.paths, *config)
+    return lines_scales(paths, *config)
+
+
+def _scales(t: _Trees, scale, lines) -> dict[int, Any]:
+    scales = _leaf_scales(t.paths, scale, lines)
     return {j: scales[j] for j in t.merged}
+
+
+def _weights(n: int, weights=None, weighting=None) -> list[float]:
+    """Interpolation weights: given (n entries summing to 1), from a §8.3 `weighting`, or
+    uniform."""
+    if weighting is not None:
+        if weights is not None:
+            raise ValueError("interpolation: give weights or weighting, not both")
+        return interpolation_weights(n, weighting)
+    if weights is None:
+        return [1.0 / n] * n
+    weights = [float(w) for w in np.asarray(weights, np.float64).reshape(-1)]
+    if len(weights) != n:
+        raise ValueError(f"interpolation: {len(weights)} weights for {n} models")
+    if abs(sum(weights) - 1.0) > 1e-6:
+        raise ValueError(f"interpolation weights must sum to 1, got {sum(weights)!r}")
+    return weights
 
 
 def lines(base, tree, alpha=0.5, beta=0.5, shape="linear", *, exclude=None):
@@ -408,14 +430,8 @@ def interpolate(trees, weights=None, *, base=None, exclude=None, lines=None):
     With `lines` (needs `base`): θ = θ0 + s ⊙ Σ_i w_i τ_i."""
     trees = _check_trees(trees, "interpolation")
     n = len(trees)
-    if weights is None:
-        weights = [1.0 / n] * n
-    elif not isinstance(weights, jax.core.Tracer):
-        weights = [float(w) for w in np.asarray(weights, np.float64).reshape(-1)]
-        if len(weights) != n:
-            raise ValueError(f"interpolation: {len(weights)} weights for {n} models")
-        if abs(sum(weights) - 1.0) > 1e-6:
-            raise ValueError(f"interpolation weights must sum to 1, got {sum(weights)!r}")
+    if not isinstance(weights, jax.core.Tracer):
+        weights = _weights(n, weights)
     if lines is not None and lines is not False:
         if base is None:
             raise ValueError("interpolation with LiNeS needs base (θ0)")
@@ -700,9 +716,7 @@ def _call(name, base, trees, key, kwargs):
         kwargs = dict(kwargs)
         weighting = kwargs.pop("weighting", None)
         if weighting is not None:
-            if kwargs.get("weights") is not None:
-                raise ValueError("interpolation: give weights or weighting, not both")
-            kwargs["weights"] = interpolation_weights(len(trees), weighting)
+            kwargs["weights"] = _weights(len(trees), kwargs.get("weights"), weighting)
         return interpolate(trees, base=base, **kwargs)
     if name == "slerp":
         return slerp(*trees, base=base, **kwargs)
@@ -1007,23 +1021,12 @@ def streamed(
     lines_config = _lines_config(lines)
     if lines_config is not None and name not in LINES_MERGES:
         raise ValueError(f"LiNeS applies to the task-vector merges {LINES_MERGES}, not {name!r}")
-    scale = kwargs.pop("scale", 1.0)
-    if lines_config is not None:
-        if scale != 1:
-            raise ValueError("LiNeS replaces the scale λ: pass scale=1 together with lines")
-        scales = lines_scales(paths, *lines_config)
-    else:
-        scales = [scale] * len(paths)
+    scales = _leaf_scales(paths, kwargs.pop("scale", 1.0), lines)
 
     config: dict[str, Any] = {}
     kernel_name = name
     if name == "interpolation":
-        weights, weighting = kwargs.pop("weights", None), kwargs.pop("weighting", None)
-        if weighting is not None:
-            weights = interpolation_weights(n, weighting)
-        weights = [1.0 / n] * n if weights is None else [float(w) for w in weights]
-        if len(weights) != n or abs(sum(weights) - 1) > 1e-6:
-            raise ValueError(f"interpolation: need {n} weights summing to 1, got {weights}")
+        weights = _weights(n, kwargs.pop("weights", None), kwargs.pop("weighting", None))
         config["weights"] = tuple(weights)
         if lines_config is not None:
             kernel_name = "interpolation_lines"

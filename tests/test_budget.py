@@ -164,23 +164,23 @@ def test_profile_memory(full_profile):
     assert p["devices"] == 1 and p["flops"] == p["flops_per_device"]
 
 
-def test_profile_subset_never_executes(full_profile):
+def test_profile_subset_never_executes(full_profile, monkeypatch):
     """Abstract inputs only, and a host callback in the loss that would fire if it ran."""
+    from configs import fif_synth
+    from fomo_jax.continual import methods, runner
+
     calls = []
-    graphdef, _ = params_lib.split(abstract_clip(get_config("tiny")))
-    base = make_loss_fn(graphdef)
 
-    def loss_fn(params, batch):
-        jax.debug.callback(lambda: calls.append(1))
-        return base(params, batch)
+    class LockedImageWithCallback(methods.METHODS["locked_image"]):
+        def loss(self, params, state, batch, forward, key):
+            jax.debug.callback(lambda: calls.append(1))
+            return super().loss(params, state, batch, forward, key)
 
-    frozen_image = budget.profile_train_step(
-        get_config("tiny"),
-        TX,
-        BATCH,
-        loss_fn=loss_fn,
-        trainable=lambda path: not path.startswith("image/"),
-    )
+    monkeypatch.setitem(methods.METHODS, "locked_image", LockedImageWithCallback)
+    config = fif_synth.get_config("smoke")
+    config.method = "locked_image"
+    method = runner.profiling_instance(config, get_config("tiny"))
+    frozen_image = budget.profile_method(method, get_config("tiny"), TX, BATCH)
     assert calls == []
     assert frozen_image["trainable_param_bytes"] < frozen_image["param_bytes"]
     assert frozen_image["param_bytes"] == full_profile["param_bytes"]

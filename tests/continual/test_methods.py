@@ -16,7 +16,7 @@ import pytest
 from configs import fif_synth
 from fomo_jax import budget
 from fomo_jax import params as params_lib
-from fomo_jax.continual import methods
+from fomo_jax.continual import methods, runner
 from fomo_jax.continual.step import ContinualState, make_forward, step_fn, trained
 from fomo_jax.models.clip import abstract_clip
 from fomo_jax.train import optimizer
@@ -44,13 +44,10 @@ def micro(tiny_model):
 
 def setup_method(name, cfg, **overrides):
     config = fif_synth.get_config("smoke")
-    method = methods.get(name, overrides or None)
-    graphdef = params_lib.split(abstract_clip(method.model_config(cfg)))[0]
-    method.setup(methods.Context(
-        config=config, workdir=None, model_config=cfg, graphdef=graphdef, tokenizer=None,
-        forward=make_forward(graphdef), steps_per_task=STEPS,
-    ))  # fmt: skip
-    return method, graphdef
+    config.method = name
+    config.methods[name] = overrides
+    method = runner.profiling_instance(config, cfg)  # set up without data
+    return method, method.ctx.graphdef
 
 
 def run(name, micro, **overrides):
