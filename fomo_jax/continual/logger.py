@@ -1,19 +1,60 @@
 """Where a run's numbers go: JSON lines, TensorBoard events, and optionally Weights & Biases.
 
 `metrics.jsonl` is the record of truth: on resume it is cut back to the lines the checkpoint
-knew about, so a resumed run's file equals an uninterrupted one's. TensorBoard events are
-append-only; after a resume the steps replayed since the checkpoint appear twice in the event
-files (TensorBoard shows the later value).
+knew about, so a resumed run's file equals an uninterrupted one's. TensorBoard event files are
+append-only; a resumed run starts new ones that open with a purge marker (a SessionLog START
+at the first step it will log), so TensorBoard hides what the killed process logged after the
+checkpoint. Training scalars (step axis: global step) and evaluations (step axis: evaluation
+index) go to separate runs, `tensorboard/train` and `tensorboard/eval`, because a purge marker
+acts on one step axis.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
+
+
+class EventFile:
+    """A TensorBoard event file written synchronously and flushed at every write.
+
+    tensorboardX's `SummaryWriter` hands events to a writer thread, and its `flush` does not
+    drain that queue, so a killed run loses what it logged last; this writes in the caller.
+    """
+
+    def __init__(self, directory: str, purge_step: int | None = None):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto import event_pb2, summary_pb2
+
+        self._event, self._summary = event_pb2, summary_pb2
+        os.makedirs(directory, exist_ok=True)
+        # The name holds the time in seconds; the nanosecond suffix keeps a run resumed within
+        # the same second from overwriting the killed process's file, and keeps names in order.
+        self.writer = EventsWriter(os.path.join(directory, "events"), f".{time.time_ns()}")
+        if purge_step is not None:
+            start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+            self._write(event_pb2.Event(wall_time=time.time(), step=purge_step, session_log=start))
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        value = self._summary.Summary.Value
+        summary = self._summary.Summary(
+            value=[value(tag=tag, simple_value=float(v)) for tag, v in values.items()]
+        )
+        self._write(self._event.Event(wall_time=time.time(), step=step, summary=summary))
+
+    def _write(self, event) -> None:
+        self.writer.write_event(event)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 class RunLogger:
-    def __init__(self, workdir: str, config, keep_lines: int):
+    def __init__(self, workdir: str, config, keep_lines: int, resume_at: tuple[int, int] | None):
+        """`resume_at`: (first global step, first evaluation index) the resumed run will log, or
+        None for a fresh run."""
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.lines = keep_lines
         if os.path.exists(self.path):
@@ -22,9 +63,10 @@ class RunLogger:
             with open(self.path, "w") as f:
                 f.writelines(kept)
         self.file = open(self.path, "a")
-        from tensorboardX import SummaryWriter
-
-        self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        purge = resume_at or (None, None)
+        board = os.path.join(workdir, "tensorboard")
+        self.train_board = EventFile(os.path.join(board, "train"), purge_step=purge[0])
+        self.eval_board = EventFile(os.path.join(board, "eval"), purge_step=purge[1])
         self.wandb = None
         if config.wandb.enabled:
             try:
@@ -45,11 +87,10 @@ class RunLogger:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         self.lines += 1
-        for key, value in record.items():
-            if key not in ("task", "step"):
-                self.tensorboard.add_scalar(f"train/{key}", value, global_step)
+        scalars = {f"train/{k}": v for k, v in record.items() if k not in ("task", "step")}
+        self.train_board.scalars(scalars, global_step)
         if self.wandb:
-            self.wandb.log({f"train/{k}": v for k, v in record.items()}, step=global_step)
+            self.wandb.log(scalars, step=global_step)
 
     def evaluation(self, point: dict, index: int) -> None:
         """One evaluation point (index 0 = zero-shot, k + 1 = after task k)."""
@@ -57,14 +98,13 @@ class RunLogger:
         for name, entry in point.get("per_dataset", {}).items():
             for metric, value in entry.items():
                 scalars[f"eval_{point['evaluation']}/{name}/{metric}"] = value
-        for key, value in scalars.items():
-            self.tensorboard.add_scalar(key, value, index)
-        self.tensorboard.flush()
+        self.eval_board.scalars(scalars, index)
         if self.wandb:
             self.wandb.log(dict(scalars, evaluation_index=index))
 
     def close(self) -> None:
         self.file.close()
-        self.tensorboard.close()
+        self.train_board.close()
+        self.eval_board.close()
         if self.wandb:
             self.wandb.finish()

@@ -264,7 +264,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         trajectory=[zero_shot_subset], batch_sizes=[])  # fmt: skip
         checkpoints.save(0, state, progress)
 
-    log = RunLogger(workdir, config, keep_lines=progress["metric_lines"])
+    resume_at = None
+    if latest is not None:  # hide what a killed process logged after this checkpoint
+        resume_at = (progress["task"] * steps + progress["step"] + 1, progress["task"] + 1)
+    log = RunLogger(workdir, config, keep_lines=progress["metric_lines"], resume_at=resume_at)
     if latest is None:
         log.evaluation(zero_shot, 0)
     try:
@@ -284,8 +287,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 tokenizer=tokenizer, image_size=image_size, num_threads=config.data.num_threads,
             )  # fmt: skip
             state, progress = _train_task(
-                config, method, task, steps, batches, state, step_fn, lr_of, progress, log,
-                checkpoints,
+                config, task, steps, batches, state, step_fn, lr_of, progress, log, checkpoints,
+                workdir,
             )  # fmt: skip
             params, method_state = method.end_of_task(task, state.params, state.method_state)
             state = place(state.replace(params=params, method_state=method_state))
@@ -336,7 +339,7 @@ def _update_batches(config, data, tokenizer, image_size, task, batch_size, num_b
 
 
 def _train_task(
-    config, method, task, steps, batches, state, step_fn, lr_of, progress, log, checkpoints
+    config, task, steps, batches, state, step_fn, lr_of, progress, log, checkpoints, workdir
 ):
     start_step = progress["step"]
     window_start, data_wait, last_logged = time.perf_counter(), 0.0, start_step
@@ -348,10 +351,13 @@ def _train_task(
         batch = {"images": batch["images"], "token_ids": batch["token_ids"]}
         state, metrics = step_fn(state, batch, lr_of(task, step))
         done = step + 1
-        if done % config.log_every == 0 or done == steps:
+        log_now = done % config.log_every == 0 or done == steps
+        save_now = config.checkpoint_every and done % config.checkpoint_every == 0 and done < steps
+        if log_now or save_now:  # never log or checkpoint a diverged state
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if not metrics["finite"]:
-                raise FloatingPointError(f"task {task}: non-finite loss at step {done}")
+                _diverged(workdir, task, done, state, progress, checkpoints)
+        if log_now:
             elapsed = time.perf_counter() - window_start
             rate = (done - last_logged) * batches.batch_size / elapsed
             record = dict(task=task, step=done, samples_per_second=rate,
@@ -364,11 +370,27 @@ def _train_task(
                 rate, 100 * data_wait / elapsed, (steps - done) * batches.batch_size / rate,
             )  # fmt: skip
             window_start, data_wait, last_logged = time.perf_counter(), 0.0, done
-        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < steps:
+        if save_now:
             progress.update(task=task, step=done)
             progress["saves"] += 1
             checkpoints.save(progress["saves"], state, progress)
     return state, progress
+
+
+def _diverged(workdir, task, step, state, progress, checkpoints):
+    """Abort a diverged run, after saving its state aside for inspection (spec §7: the run
+    aborts after writing a checkpoint). The state goes to `diverged/`, not `checkpoints/`, so a
+    rerun resumes from the last good checkpoint, not from non-finite weights."""
+    aside = Checkpoints(os.path.join(workdir, "diverged"), max_to_keep=1)
+    aside.save(progress["saves"] + 1, state, dict(progress, task=task, step=step))
+    aside.close()
+    raise FloatingPointError(
+        f"task {task}: non-finite loss or gradient norm at step {step}. The state at this step is "
+        f"saved in {os.path.join(workdir, 'diverged')}; the last good checkpoint is "
+        f"{checkpoints.latest()} in {os.path.join(workdir, 'checkpoints')} (a rerun resumes "
+        "from it and, with the same config, diverges again: lower the learning rate or raise "
+        "the gradient clipping and start in a new workdir)."
+    )
 
 
 def _results(progress, final, steps, config, evaluator) -> dict:

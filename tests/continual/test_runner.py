@@ -8,11 +8,16 @@ import sys
 import time
 
 import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from configs import fif_synth as fif_synth_config
 from fomo_jax import runtime, schedules
 from fomo_jax.continual import methods, runner
+from fomo_jax.continual.checkpoints import Checkpoints
 
 RUN = os.path.join(runtime.REPO_ROOT, "run.py")
 
@@ -93,6 +98,14 @@ def test_kill_and_resume_is_bitwise_identical(data_root, uninterrupted, tmp_path
                         if k not in ("samples_per_second", "data_wait_fraction")}
                        for x in (d / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
     assert lines(workdir) == lines(reference)
+    # TensorBoard shows each step once, as in the uninterrupted run: what the killed process
+    # logged after its checkpoint is purged.
+    for run in ("train", "eval"):
+        got_board = [x for x in _tensorboard_scalars(workdir, run) if "per_second" not in x[0]
+                     and "data_wait" not in x[0]]  # fmt: skip
+        want_board = [x for x in _tensorboard_scalars(reference, run) if "per_second" not in x[0]
+                      and "data_wait" not in x[0]]  # fmt: skip
+        assert got_board == want_board
 
 
 def test_finished_run_changes_nothing(data_root, uninterrupted):
@@ -147,21 +160,34 @@ def test_required_paths_and_optional_wandb(data_root, tmp_path):
             runner.run(config, str(tmp_path / "wandb"))
 
 
-def test_tensorboard_events_hold_training_and_evaluation(uninterrupted):
+def _tensorboard_scalars(workdir, run):
+    """[(tag, step, value)] of one TensorBoard run as TensorBoard shows it: event files in
+    order, and a SessionLog START at step s hides every earlier event of the run with step >= s
+    (TensorBoard's purge of orphaned data)."""
     from tensorboardX.proto import event_pb2
 
-    workdir, _ = uninterrupted
-    tags = set()
-    for path in (workdir / "tensorboard").iterdir():
+    scalars = []
+    for path in sorted((workdir / "tensorboard" / run).iterdir()):
         data = path.read_bytes()
         offset = 0
         while offset < len(data):  # TFRecord framing: length, crc, payload, crc
             length = int.from_bytes(data[offset : offset + 8], "little")
             event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
-            tags |= {v.tag for v in event.summary.value}
             offset += 12 + length + 4
-    assert {"train/loss", "train/learning_rate", "eval/knowledge_accumulation",
-            "eval/zero_shot_retention"} <= tags  # fmt: skip
+            if event.session_log.status == event_pb2.SessionLog.START:
+                scalars = [x for x in scalars if x[1] < event.step]
+            scalars += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+    return scalars
+
+
+def test_tensorboard_events_hold_training_and_evaluation(uninterrupted):
+    workdir, _ = uninterrupted
+    train = _tensorboard_scalars(workdir, "train")
+    evaluations = _tensorboard_scalars(workdir, "eval")
+    assert {"train/loss", "train/learning_rate"} <= {tag for tag, _, _ in train}
+    assert sorted(step for tag, step, _ in train if tag == "train/loss") == [3, 6, 9, 12]
+    for tag in ("eval/knowledge_accumulation", "eval/zero_shot_retention"):
+        assert [step for t, step, _ in evaluations if t == tag] == [0, 1, 2]
 
 
 RESTORE_ON_4_DEVICES = """
@@ -331,3 +357,75 @@ def test_one_flag_selects_any_schedule(name):
     config.schedule.warmup_fraction = 0.2  # does nothing for a constant rate: refused
     with pytest.raises(ValueError, match="does not take"):
         runner.schedule_of(config, 200)
+
+
+def test_resumed_logger_hides_what_the_killed_process_logged_after_the_checkpoint(tmp_path):
+    import ml_collections
+
+    from fomo_jax.continual.logger import RunLogger
+
+    config = ml_collections.ConfigDict({"wandb": {"enabled": False}})
+    first = RunLogger(str(tmp_path), config, keep_lines=0, resume_at=None)
+    for step in range(1, 7):  # killed after step 6; its checkpoint was at step 3
+        first.step({"task": 0, "step": step, "loss": float(step)}, global_step=step)
+    first.evaluation({"knowledge_accumulation": 1.0}, 0)
+    first.evaluation({"knowledge_accumulation": 2.0}, 1)  # logged after the checkpoint
+    first.close()
+    resumed = RunLogger(str(tmp_path), config, keep_lines=3, resume_at=(4, 1))
+    for step in range(4, 7):
+        resumed.step({"task": 0, "step": step, "loss": 10.0 + step}, global_step=step)
+    resumed.evaluation({"knowledge_accumulation": 3.0}, 1)
+    resumed.close()
+    assert _tensorboard_scalars(tmp_path, "train") == [
+        ("train/loss", s, v) for s, v in [(1, 1), (2, 2), (3, 3), (4, 14), (5, 15), (6, 16)]
+    ]
+    assert _tensorboard_scalars(tmp_path, "eval") == [
+        ("eval/knowledge_accumulation", 0, 1.0),
+        ("eval/knowledge_accumulation", 1, 3.0),
+    ]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["loss"] for x in lines] == [1, 2, 3, 14, 15, 16]
+
+
+class _Diverges(methods.Method):
+    """Fine-tuning whose loss and gradients turn NaN at its fourth step."""
+
+    name = "diverges"
+
+    def init_state(self, params):
+        return {"steps": jnp.zeros((), jnp.int32)}
+
+    def loss(self, params, state, batch, forward, key):
+        loss, metrics, outputs = super().loss(params, state, batch, forward, key)
+        return loss * jnp.where(state["steps"] >= 3, jnp.nan, 1.0), metrics, outputs
+
+    def step_update(self, state, params, info):
+        return {"steps": state["steps"] + 1}, {}
+
+
+def test_divergence_saves_the_state_aside_and_keeps_the_last_good_checkpoint(
+    data_root, tmp_path, monkeypatch
+):
+    monkeypatch.setitem(methods.METHODS, "diverges", _Diverges)
+    config = _smoke(data_root, method="diverges")
+    config.methods["diverges"] = {}
+    workdir = tmp_path / "run"
+    # Smoke config: log every 3 steps, checkpoint every 2. Steps 1-3 are finite (checkpoint at
+    # step 2, log at step 3); step 4 is not, and is a checkpoint step: the run stops there
+    # instead of checkpointing non-finite weights.
+    with pytest.raises(FloatingPointError, match=r"task 0: non-finite .* at step 4") as error:
+        runner.run(config, str(workdir))
+    assert str(workdir / "diverged") in str(error.value)
+    assert not (workdir / "results.json").exists()
+    for directory, want_step, want_finite in (("checkpoints", 2, True), ("diverged", 4, False)):
+        ckpt = Checkpoints(str(workdir / directory))
+        restored = ckpt.manager.restore(
+            ckpt.latest(),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(), progress=ocp.args.JsonRestore()
+            ),
+        )
+        ckpt.close()
+        assert (restored.progress["task"], restored.progress["step"]) == (0, want_step)
+        leaves = jax.tree_util.tree_leaves(restored.state["params"])
+        assert all(np.isfinite(np.asarray(x)).all() for x in leaves) == want_finite
