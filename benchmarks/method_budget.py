@@ -6,8 +6,9 @@ run; XLA's cost analysis gives FLOPs/step and its buffer assignment the peak mem
 (`fomo_jax.budget.profile_method`). Mult and MAF are relative to full fine-tuning measured the
 same way, and steps per task follow the spec's formula (§5.1). EWC's Fisher pass (98
 forward+backward passes per task) happens outside the step; as in the paper it is charged per
-step, here at the update-pool batch size our Fisher pass uses (175 after task 0 at the default
-mixture, as in the reference; the paper's figure corresponds to batches of 512).
+step (`Method.extra_step_flops`), here at the update-pool batch size our Fisher pass uses (175
+after task 0 at the default mixture, as in the reference; the paper's figure corresponds to
+batches of 512).
 
     python benchmarks/method_budget.py                      # ViT-B/16, batch 512 (CPU: ~15 min)
     python benchmarks/method_budget.py --model tiny --batch 64 --out /tmp/budget   # quick check
@@ -23,18 +24,13 @@ import platform
 import sys
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import fif_synth  # noqa: E402
 from fomo_jax import budget, models  # noqa: E402
-from fomo_jax import params as params_lib  # noqa: E402
 from fomo_jax.continual import runner  # noqa: E402
-from fomo_jax.data import mixture  # noqa: E402
-from fomo_jax.models.clip import abstract_clip  # noqa: E402
 from fomo_jax.train import optimizer  # noqa: E402
-from fomo_jax.train.step import make_loss_fn  # noqa: E402
 
 # (row key, method, hyperparameters); the key is Table 4's where the paper has the method.
 ROWS = [
@@ -59,20 +55,6 @@ ROWS = [
 ]
 
 
-def grad_pass_flops(model_config, batch_size: int) -> float:
-    """FLOPs of one CLIP-loss forward+backward (a Fisher-pass batch), compiled, never run."""
-    graphdef, params = params_lib.split(abstract_clip(model_config))
-    size, length = model_config.vision.image_size, model_config.text.context_length
-    batch = {
-        "images": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8),
-        "token_ids": jax.ShapeDtypeStruct((batch_size, length), jnp.int32),
-    }
-    grad = jax.jit(jax.grad(lambda p, b: make_loss_fn(graphdef)(p, b)[0]))
-    cost = grad.lower(params, batch).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return float(cost["flops"])
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="ViT-B-16")
@@ -93,13 +75,11 @@ def main():
         print(f"{key:14s} {profiles[key]['flops'] / 1e9:12.1f} GFLOPs/step  "
               f"{profiles[key]['peak_bytes'] / 1e9:8.2f} GB  "
               f"(compile {profiles[key]['compile_seconds']:.0f} s)", flush=True)  # fmt: skip
-    # EWC: the per-task Fisher pass charged per step (spec §5.2), 98 batches of the update pool.
-    update_batch = mixture.pool_batch_sizes(args.batch, dict(config.mixture), 1)["update"]
-    fisher_batches = int(config.methods.ewc.fisher_batches)
-    fisher = fisher_batches * grad_pass_flops(model_config, update_batch)
-    profiles["ewc"] = dict(profiles["ewc"], flops=profiles["ewc"]["flops"] + fisher)
-    extra["ewc_fisher"] = dict(batches=fisher_batches, batch_size=update_batch,
-                               gflops_per_task=fisher / 1e9)  # fmt: skip
+    # EWC's profile includes its per-task Fisher pass, charged per step (spec §5.2).
+    ewc = runner.profiling_instance(config, model_config, "ewc")
+    extra["ewc_fisher"] = dict(batches=int(config.methods.ewc.fisher_batches),
+                               batch_size=ewc.fisher_batch_size(1),
+                               gflops_per_task=profiles["ewc"]["extra_flops"] / 1e9)  # fmt: skip
 
     rows = budget.budget_table(profiles=profiles, methods=[k for k, _, _ in ROWS])
     report = {

@@ -25,6 +25,9 @@ def get_config(arg: str | None = None):
     c.steps_per_task = 200  # None: n_samples // batch_size, else the budget table
     c.n_samples = config_dict.placeholder(int)
     c.budget = "paper"  # or "measured" (spec §5.3)
+    # True: steps_per_task (or n_samples) is full fine-tuning's, and a method gets it x
+    # MAF_finetune / MAF_method (MAFs from `budget`): methods compare at equal compute.
+    c.equal_compute = False
     c.log_every = 50
     c.checkpoint_every = 100  # steps; checkpoints are also written after every task
 

@@ -256,8 +256,9 @@ def profile_method(method, model_config, tx, batch_size: int, *, mesh=None) -> d
     What the method changes is what is compiled: its architecture (adapters), the parameters
     it trains (frozen ones are never differentiated and have no optimizer state), its loss
     (replay and distillation passes, penalties) and its per-step state update. `method` must
-    have been `setup` (a Context without data is enough). Host-side work at task ends (e.g.
-    EWC's Fisher pass) is not in the step; charge it separately.
+    have been `setup` (a Context without data is enough). Work outside the step (e.g. EWC's
+    Fisher pass at task ends, `Method.extra_step_flops`) is added to `flops` per step, as in the
+    paper's Table 4; `step_flops` and `extra_flops` keep the two parts.
     """
     from fomo_jax import models
     from fomo_jax.continual import step as continual_step
@@ -290,7 +291,23 @@ def profile_method(method, model_config, tx, batch_size: int, *, mesh=None) -> d
     trained, frozen = params_lib.partition(state.params, method.trainable)
     report = _report(compiled, mesh, batch_size, compile_seconds, trained, frozen)
     report["method_state_bytes"] = _bytes(state.method_state)
+    # Work outside the step (EWC's Fisher pass) is charged per step, as the paper does.
+    report["step_flops"] = report["flops"]
+    report["extra_flops"] = float(method.extra_step_flops(model_config))
+    report["flops"] += report["extra_flops"]
     return report
+
+
+def grad_pass_flops(model_config, batch_size: int) -> float:
+    """FLOPs of one forward+backward pass of the CLIP loss of the plain model at `batch_size`
+    (e.g. one batch of EWC's Fisher pass), compiled, never run."""
+    model = _model_of(model_config)
+    graphdef, params = params_lib.split(model)
+    batch = _abstract_batch(model.config, batch_size)
+    grad = jax.jit(jax.grad(lambda p, b: step_lib.make_loss_fn(graphdef)(p, b)[0]))
+    cost = grad.lower(_abstract(params), batch).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["flops"])
 
 
 def _report(compiled, mesh, batch_size, compile_seconds, trainable_params, frozen) -> dict:

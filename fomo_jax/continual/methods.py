@@ -134,6 +134,11 @@ class Method:
         """(state, metrics) after the optimizer step (e.g. an online EMA)."""
         return state, {}
 
+    def extra_step_flops(self, model_config) -> float:
+        """FLOPs spent outside the jitted step, charged per step in the budget (spec §5.2; e.g.
+        EWC's Fisher pass). Default: none."""
+        return 0.0
+
 
 def _override(config: ml_collections.ConfigDict, values: dict, where: str) -> None:
     unknown = set(values) - set(config)

@@ -91,6 +91,14 @@ class EWC(Method):
         sizes = mixture.pool_batch_sizes(config.batch_size, dict(config.mixture), task)
         return sizes["update"]
 
+    def extra_step_flops(self, model_config) -> float:
+        """A task's Fisher pass (`fisher_batches` forward+backward passes at the update-pool
+        batch size of tasks >= 1), charged per step as the paper does (spec §5.2)."""
+        from fomo_jax import budget
+
+        batch_size = self.fisher_batch_size(1)
+        return int(self.config.fisher_batches) * budget.grad_pass_flops(model_config, batch_size)
+
     def fisher(self, task: int, params):
         """F_new of `task`: the mean over `fisher_batches` update-pool batches of the squared
         gradient of the batch-mean CLIP loss (at the model's temperature)."""

@@ -95,28 +95,41 @@ def prepare_data(config) -> Data:
 
 
 def task_budget(config, method, model_config, tx) -> dict:
-    """Steps per task and where they come from: the config, n_samples, or the budget (§5)."""
-    if config.steps_per_task:
-        steps, source = int(config.steps_per_task), "config.steps_per_task"
-    elif config.n_samples:
-        steps, source = int(config.n_samples) // config.batch_size, "config.n_samples"
-    else:
-        measured = {}
-        if config.budget == "measured":  # MAF of this method's step relative to full FT
+    """Steps per task and where they come from (spec §5): `config.steps_per_task` or
+    `config.n_samples` as given, or the stream budget of `config.budget` ("paper": Table 4;
+    "measured": MAFs of the compiled steps). With `config.equal_compute`, a given step count is
+    full fine-tuning's, and the method gets it x MAF_finetune / MAF_method (MAFs again from
+    `config.budget`), so methods compare at equal compute on any stream length."""
+    mafs = {}
+    if config.budget == "measured":  # MAF of this method's step relative to full FT
+        if not (config.steps_per_task or config.n_samples) or config.equal_compute:
             profile, full = (
                 budget.profile_method(profiling_instance(config, model_config, name),
                                       model_config, tx, config.batch_size)
                 for name in (config.method, "finetune")
             )  # fmt: skip
-            measured = dict(measured_maf=budget.maf(profile, full)["maf"],
-                            full_maf=budget.maf(full, full)["maf"])  # fmt: skip
-        info = budget.task_budget(
-            method.name, config.num_tasks, batch_size=config.batch_size, budget=config.budget,
-            rank=method.config.get("rank"), **measured,
-        )  # fmt: skip
-        return info
-    return dict(method=method.name, num_tasks=config.num_tasks, steps_per_task=steps,
-                total_steps=steps * config.num_tasks,
+            mafs = dict(measured_maf=budget.maf(profile, full)["maf"],
+                        full_maf=budget.maf(full, full)["maf"])  # fmt: skip
+    elif config.budget != "paper":
+        raise ValueError(f"config.budget={config.budget!r}; expected 'paper' or 'measured'")
+    rank = method.config.get("rank")
+    if not (config.steps_per_task or config.n_samples):
+        return budget.task_budget(method.name, config.num_tasks, batch_size=config.batch_size,
+                                  budget=config.budget, rank=rank, **mafs)  # fmt: skip
+    if config.steps_per_task:
+        steps, source = int(config.steps_per_task), "config.steps_per_task"
+    else:
+        steps, source = int(config.n_samples) // config.batch_size, "config.n_samples"
+    info = dict(method=method.name, num_tasks=config.num_tasks)
+    if config.equal_compute:
+        if not mafs:  # budget="paper"
+            mafs = dict(measured_maf=budget.paper_row(method.name, rank).maf,
+                        full_maf=budget.PAPER_TABLE["finetune"].maf)  # fmt: skip
+        # floor(steps x MAF_full / MAF_m): the budget formula with `steps` as full FT's T_s.
+        steps = budget.budget_steps(1, mafs["measured_maf"], mafs["full_maf"], full_steps=steps)
+        source += f" x MAF_finetune / MAF_{method.name} ({config.budget} MAFs)"
+        info.update(maf=mafs["measured_maf"], full_maf=mafs["full_maf"])
+    return dict(info, steps_per_task=steps, total_steps=steps * config.num_tasks,
                 n_samples=budget.n_samples(steps, config.batch_size), source=source)  # fmt: skip
 
 

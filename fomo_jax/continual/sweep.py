@@ -6,13 +6,16 @@ in one table and figure.
         --schedules=warmup_cosine,rsqrt_meta:meta_mode=continued
     python -m fomo_jax.continual.sweep --workdir=runs/method_sweep --methods=all
     python -m fomo_jax.continual.sweep --methods=finetune,lora:rank=64,zs_merge:merge.name=ties
+    python -m fomo_jax.continual.sweep --methods=all --workdir=runs/method_sweep_equal_compute \
+        --config.equal_compute=True --config.budget=measured
 
 Each variant runs in `<workdir>/<variant>/` through the continual runner (so an interrupted
 sweep resumes, and finished runs are reused); everything else in the config is shared. A
 method variant is NAME:key=value;... over `config.methods.NAME` (dotted keys reach nested
-blocks). Writes `comparison.json`, `comparison.md` (final and area-under-trajectory A_KA /
-A_ZS / GM), `trajectories.png` (A_ZS against A_KA for every variant) and, for schedules,
-`schedules.png`.
+blocks). With `--config.equal_compute=True` each method gets full fine-tuning's steps x
+MAF_finetune / MAF_method (equal compute) instead of equal steps. Writes `comparison.json`,
+`comparison.md` (steps per task, final and area-under-trajectory A_KA / A_ZS / GM),
+`trajectories.png` (A_ZS against A_KA for every variant) and, for schedules, `schedules.png`.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ def run_sweep(config, workdir: str, variants=SCHEDULES, *, axis: str = "schedule
             final={k: results["final"][k] for k in KEYS},
             area_under_trajectory=results["area_under_trajectory"],
             trajectory=[{k: p[k] for k in KEYS} for p in results["trajectory"]],
+            steps_per_task=results["steps_per_task"],
         )
         steps = results["steps_per_task"]
         lr = runner.schedule_of(run_config, steps)
@@ -98,13 +102,15 @@ def run_sweep(config, workdir: str, variants=SCHEDULES, *, axis: str = "schedule
 
 def format_comparison(rows: dict, axis: str = "schedule") -> str:
     lines = [
-        f"| {axis} | final A_KA | final A_ZS | final GM | AUT A_KA | AUT A_ZS | AUT GM |",
-        "|---|---|---|---|---|---|---|",
+        f"| {axis} | steps/task | final A_KA | final A_ZS | final GM | AUT A_KA | AUT A_ZS "
+        "| AUT GM |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for variant, row in rows.items():
         final = [f"{row['final'][k]:.2f}" for k in KEYS]
         area = [f"{row['area_under_trajectory'][k]:.2f}" for k in KEYS]
-        lines.append(f"| {variant} | " + " | ".join(final + area) + " |")
+        cells = [variant, str(row["steps_per_task"])] + final + area
+        lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("AUT: area under the trajectory (zero-shot point, then one point per task), "
                  "normalized by the number of intervals.")  # fmt: skip

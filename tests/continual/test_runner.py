@@ -18,6 +18,7 @@ from configs import fif_synth as fif_synth_config
 from fomo_jax import runtime, schedules
 from fomo_jax.continual import methods, runner
 from fomo_jax.continual.checkpoints import Checkpoints
+from fomo_jax.data import mixture
 
 RUN = os.path.join(runtime.REPO_ROOT, "run.py")
 
@@ -196,6 +197,7 @@ import jax, numpy as np
 from fomo_jax import models, sharding
 from fomo_jax import params as params_lib
 from fomo_jax.continual.checkpoints import Checkpoints
+from fomo_jax.data import mixture
 from fomo_jax.continual.step import ContinualState, shardings_of
 from fomo_jax.models.clip import abstract_clip
 from fomo_jax.train import optimizer
@@ -340,6 +342,44 @@ def test_steps_per_task_from_the_budget(data_root):
     assert (
         runner.task_budget(config, method, model_config, optimizer.adamw())["steps_per_task"] == 100
     )
+
+
+def test_equal_compute_scales_the_given_steps_by_the_maf_ratio(data_root):
+    from fomo_jax import budget
+    from fomo_jax.train import optimizer
+
+    tx = optimizer.adamw()
+    config = _smoke(data_root, steps_per_task=200, equal_compute=True)
+    model_config, _ = runner.model_and_tokenizer(config)
+
+    def steps(name, **overrides):
+        config.method = name
+        config.methods[name].update(overrides)
+        method = runner.profiling_instance(config, model_config)
+        return runner.task_budget(config, method, model_config, tx)
+
+    # Table 4's MAFs (spec §5.2): LoRA r=4 47407.8446, full fine-tuning 63394.7585.
+    assert steps("finetune")["steps_per_task"] == 200
+    assert steps("lora", rank=4)["steps_per_task"] == int(200 * 63394.7585 / 47407.8446)  # 267
+    assert steps("lora", rank=64)["steps_per_task"] == int(200 * 63394.7585 / 47582.8781)  # 266
+    with pytest.raises(KeyError, match="not in Table 4"):
+        steps("er")  # no published MAF: use the measured budget
+    config.budget = "measured"
+    locked = steps("locked_image")
+    assert locked["maf"] < locked["full_maf"] and locked["steps_per_task"] > 200
+    assert locked["steps_per_task"] == int(200 * locked["full_maf"] / locked["maf"])
+    # EWC is charged its Fisher pass per step: 98 forward+backward passes at the update-pool
+    # batch size of tasks >= 1, on top of a step that costs what fine-tuning's does.
+    config.method = "ewc"
+    ewc = runner.profiling_instance(config, model_config)
+    profile = budget.profile_method(ewc, model_config, tx, config.batch_size)
+    full = budget.profile_method(runner.profiling_instance(config, model_config, "finetune"),
+                                 model_config, tx, config.batch_size)  # fmt: skip
+    batch = mixture.pool_batch_sizes(config.batch_size, dict(config.mixture), 1)["update"]
+    assert profile["extra_flops"] == 98 * budget.grad_pass_flops(model_config, batch)
+    assert profile["flops"] == profile["step_flops"] + profile["extra_flops"]
+    assert abs(profile["step_flops"] / full["flops"] - 1) < 0.05
+    assert steps("ewc")["steps_per_task"] < 200 * full["flops"] / profile["extra_flops"]
 
 
 @pytest.mark.parametrize("name", schedules.NAMES)

@@ -19,7 +19,7 @@ def test_sweep_compares_schedules(tmp_path_factory):
     saved = json.loads((workdir / "comparison.json").read_text())
     assert saved == rows
     table = (workdir / "comparison.md").read_text()
-    assert all(f"| {v} |" in table for v in variants)
+    assert all(f"| {v} | 6 |" in table for v in variants)  # variant, steps per task
     for name in ("trajectories.png", "schedules.png"):
         assert (workdir / name).stat().st_size > 5000
     # Each run used its own schedule (recorded in its config), and the runs differ.
