@@ -126,7 +126,13 @@ def task_budget(config, method, model_config, tx) -> dict:
             mafs = dict(measured_maf=budget.paper_row(method.name, rank).maf,
                         full_maf=budget.PAPER_TABLE["finetune"].maf)  # fmt: skip
         # floor(steps x MAF_full / MAF_m): the budget formula with `steps` as full FT's T_s.
-        steps = budget.budget_steps(1, mafs["measured_maf"], mafs["full_maf"], full_steps=steps)
+        maf, full_maf = mafs["measured_maf"], mafs["full_maf"]
+        if steps * full_maf < maf:
+            raise ValueError(
+                f"config.equal_compute: {method.name} (MAF {maf / full_maf:.2f}x fine-tuning's) "
+                f"gets no step of {steps}; give more steps"
+            )
+        steps = budget.budget_steps(1, maf, full_maf, full_steps=steps)
         source += f" x MAF_finetune / MAF_{method.name} ({config.budget} MAFs)"
         info.update(maf=mafs["measured_maf"], full_maf=mafs["full_maf"])
     return dict(info, steps_per_task=steps, total_steps=steps * config.num_tasks,

@@ -380,6 +380,9 @@ def test_equal_compute_scales_the_given_steps_by_the_maf_ratio(data_root):
     assert profile["flops"] == profile["step_flops"] + profile["extra_flops"]
     assert abs(profile["step_flops"] / full["flops"] - 1) < 0.05
     assert steps("ewc")["steps_per_task"] < 200 * full["flops"] / profile["extra_flops"]
+    config.steps_per_task = 2
+    with pytest.raises(ValueError, match="ewc .* gets no step of 2"):
+        steps("ewc")
 
 
 @pytest.mark.parametrize("name", schedules.NAMES)
