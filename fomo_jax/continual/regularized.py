@@ -122,14 +122,13 @@ class EWC(Method):
         return params, {"fisher": fisher, "anchor": params}
 
     def loss(self, params, state, batch, forward, key):
-        image, text, logit_scale = forward(params, batch)
-        clip, metrics = clip_loss(image, text, logit_scale)
+        clip, metrics, outputs = super().loss(params, state, batch, forward, key)
         penalty = (
             0.5
             * self.config.ewc_lambda
             * weighted_squared_distance(state["fisher"], params, state["anchor"])
         )
-        return clip + penalty, dict(metrics, clip_loss=clip, ewc_penalty=penalty), {}
+        return clip + penalty, dict(metrics, clip_loss=clip, ewc_penalty=penalty), outputs
 
 
 @jax.jit
@@ -161,12 +160,11 @@ class SI(Method):
         return {"omega": zeros, "importance": zeros_like_tree(params), "previous": params}
 
     def loss(self, params, state, batch, forward, key):
-        image, text, logit_scale = forward(params, batch)
-        clip, metrics = clip_loss(image, text, logit_scale)
+        clip, metrics, outputs = super().loss(params, state, batch, forward, key)
         penalty = self.config.c * weighted_squared_distance(
             state["importance"], params, state["previous"]
         )
-        return clip + penalty, dict(metrics, clip_loss=clip, si_penalty=penalty), {}
+        return clip + penalty, dict(metrics, clip_loss=clip, si_penalty=penalty), outputs
 
     def clip_factor(self, norm):
         """min(1, clip_norm / ‖g‖): the optimizer's global-norm clip (1 without a clip)."""
