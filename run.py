@@ -1,6 +1,7 @@
 """fomo_jax command line: `python run.py [--config=configs/X.py[:arg]] [--config.KEY=VALUE ...]`."""
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -28,9 +29,13 @@ def main(argv):
     runtime.enable_compilation_cache()
     config = _CONFIG.value
     if config.get("job", "pretrain") == "continual":  # configs/fif_synth.py, configs/fif.py
-        from fomo_jax.continual import runner
+        from fomo_jax.continual import runner, workdir
 
-        runner.run(config, _WORKDIR.value)
+        try:
+            runner.run(config, _WORKDIR.value)
+        except workdir.Preempted as stop:  # SIGTERM: checkpointed; the same command resumes
+            logging.warning("%s; exit status %d", stop, workdir.EXIT_PREEMPTED)
+            sys.exit(workdir.EXIT_PREEMPTED)
         return
     from fomo_jax.train import pretrain  # configs/clip_synth.py: pretraining only
 

@@ -47,6 +47,11 @@ def get_config(arg: str | None = None):
     c.data.stream = config_dict.placeholder(str)  # default <root>/streams/random_sequence_1.json
     c.data.pretraining_pool = config_dict.placeholder(str)  # default <root>/pretraining
     c.data.num_threads = 0
+    # An undecodable training image: "error" stops the run naming the file and the split;
+    # "skip" replaces the sample by a deterministic draw from the same pool (resume stays
+    # exact), counts it in results.json, and stops the run past this fraction of its samples.
+    c.data.bad_images = "error"
+    c.data.max_bad_image_fraction = 0.001
     c.data.synth_seed = 0
     c.data.image_size = 40
     c.data.train_per_class = 80

@@ -4,7 +4,8 @@ One checkpoint holds the `ContinualState` (params, optimizer state, method state
 and a JSON record of everything else a resumed run needs: the task and step to continue from
 (the input pipeline is a pure function of them), the evaluation trajectory so far, and how many
 metric lines were written. orbax writes to a temporary directory and renames it when complete,
-so a kill at any moment leaves the previous checkpoint intact.
+so a kill at any moment leaves the previous checkpoint intact (and the temporary directory,
+which the next run's manager removes).
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ import orbax.checkpoint as ocp
 
 
 class Checkpoints:
-    def __init__(self, directory: str, *, max_to_keep: int = 2):
+    def __init__(self, directory: str, *, max_to_keep: int | None = 2):
+        # cleanup_tmp_directories: a save killed before its rename leaves a temporary
+        # directory behind; it is removed when the run restarts.
         self.manager = ocp.CheckpointManager(
             os.path.abspath(directory),
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True
+            ),
         )
 
     def latest(self) -> int | None:

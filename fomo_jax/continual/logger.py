@@ -15,6 +15,8 @@ import json
 import os
 import time
 
+from fomo_jax.continual.workdir import write_atomic
+
 
 class EventFile:
     """A TensorBoard event file written synchronously and flushed at every write.
@@ -57,11 +59,10 @@ class RunLogger:
         None for a fresh run."""
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.lines = keep_lines
-        if os.path.exists(self.path):
+        if os.path.exists(self.path):  # cut back in one rename: a kill here loses no line
             with open(self.path) as f:
                 kept = f.readlines()[:keep_lines]
-            with open(self.path, "w") as f:
-                f.writelines(kept)
+            write_atomic(self.path, "".join(kept))
         self.file = open(self.path, "a")
         purge = resume_at or (None, None)
         board = os.path.join(workdir, "tensorboard")

@@ -21,6 +21,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -28,6 +29,7 @@ from fomo_jax import budget, models, schedules, sharding
 from fomo_jax import evaluate as evaluate_lib
 from fomo_jax import params as params_lib
 from fomo_jax.continual import methods, plots, theta0
+from fomo_jax.continual import workdir as workdir_lib
 from fomo_jax.continual.checkpoints import Checkpoints
 from fomo_jax.continual.logger import RunLogger
 from fomo_jax.continual.step import (
@@ -183,55 +185,136 @@ def _headline(summary: dict) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    # Configuration mistakes stop here, before any data is made or compute spent.
+    """Run (or resume, or report) the continual experiment of `config` in `workdir`.
+
+    The whole config is checked before anything is written, so a failed start leaves the work
+    directory reusable; then the run holds the directory's lock (one writer at a time) and
+    turns SIGTERM into a checkpoint at the current step (`workdir.Preempted`)."""
     started = time.perf_counter()
+    setup = _check_config(config)
+    config_json = _config_json(config)
+    results_path = os.path.join(workdir, "results.json")
+    if os.path.exists(results_path):  # complete: read it, write nothing
+        return _finished(workdir, config_json)
+    with workdir_lib.locked(workdir), workdir_lib.Preemption() as preemption:
+        if os.path.exists(results_path):  # finished while this process waited to start
+            return _finished(workdir, config_json)
+        return _run(config, workdir, setup, config_json, preemption, started)
+
+
+@dataclasses.dataclass
+class Setup:
+    """What the config check computes and the run uses."""
+
+    method: methods.Method
+    model_config: object
+    tokenizer: object
+    base_tx: object
+    budget_info: dict
+    lr_of: schedules.Schedule
+    mesh: jax.sharding.Mesh
+
+
+def _check_config(config) -> Setup:
+    """Every configuration mistake that can be found without data stops here."""
     method = methods.get(config.method, config.methods.get(config.method))
     for key in ("data.root", "tokenizer"):
         section, _, name = key.rpartition(".")
         if not (config[section] if section else config)[name]:
             raise ValueError(f"config.{key} is required (see {config.data.benchmark} configs)")
+    if config.data.bad_images not in ("error", "skip"):
+        raise ValueError(
+            f"config.data.bad_images={config.data.bad_images!r}; expected 'error' or 'skip'"
+        )
+    if not 0 <= config.data.max_bad_image_fraction <= 1:
+        raise ValueError(
+            f"config.data.max_bad_image_fraction={config.data.max_bad_image_fraction} is not a "
+            "fraction in [0, 1]"
+        )
     ratios = dict(config.mixture)
     for task in (0, 1):
         mixture.pool_batch_sizes(config.batch_size, ratios, task)
     model_config, tokenizer = model_and_tokenizer(config)
+    profiling_instance(config, model_config)  # the method's setup checks its parameters
     base_tx = optimizer.adamw(
         b1=config.optimizer.b1, b2=config.optimizer.b2, eps=config.optimizer.eps,
         weight_decay=config.optimizer.weight_decay, clip_norm=config.optimizer.clip_norm,
         decay_convention=config.optimizer.decay_convention,
     )  # fmt: skip
     budget_info = task_budget(config, method, model_config, base_tx)
-    steps = budget_info["steps_per_task"]
-    lr_of = schedule_of(config, steps)
-    logging.info("budget: %s", json.dumps(budget_info))
+    lr_of = schedule_of(config, budget_info["steps_per_task"])
+    mesh = sharding.make_mesh(**config.mesh)
+    check_batch_divides(config, mesh)
+    return Setup(method, model_config, tokenizer, base_tx, budget_info, lr_of, mesh)
 
+
+def check_batch_divides(config, mesh) -> None:
+    """Every batch the run shards over the mesh's batch axes divides over them."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    sizes = {"batch_size": config.batch_size}
+    if not config.theta0.checkpoint:
+        sizes["theta0.batch_size"] = config.theta0.batch_size
+    for key, size in sizes.items():
+        if size % shards:
+            raise ValueError(
+                f"config.{key}={size} does not split over the mesh's data x fsdp = {shards} devices"
+            )
+
+
+def _config_json(config) -> str:
+    """The run's identity: its config with only its own method's block (other methods'
+    hyperparameters, and methods added to the library later, do not change it)."""
+    recorded = ml_collections.ConfigDict(config.to_dict())
+    recorded.methods = {config.method: config.methods.get(config.method, {})}
+    return json.dumps(json.loads(recorded.to_json_best_effort()), indent=2, sort_keys=True)
+
+
+def _same_config_or_fresh(workdir: str, config_json: str) -> None:
+    """Record the config in `workdir`; a different one is refused once the directory holds a
+    run's state (a checkpoint or results), and replaced before that (a failed start)."""
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() == config_json:
+                return
+        if _holds_state(workdir):
+            raise ValueError(f"{workdir} holds a run with a different config ({path})")
+        logging.info("%s: replacing the config of a start that made no checkpoint", path)
+    workdir_lib.write_atomic(path, config_json)
+
+
+def _holds_state(workdir: str) -> bool:
+    directory = os.path.join(workdir, "checkpoints")
+    return os.path.exists(os.path.join(workdir, "results.json")) or (
+        os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+    )
+
+
+def _finished(workdir: str, config_json: str) -> dict:
+    path = os.path.join(workdir, "config.json")
+    with open(path) as f:
+        if f.read() != config_json:
+            raise ValueError(f"{workdir} holds a run with a different config ({path})")
+    logging.info("run in %s is complete; nothing to do", workdir)
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    print(format_table(results))
+    return results
+
+
+def _run(config, workdir, setup: Setup, config_json, preemption, started) -> dict:
+    method, model_config, tokenizer = setup.method, setup.model_config, setup.tokenizer
+    budget_info, lr_of, mesh = setup.budget_info, setup.lr_of, setup.mesh
+    steps = budget_info["steps_per_task"]
+    logging.info("budget: %s", json.dumps(budget_info))
     logging.info("compute budget of the paper's methods (Table 4 MAFs, spec §5):\n%s",
                  budget.format_budget_table(budget.budget_table((config.num_tasks,))))  # fmt: skip
 
+    data = prepare_data(config)  # the last check: the data's paths and files
+    _same_config_or_fresh(workdir, config_json)
     os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
-    # A run is identified by its config with only its own method's block: other methods'
-    # hyperparameters (and methods added to the library later) do not change it.
-    recorded = ml_collections.ConfigDict(config.to_dict())
-    recorded.methods = {config.method: config.methods.get(config.method, {})}
-    config_json = json.dumps(json.loads(recorded.to_json_best_effort()), indent=2, sort_keys=True)
-    config_path = os.path.join(workdir, "config.json")
-    if os.path.exists(config_path):
-        with open(config_path) as f:
-            if f.read() != config_json:
-                raise ValueError(f"{workdir} holds a run with a different config ({config_path})")
-    else:
-        with open(config_path, "w") as f:
-            f.write(config_json)
-    results_path = os.path.join(workdir, "results.json")
-    if os.path.exists(results_path):
-        logging.info("run in %s is complete; nothing to do", workdir)
-        with open(results_path) as f:
-            results = json.load(f)
-        print(format_table(results))
-        return results
-
-    data = prepare_data(config)
     image_size = model_config.vision.image_size
-    mesh = sharding.make_mesh(**config.mesh)
+    ratios = dict(config.mixture)
 
     theta0_params = theta0.load_or_make(
         config, model_config, tokenizer, data.pool, config.theta0.cache_dir or data.root, mesh
@@ -243,7 +326,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         update_batches=functools.partial(_update_batches, config, data, tokenizer, image_size),
     ))  # fmt: skip
     start_params = method.init_params(theta0_params)
-    tx = base_tx
+    tx = setup.base_tx
     evaluator = evaluate_lib.Evaluator(
         data.root, data.datasets, tokenizer, image_size, batch_size=config.eval.batch_size,
         subset_seed=config.seed,
@@ -272,6 +355,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     latest = checkpoints.latest()
     if latest is not None:
         state, progress = checkpoints.restore(latest, abstract, state_sharding)
+        progress.setdefault("bad_images", 0)
         logging.info("resuming from checkpoint %d: task %d, step %d", latest,
                      progress["task"], progress["step"])  # fmt: skip
     else:
@@ -280,7 +364,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         zero_shot_subset = evaluate(start_params, subset=True)
         logging.info("zero-shot (full test sets): %s", _headline(zero_shot))
         progress = dict(task=0, step=0, saves=0, metric_lines=0, zero_shot_full=zero_shot,
-                        trajectory=[zero_shot_subset], batch_sizes=[])  # fmt: skip
+                        trajectory=[zero_shot_subset], batch_sizes=[], bad_images=0)  # fmt: skip
         checkpoints.save(0, state, progress)
 
     resume_at = None
@@ -289,39 +373,45 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log = RunLogger(workdir, config, keep_lines=progress["metric_lines"], resume_at=resume_at)
     if latest is None:
         log.evaluation(zero_shot, 0)
+    loop = Loop(config, workdir, steps, step_fn, lr_of, log, checkpoints, preemption,
+                max_bad_images=int(config.data.max_bad_image_fraction * config.batch_size
+                                   * steps * config.num_tasks))  # fmt: skip
     try:
-        for task in range(progress["task"], config.num_tasks):
-            sizes = mixture.pool_batch_sizes(config.batch_size, ratios, task)
-            update_ids, buffer_ids = mixture.task_pools(data.catalogue, data.tasks, task)
-            offset = sum(b["pretraining"] * steps for b in progress["batch_sizes"][:task])
-            if progress["step"] == 0:  # a task starts: the method picks its training weights
-                params = method.train_params(task, state.params, state.method_state)
-                opt_state = (state.opt_state if config.optimizer.carry_state
-                             else tx.init(trained(params, method)))  # fmt: skip
-                state = place(state.replace(params=params, opt_state=opt_state))
-            batches = pipeline.TaskBatches(
-                catalogue=data.catalogue, update_ids=update_ids, buffer_ids=buffer_ids,
-                pretraining=data.pool if sizes["pretraining"] else None, batch_sizes=sizes,
-                steps=steps, seed=config.seed, task=task, pretraining_offset=offset,
-                tokenizer=tokenizer, image_size=image_size, num_threads=config.data.num_threads,
-            )  # fmt: skip
-            state, progress = _train_task(
-                config, task, steps, batches, state, step_fn, lr_of, progress, log, checkpoints,
-                workdir,
-            )  # fmt: skip
-            params, method_state = method.end_of_task(task, state.params, state.method_state)
-            state = place(state.replace(params=params, method_state=method_state))
-            last = task == config.num_tasks - 1
-            if last or (task + 1) % config.eval.every_nth_task == 0:
-                point = evaluate(method.eval_params(task, params, method_state), subset=True)
-                point["task"] = task
-                progress["trajectory"].append(point)
-                log.evaluation(point, task + 1)
-                logging.info("after task %d (subset): %s", task, _headline(point))
-            progress.update(task=task + 1, step=0)
-            progress["batch_sizes"] = progress["batch_sizes"][:task] + [sizes]
-            progress["saves"] += 1
-            checkpoints.save(progress["saves"], state, progress)
+        with preemption.deferred():
+            for task in range(progress["task"], config.num_tasks):
+                sizes = mixture.pool_batch_sizes(config.batch_size, ratios, task)
+                update_ids, buffer_ids = mixture.task_pools(data.catalogue, data.tasks, task)
+                offset = sum(b["pretraining"] * steps for b in progress["batch_sizes"][:task])
+                if progress["step"] == 0:  # a task starts: the method picks its training weights
+                    params = method.train_params(task, state.params, state.method_state)
+                    opt_state = (state.opt_state if config.optimizer.carry_state
+                                 else tx.init(trained(params, method)))  # fmt: skip
+                    state = place(state.replace(params=params, opt_state=opt_state))
+                batches = pipeline.TaskBatches(
+                    catalogue=data.catalogue, update_ids=update_ids, buffer_ids=buffer_ids,
+                    pretraining=data.pool if sizes["pretraining"] else None, batch_sizes=sizes,
+                    steps=steps, seed=config.seed, task=task, pretraining_offset=offset,
+                    tokenizer=tokenizer, image_size=image_size,
+                    num_threads=config.data.num_threads, bad_images=config.data.bad_images,
+                )  # fmt: skip
+                state, progress = loop.train_task(task, batches, state, progress)
+                params, method_state = method.end_of_task(task, state.params, state.method_state)
+                state = place(state.replace(params=params, method_state=method_state))
+                if not bool(_all_finite((state.params, state.method_state))):
+                    _diverged(workdir, task, steps, state, progress, checkpoints,
+                              where=f"after the end-of-task hook of {method.name}")  # fmt: skip
+                last = task == config.num_tasks - 1
+                if last or (task + 1) % config.eval.every_nth_task == 0:
+                    point = evaluate(method.eval_params(task, params, method_state), subset=True)
+                    point["task"] = task
+                    progress["trajectory"].append(point)
+                    log.evaluation(point, task + 1)
+                    logging.info("after task %d (subset): %s", task, _headline(point))
+                progress.update(task=task + 1, step=0)
+                progress["batch_sizes"] = progress["batch_sizes"][:task] + [sizes]
+                progress["saves"] += 1
+                checkpoints.save(progress["saves"], state, progress)
+                loop.stop_if_preempted(progress)
     finally:
         log.close()
         checkpoints.close()
@@ -333,15 +423,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     models.export_hf(params_lib.merge(export_graphdef, export_params),
                      os.path.join(workdir, "model"))  # fmt: skip
     results = _results(progress, final, steps, config, evaluator)
-    results.update(budget=budget_info, wall_seconds_this_process=time.perf_counter() - started)
+    results.update(
+        budget=budget_info,
+        bad_images=dict(policy=config.data.bad_images, skipped=progress["bad_images"],
+                        limit=loop.max_bad_images),
+        wall_seconds_this_process=time.perf_counter() - started,
+    )  # fmt: skip
     plots.write_all(results, [lr_of(k, s) for k in range(config.num_tasks) for s in range(steps)],
                     os.path.join(workdir, "plots"))  # fmt: skip
-    tmp = results_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, results_path)
+    workdir_lib.write_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=1))
     print(format_table(results))
     return results
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    """Whether every float entry of `tree` is finite."""
+    leaves = [jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]  # fmt: skip
+    return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
 
 
 def _update_batches(config, data, tokenizer, image_size, task, batch_size, num_batches):
@@ -357,55 +457,102 @@ def _update_batches(config, data, tokenizer, image_size, task, batch_size, num_b
         yield {"images": batch["images"], "token_ids": batch["token_ids"]}
 
 
-def _train_task(
-    config, task, steps, batches, state, step_fn, lr_of, progress, log, checkpoints, workdir
-):
-    start_step = progress["step"]
-    window_start, data_wait, last_logged = time.perf_counter(), 0.0, start_step
-    iterator = iter(batches.dataset(start_step))
-    for step in range(start_step, steps):
-        t0 = time.perf_counter()
-        batch = next(iterator)
-        data_wait += time.perf_counter() - t0
-        batch = {"images": batch["images"], "token_ids": batch["token_ids"]}
-        state, metrics = step_fn(state, batch, lr_of(task, step))
-        done = step + 1
-        log_now = done % config.log_every == 0 or done == steps
-        save_now = config.checkpoint_every and done % config.checkpoint_every == 0 and done < steps
-        if log_now or save_now:  # never log or checkpoint a diverged state
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not metrics["finite"]:
-                _diverged(workdir, task, done, state, progress, checkpoints)
-        if log_now:
-            elapsed = time.perf_counter() - window_start
-            rate = (done - last_logged) * batches.batch_size / elapsed
-            record = dict(task=task, step=done, samples_per_second=rate,
-                          data_wait_fraction=data_wait / elapsed, **metrics)  # fmt: skip
-            log.step(record, global_step=task * steps + done)
-            progress["metric_lines"] = log.lines
-            logging.info(
-                "task %d step %d/%d | loss %.4f | lr %.2e | %.0f samples/s | data wait %.0f%% "
-                "| ETA task %.0fs", task, done, steps, metrics["loss"], metrics["learning_rate"],
-                rate, 100 * data_wait / elapsed, (steps - done) * batches.batch_size / rate,
-            )  # fmt: skip
-            window_start, data_wait, last_logged = time.perf_counter(), 0.0, done
-        if save_now:
-            progress.update(task=task, step=done)
-            progress["saves"] += 1
-            checkpoints.save(progress["saves"], state, progress)
-    return state, progress
+@dataclasses.dataclass
+class Loop:
+    """The step loop of a task: logging, checkpoints, divergence, preemption, bad images."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    steps: int
+    step_fn: object
+    lr_of: schedules.Schedule
+    log: RunLogger
+    checkpoints: Checkpoints
+    preemption: workdir_lib.Preemption
+    max_bad_images: int  # undecodable images the run may skip (data.bad_images = "skip")
+
+    def train_task(self, task, batches, state, progress):
+        config, steps = self.config, self.steps
+        start_step = progress["step"]
+        window_start, data_wait, last_logged = time.perf_counter(), 0.0, start_step
+        iterator = iter(batches.dataset(start_step))
+        for step in range(start_step, steps):
+            t0 = time.perf_counter()
+            batch = next(iterator)
+            data_wait += time.perf_counter() - t0
+            self._count_bad_images(task, step, int(batch["skipped"]), progress)
+            batch = {"images": batch["images"], "token_ids": batch["token_ids"]}
+            state, metrics = self.step_fn(state, batch, self.lr_of(task, step))
+            done = step + 1
+            log_now = done % config.log_every == 0 or done == steps
+            save_now = (config.checkpoint_every and done % config.checkpoint_every == 0
+                        and done < steps)  # fmt: skip
+            preempted = self.preemption.requested
+            if log_now or save_now or preempted:  # never log or checkpoint a diverged state
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not metrics["finite"]:
+                    _diverged(self.workdir, task, done, state, progress, self.checkpoints)
+            if log_now:
+                elapsed = time.perf_counter() - window_start
+                rate = (done - last_logged) * batches.batch_size / elapsed
+                record = dict(task=task, step=done, samples_per_second=rate,
+                              data_wait_fraction=data_wait / elapsed, **metrics)  # fmt: skip
+                self.log.step(record, global_step=task * steps + done)
+                progress["metric_lines"] = self.log.lines
+                logging.info(
+                    "task %d step %d/%d | loss %.4f | lr %.2e | %.0f samples/s | data wait "
+                    "%.0f%% | ETA task %.0fs%s", task, done, steps, metrics["loss"],
+                    metrics["learning_rate"], rate, 100 * data_wait / elapsed,
+                    (steps - done) * batches.batch_size / rate,
+                    f" | {progress['bad_images']} bad images skipped"
+                    if progress["bad_images"] else "",
+                )  # fmt: skip
+                window_start, data_wait, last_logged = time.perf_counter(), 0.0, done
+            if save_now or preempted:
+                progress.update(task=task, step=done)
+                progress["saves"] += 1
+                self.checkpoints.save(progress["saves"], state, progress)
+            if preempted:
+                self.stop_if_preempted(progress)
+        return state, progress
+
+    def stop_if_preempted(self, progress):
+        """After a checkpoint: stop if SIGTERM came (the checkpoint holds the position)."""
+        if self.preemption.requested:
+            where = f"checkpoint {progress['saves']} at task {progress['task']} step "
+            where += str(progress["step"])
+            logging.warning("SIGTERM: %s; stopping", where)
+            raise workdir_lib.Preempted(f"SIGTERM: stopped after {where}")
+
+    def _count_bad_images(self, task, step, skipped, progress):
+        if not skipped:
+            return
+        progress["bad_images"] += skipped
+        if progress["bad_images"] > self.max_bad_images:
+            raise ValueError(
+                f"task {task} step {step}: {progress['bad_images']} undecodable images "
+                f"skipped, more than config.data.max_bad_image_fraction="
+                f"{self.config.data.max_bad_image_fraction} of the run's samples allows "
+                f"({self.max_bad_images}); the warnings above name the files"
+            )
 
 
-def _diverged(workdir, task, step, state, progress, checkpoints):
+def _diverged(workdir, task, step, state, progress, checkpoints, where=None):
     """Abort a diverged run, after saving its state aside for inspection (spec §7: the run
-    aborts after writing a checkpoint). The state goes to `diverged/`, not `checkpoints/`, so a
-    rerun resumes from the last good checkpoint, not from non-finite weights."""
-    aside = Checkpoints(os.path.join(workdir, "diverged"), max_to_keep=1)
-    aside.save(progress["saves"] + 1, state, dict(progress, task=task, step=step))
+    aborts after writing a checkpoint). The state goes to a new entry of `diverged/` (one per
+    divergence: a rerun that diverges again adds another), not to `checkpoints/`, so a rerun
+    resumes from the last good checkpoint, not from non-finite weights."""
+    aside = Checkpoints(os.path.join(workdir, "diverged"), max_to_keep=None)
+    index = (aside.latest() or 0) + 1
+    aside.save(index, state, dict(progress, task=task, step=step))
     aside.close()
+    if where:
+        what = f"non-finite parameters or method state {where} (step {step})"
+    else:
+        what = f"non-finite loss or gradient norm at step {step}"
     raise FloatingPointError(
-        f"task {task}: non-finite loss or gradient norm at step {step}. The state at this step is "
-        f"saved in {os.path.join(workdir, 'diverged')}; the last good checkpoint is "
+        f"task {task}: {what}. The state at this step is saved in "
+        f"{os.path.join(workdir, 'diverged', str(index))}; the last good checkpoint is "
         f"{checkpoints.latest()} in {os.path.join(workdir, 'checkpoints')} (a rerun resumes "
         "from it and, with the same config, diverges again: lower the learning rate or raise "
         "the gradient clipping and start in a new workdir)."

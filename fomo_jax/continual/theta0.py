@@ -31,8 +31,9 @@ def cache_path(directory: str, model_config, recipe: dict) -> str:
     return os.path.join(directory, f"theta0-{digest}.npz")
 
 
-def pretrain(model_config, tokenizer, pool, recipe: dict, mesh) -> dict:
-    """Train a fresh CLIP on the pool with warmup-cosine AdamW; returns host params."""
+def pretrain(model_config, tokenizer, pool, recipe: dict, mesh, bad_images="error") -> dict:
+    """Train a fresh CLIP on the pool with warmup-cosine AdamW; returns host params.
+    `bad_images`: the pipeline's policy for undecodable images (`pipeline.TaskBatches`)."""
     model = models.create_model(model_config, seed=recipe["seed"])
     graphdef, params = params_lib.split(model)
     tx = optimizer.adamw(weight_decay=recipe["weight_decay"], clip_norm=1.0)
@@ -45,9 +46,11 @@ def pretrain(model_config, tokenizer, pool, recipe: dict, mesh) -> dict:
     batches = pipeline.pool_batches(
         pool, batch_size=recipe["batch_size"], steps=steps, seed=recipe["seed"],
         tokenizer=tokenizer, image_size=model_config.vision.image_size, num_threads=0,
+        bad_images=bad_images,
     )  # fmt: skip
-    start = time.perf_counter()
+    start, skipped = time.perf_counter(), 0
     for step, batch in enumerate(batches.dataset()):
+        skipped += int(batch["skipped"])
         batch = {"images": batch["images"], "token_ids": batch["token_ids"]}
         state, metrics = step_fn(state, batch, float(schedule(step)))
         if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
@@ -62,6 +65,8 @@ def pretrain(model_config, tokenizer, pool, recipe: dict, mesh) -> dict:
                 loss,
                 (steps - step - 1) / rate,
             )
+    if skipped:
+        logging.warning("θ0 pretraining skipped %d undecodable pool images", skipped)
     return jax.device_get(state.params)
 
 
@@ -92,7 +97,7 @@ def load_or_make(config, model_config, tokenizer, pool, cache_dir: str, mesh) ->
     logging.info(
         "making θ0: %d steps of batch %d on the pool", recipe["steps"], recipe["batch_size"]
     )
-    params = pretrain(model_config, tokenizer, pool, recipe, mesh)
+    params = pretrain(model_config, tokenizer, pool, recipe, mesh, config.data.bad_images)
     os.makedirs(cache_dir, exist_ok=True)
     tmp = path + ".tmp.npz"
     np.savez(tmp, **params_lib.flatten(params))

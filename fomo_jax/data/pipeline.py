@@ -11,6 +11,7 @@ a checkpoint needs to store (the grain iterator state of `dataset()` works as we
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Callable, Mapping
 
@@ -20,6 +21,7 @@ import numpy as np
 from fomo_jax.data import fif, mixture, transforms
 
 POOL_IDS = {name: i for i, name in enumerate(mixture.BATCH_ORDER)}
+MAX_REPLACEMENTS = 16  # undecodable draws in a row for one sample before the run stops
 
 
 def example_texts(example: Mapping) -> list[str]:
@@ -62,6 +64,10 @@ class TaskBatches:
       image_size: side of the training crops.
       num_threads: decode threads (0 = in the calling thread; default one per core, up to 8:
         more threads than cores only add GIL contention, benchmarks/data_throughput.py).
+      bad_images: what an undecodable image does. "error": stop, naming the file and the split;
+        "skip": replace the sample by a draw from the same pool that is a pure function of
+        (seed, task, position, attempt), so a resumed run draws the same replacement; each
+        batch's `skipped` counts the replaced samples.
     """
 
     def __init__(
@@ -80,7 +86,11 @@ class TaskBatches:
         image_size: int,
         num_threads: int | None = None,
         prefetch: int = 2,
+        bad_images: str = "error",
     ):
+        if bad_images not in ("error", "skip"):
+            raise ValueError(f"bad_images={bad_images!r}; expected 'error' or 'skip'")
+        self.bad_images = bad_images
         self.sizes = {k: int(batch_sizes[k]) for k in mixture.BATCH_ORDER}
         self.batch_size = sum(self.sizes.values())
         self.steps = steps
@@ -123,19 +133,52 @@ class TaskBatches:
 
     def _load(self, position: int) -> dict:
         pool, sample = self.locate(position)
+        return self._example(pool, sample, position)
+
+    def _example(self, pool: str, sample: int, position: int) -> dict:
         source = self.pretraining if pool == "pretraining" else self.catalogue
-        return dict(source[sample], pool=POOL_IDS[pool])
+        return dict(source[sample], pool=POOL_IDS[pool], position=position)
 
     def _augment(self, example: dict, rng: np.random.Generator) -> dict:
-        out = self.transform(example, rng)
+        # A failed decode draws nothing from `rng`, so the replacement's crop and caption are
+        # what the original's would have been: a pure function of the position still.
+        for attempt in range(MAX_REPLACEMENTS + 1):
+            try:
+                out = self.transform(example, rng)
+                break
+            except transforms.UndecodableImage as error:
+                pool = mixture.BATCH_ORDER[example["pool"]]
+                where = (f"the {example.get('dataset', '?')} train split" if pool != "pretraining"
+                         else "the pretraining pool")  # fmt: skip
+                if self.bad_images == "error":
+                    raise ValueError(
+                        f"task {self.task}, {pool} pool, {where}: {error} (set "
+                        "config.data.bad_images='skip' to replace undecodable images)"
+                    ) from error
+                if attempt == MAX_REPLACEMENTS:
+                    raise ValueError(
+                        f"task {self.task}, {pool} pool: {MAX_REPLACEMENTS + 1} undecodable "
+                        f"images in a row at position {example['position']}; last: {error}"
+                    ) from error
+                logging.warning("skipping an undecodable image of %s: %s", where, error)
+                example = self._replacement(pool, example["position"], attempt)
         out["pool"] = example["pool"]
+        out["skipped"] = attempt
         return out
+
+    def _replacement(self, pool: str, position: int, attempt: int) -> dict:
+        ids = self.samplers[pool].ids
+        rng = np.random.default_rng(
+            mixture.derive_seed(self.seed, self.task, "bad_image", position, attempt)
+        )
+        return self._example(pool, int(ids[rng.integers(len(ids))]), position)
 
     def _collate(self, examples: list[dict]) -> dict:
         return {
             "images": np.stack([e["image"] for e in examples]),
             "token_ids": self.tokenizer([e["text"] for e in examples]),
             "pool": np.array([e["pool"] for e in examples], np.int8),
+            "skipped": np.int64(sum(e["skipped"] for e in examples)),
         }
 
     def elements(self) -> grain.MapDataset:
@@ -157,7 +200,9 @@ class TaskBatches:
         )
 
 
-def pool_batches(pool, *, batch_size, steps, seed, tokenizer, image_size, num_threads=None):
+def pool_batches(
+    pool, *, batch_size, steps, seed, tokenizer, image_size, num_threads=None, bad_images="error"
+):
     """Batches from the pretraining pool alone (making θ0): a task with only that pool."""
     return TaskBatches(
         catalogue=mixture.Catalogue({}),
@@ -171,6 +216,7 @@ def pool_batches(pool, *, batch_size, steps, seed, tokenizer, image_size, num_th
         tokenizer=tokenizer,
         image_size=image_size,
         num_threads=num_threads,
+        bad_images=bad_images,
     )
 
 
@@ -191,7 +237,13 @@ class EvalImages:
 
     def _load(self, index: int) -> dict:
         example = self.source[index]
-        image = transforms.decode_rgb(example["image"], name=example_name(example))
+        try:
+            image = transforms.decode_rgb(example["image"], name=example_name(example))
+        except transforms.UndecodableImage as error:  # a test set is evaluated whole
+            raise ValueError(
+                f"the {example.get('dataset', '?')} evaluation split: {error} (data.bad_images "
+                "applies to training data; a test set is scored on every image)"
+            ) from error
         return {
             "image": transforms.test_transform(image, self.image_size),
             "target": int(example.get("target", 0)),

@@ -41,6 +41,10 @@ def _load_rgb(data: bytes) -> Image.Image:
         return image.convert("RGB")
 
 
+class UndecodableImage(ValueError):
+    """Image data that PIL cannot decode (a missing file is an OSError, not this)."""
+
+
 def decode_rgb(data: bytes | str | os.PathLike, *, name: str | None = None) -> Image.Image:
     """Decode an image from bytes or a path as RGB, tolerating truncated files.
 
@@ -53,7 +57,8 @@ def decode_rgb(data: bytes | str | os.PathLike, *, name: str | None = None) -> I
     more tolerant for a few milliseconds and only while a truncated file is being decoded.
 
     `name` labels byte inputs in error messages (e.g. "laion/000123"); paths name themselves.
-    Raises ValueError (chained to PIL's error) when the data cannot be decoded at all.
+    Raises `UndecodableImage` (a ValueError, chained to PIL's error) when the data cannot be
+    decoded at all.
     """
     if isinstance(data, (bytes, bytearray, memoryview)):
         label = f"<bytes> {name}" if name else "<bytes>"
@@ -74,7 +79,7 @@ def decode_rgb(data: bytes | str | os.PathLike, *, name: str | None = None) -> I
                 pass
             finally:
                 ImageFile.LOAD_TRUNCATED_IMAGES = previous
-        raise ValueError(f"cannot decode image {label}: {strict_error}") from strict_error
+        raise UndecodableImage(f"cannot decode image {label}: {strict_error}") from strict_error
 
 
 def random_resized_crop_params(

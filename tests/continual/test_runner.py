@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 from configs import fif_synth as fif_synth_config
 from fomo_jax import runtime, schedules
 from fomo_jax.continual import methods, runner
+from fomo_jax.continual import workdir as workdir_lib
 from fomo_jax.continual.checkpoints import Checkpoints
 from fomo_jax.data import mixture
 
@@ -82,13 +84,22 @@ def test_kill_and_resume_is_bitwise_identical(data_root, uninterrupted, tmp_path
     while not (workdir / "checkpoints" / "2").exists():  # the second mid-task checkpoint
         assert process.poll() is None and time.time() < deadline, "run ended before the kill"
         time.sleep(0.02)
+    # The live run holds the work directory's lock, and says who holds it.
+    with pytest.raises(workdir_lib.WorkdirBusy, match=f"pid {process.pid}"):
+        with workdir_lib.locked(str(workdir)):
+            pass
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (workdir / "results.json").exists()  # killed mid-run
+    # What a save killed before its rename leaves behind; the rerun removes it.
+    leftover = workdir / "checkpoints" / "3.orbax-checkpoint-tmp-1764650000000000"
+    leftover.mkdir()
+    (leftover / "partial").write_bytes(b"x")
     result = subprocess.run(_command(data_root, workdir), cwd=runtime.REPO_ROOT,
                             capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, result.stderr[-4000:]  # the dead run's lock is gone
     assert "resuming from checkpoint" in result.stderr
+    assert not leftover.exists()
     got = json.loads((workdir / "results.json").read_text())
     want = json.loads((reference / "results.json").read_text())
     assert got["final"] == want["final"] and got["trajectory"] == want["trajectory"]
@@ -457,19 +468,202 @@ def test_divergence_saves_the_state_aside_and_keeps_the_last_good_checkpoint(
     # Smoke config: log every 3 steps, checkpoint every 2. Steps 1-3 are finite (checkpoint at
     # step 2, log at step 3); step 4 is not, and is a checkpoint step: the run stops there
     # instead of checkpointing non-finite weights.
-    with pytest.raises(FloatingPointError, match=r"task 0: non-finite .* at step 4") as error:
-        runner.run(config, str(workdir))
-    assert str(workdir / "diverged") in str(error.value)
+    # A rerun resumes from the last good checkpoint and diverges again, with the same error
+    # and a second entry in diverged/.
+    for attempt in (1, 2):
+        with pytest.raises(FloatingPointError, match=r"task 0: non-finite .* at step 4") as error:
+            runner.run(config, str(workdir))
+        assert str(workdir / "diverged" / str(attempt)) in str(error.value)
     assert not (workdir / "results.json").exists()
-    for directory, want_step, want_finite in (("checkpoints", 2, True), ("diverged", 4, False)):
-        ckpt = Checkpoints(str(workdir / directory))
-        restored = ckpt.manager.restore(
-            ckpt.latest(),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(), progress=ocp.args.JsonRestore()
-            ),
-        )
-        ckpt.close()
-        assert (restored.progress["task"], restored.progress["step"]) == (0, want_step)
-        leaves = jax.tree_util.tree_leaves(restored.state["params"])
-        assert all(np.isfinite(np.asarray(x)).all() for x in leaves) == want_finite
+    assert sorted(os.listdir(workdir / "diverged")) == ["1", "2"]
+    assert _restored(workdir / "checkpoints") == ((0, 2), True)
+    for index in (1, 2):
+        assert _restored(workdir / "diverged", index) == ((0, 4), False)
+
+
+def _restored(directory, index=None):
+    """((task, step), every parameter finite) of a checkpoint (default: the latest)."""
+    ckpt = Checkpoints(str(directory))
+    restored = ckpt.manager.restore(
+        ckpt.latest() if index is None else index,
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(), progress=ocp.args.JsonRestore()),
+    )
+    ckpt.close()
+    leaves = jax.tree_util.tree_leaves(restored.state["params"])
+    finite = all(np.isfinite(np.asarray(x)).all() for x in leaves)
+    return (restored.progress["task"], restored.progress["step"]), finite
+
+
+class _BreaksAtTaskEnd(methods.Method):
+    """Fine-tuning whose end-of-task hook makes one parameter NaN."""
+
+    name = "breaks_at_task_end"
+
+    def end_of_task(self, task, params, state):
+        return dict(params, logit_scale=params["logit_scale"] * jnp.nan), state
+
+
+def test_end_of_task_checkpoints_are_checked_for_finite_values(data_root, tmp_path, monkeypatch):
+    monkeypatch.setitem(methods.METHODS, "breaks_at_task_end", _BreaksAtTaskEnd)
+    config = _smoke(data_root, method="breaks_at_task_end")
+    config.methods["breaks_at_task_end"] = {}
+    workdir = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match="task 0: non-finite parameters .* end-of-task"):
+        runner.run(config, str(workdir))
+    assert _restored(workdir / "checkpoints") == ((0, 4), True)  # the last in-task checkpoint
+    assert _restored(workdir / "diverged") == ((0, 6), False)
+
+
+HOLD_LOCK = """
+import sys, time
+from fomo_jax.continual import workdir
+with workdir.locked(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_live_run_is_refused_naming_host_and_pid(data_root, tmp_path):
+    import socket
+
+    workdir = tmp_path / "busy"
+    env = dict(os.environ, PYTHONPATH=runtime.REPO_ROOT)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(workdir)], env=env,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(workdir_lib.WorkdirBusy) as error:
+            runner.run(_smoke(data_root), str(workdir))
+        assert f"host {socket.gethostname()} pid {holder.pid}" in str(error.value)
+        assert sorted(os.listdir(workdir)) == [".lock"]  # refused before writing anything
+    finally:
+        holder.kill()
+        holder.wait()
+    with workdir_lib.locked(str(workdir)):  # a holder killed with -9 leaves the lock free
+        pass
+
+
+def test_a_failed_start_leaves_the_workdir_reusable(data_root, tmp_path):
+    workdir = tmp_path / "run"
+    config = _smoke(data_root)
+    config.data.stream = str(tmp_path / "no_such_stream.json")  # a data path mistake
+    with pytest.raises(FileNotFoundError, match="no_such_stream.json"):
+        runner.run(config, str(workdir))
+    config = _smoke(data_root)
+    config.mesh.data = 2  # one CPU device here
+    with pytest.raises(ValueError, match="needs 2 devices"):
+        runner.run(config, str(workdir))
+    config = _smoke(data_root)
+    config.data.bad_images = "ignore"
+    with pytest.raises(ValueError, match="config.data.bad_images='ignore'"):
+        runner.run(config, str(workdir))
+    assert not (workdir / "config.json").exists()
+    # A config recorded by an earlier start that made no checkpoint does not bind the folder.
+    (workdir / "config.json").write_text('{"seed": 1}')
+    results = runner.run(_smoke(data_root), str(workdir))
+    assert len(results["trajectory"]) == 3
+    assert json.loads((workdir / "config.json").read_text())["seed"] == 0
+
+
+def test_batch_must_split_over_the_mesh(data_root):
+    config = _smoke(data_root)
+    mesh = type("Mesh", (), {"shape": {"data": 2, "fsdp": 2, "model": 1}})()
+    config.batch_size = 18  # 18 % 4
+    with pytest.raises(ValueError, match=r"config.batch_size=18 does not split .* = 4 devices"):
+        runner.check_batch_divides(config, mesh)
+    config.batch_size, config.theta0.batch_size = 16, 6
+    with pytest.raises(ValueError, match=r"config.theta0.batch_size=6"):
+        runner.check_batch_divides(config, mesh)
+    config.theta0.checkpoint = "/some/model"  # no θ0 pretraining: its batch does not matter
+    runner.check_batch_divides(config, mesh)
+
+
+# ------------------------------------------------ undecodable images, SIGTERM at a step
+
+
+@pytest.fixture(scope="module")
+def corrupted_root(data_root, uninterrupted, tmp_path_factory):
+    """A copy of the smoke data (θ0 cache included) with one training JPEG that task 0 draws
+    corrupted: its header kept, its data zeroed."""
+    import shutil
+
+    from fomo_jax.data import pipeline, transforms
+
+    root = tmp_path_factory.mktemp("corrupted") / "data"
+    shutil.copytree(data_root, root)
+    config = _smoke(str(root))
+    data = runner.prepare_data(config)
+    update_ids, _ = mixture.task_pools(data.catalogue, data.tasks, 0)
+    sizes = mixture.pool_batch_sizes(config.batch_size, dict(config.mixture), 0)
+    first_slot_of_step_3 = 3 * config.batch_size
+    batches = pipeline.TaskBatches(
+        catalogue=data.catalogue, update_ids=update_ids, buffer_ids=np.zeros(0, np.int64),
+        pretraining=data.pool, batch_sizes=sizes, steps=6, seed=config.seed, task=0,
+        tokenizer=None, image_size=8,
+    )  # fmt: skip
+    pool, sample = batches.locate(first_slot_of_step_3)
+    assert pool == "update"
+    path = data.catalogue[sample]["image"]
+    with open(path, "rb") as f:
+        original = f.read()
+    with open(path, "wb") as f:
+        f.write(original[:200] + bytes(len(original) - 200))
+    with pytest.raises(transforms.UndecodableImage):
+        transforms.decode_rgb(path)
+    return str(root), os.path.basename(path)
+
+
+def _skip_command(root, workdir):
+    return _command(root, workdir) + [
+        "--config.data.bad_images=skip", "--config.data.max_bad_image_fraction=0.05",
+    ]  # fmt: skip
+
+
+def test_an_undecodable_image_is_named_under_error(corrupted_root, tmp_path):
+    root, name = corrupted_root
+    with pytest.raises(ValueError, match=rf"update pool, the synth_\w+ train split: .*{name}"):
+        runner.run(_smoke(root), str(tmp_path / "error"))
+    config = _smoke(root)
+    config.data.bad_images = "skip"  # 0.1% of 192 samples: not one
+    with pytest.raises(ValueError, match=r"1 undecodable images skipped, more than .*\(0\)"):
+        runner.run(config, str(tmp_path / "limit"))
+
+
+def test_sigterm_checkpoints_the_step_and_skipped_images_resume_exactly(corrupted_root, tmp_path):
+    root, _ = corrupted_root
+    reference = tmp_path / "reference"
+    result = subprocess.run(_skip_command(root, reference), cwd=runtime.REPO_ROOT,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    want = json.loads((reference / "results.json").read_text())
+    assert want["bad_images"]["skipped"] >= 1 and want["bad_images"]["policy"] == "skip"
+    assert "skipping an undecodable image" in result.stderr
+
+    workdir = tmp_path / "preempted"
+    log = tmp_path / "preempted.log"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(_skip_command(root, workdir), cwd=runtime.REPO_ROOT,
+                                   stdout=subprocess.DEVNULL, stderr=stderr)  # fmt: skip
+    deadline = time.time() + 300
+    while not (workdir / "checkpoints" / "1").exists():  # the first mid-task checkpoint
+        assert process.poll() is None and time.time() < deadline, "run ended before SIGTERM"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=300)
+    stderr = log.read_text()
+    assert process.returncode == workdir_lib.EXIT_PREEMPTED, stderr[-4000:]
+    saves, task, step = map(int, re.search(
+        r"SIGTERM: checkpoint (\d+) at task (\d+) step (\d+)", stderr).groups())  # fmt: skip
+    assert Checkpoints(str(workdir / "checkpoints")).latest() == saves
+    assert _restored(workdir / "checkpoints", saves)[0] == (task, step)
+    assert not (workdir / "results.json").exists()
+
+    result = subprocess.run(_skip_command(root, workdir), cwd=runtime.REPO_ROOT,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"resuming from checkpoint {saves}: task {task}, step {step}" in result.stderr
+    got = json.loads((workdir / "results.json").read_text())
+    for key in ("final", "trajectory", "per_dataset", "bad_images"):
+        assert got[key] == want[key], key
+    for name in os.listdir(reference / "model"):
+        assert (workdir / "model" / name).read_bytes() == (reference / "model" / name).read_bytes()

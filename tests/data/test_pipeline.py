@@ -155,6 +155,67 @@ def test_corrupt_image_names_the_file(tmp_path, world):
         next(iter(batches.dataset()))
 
 
+class _Captioned:
+    """Six training samples, each with its own caption; sample 0's image is corrupted."""
+
+    def __init__(self, good, bad):
+        self.paths = [str(bad)] + [str(good)] * 5
+        self.targets = np.zeros(6, np.int64)
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        return {"image": self.paths[i], "captions": [f"sample {i}"], "target": 0,
+                "dataset": "d", "key": str(i)}  # fmt: skip
+
+
+def _bad_image_batches(tmp_path, synth_root, policy, num_threads=0):
+    good = os.path.join(synth_root, "SYNTH_SHAPES", "test")
+    good = os.path.join(good, sorted(os.listdir(good))[0])
+    good = os.path.join(good, sorted(os.listdir(good))[0])
+    bad = tmp_path / "corrupted.jpg"
+    with open(good, "rb") as f:
+        bad.write_bytes(f.read()[:200] + bytes(300))  # a JPEG header, then zeros
+    return pipeline.TaskBatches(
+        catalogue=mixture.Catalogue({"d": _Captioned(good, bad)}),
+        update_ids=np.arange(6),
+        buffer_ids=np.zeros(0, np.int64),
+        pretraining=None,
+        batch_sizes={"update": 4, "buffer": 0, "pretraining": 0},
+        steps=6,
+        seed=0,
+        task=0,
+        tokenizer=ByteTokenizer(12),
+        image_size=8,
+        num_threads=num_threads,
+        bad_images=policy,
+    )
+
+
+def test_undecodable_images_stop_or_are_replaced_deterministically(tmp_path, synth_root):
+    with pytest.raises(ValueError, match=r"update pool, the d train split: .*corrupted\.jpg"):
+        list(_bad_image_batches(tmp_path, synth_root, "error").dataset())
+    batches = _bad_image_batches(tmp_path, synth_root, "skip")
+    out = list(batches.dataset())
+    tokens = ByteTokenizer(12)
+    drawn = [batches.locate(j)[1] for j in range(6 * 4)]
+    # Every draw of sample 0 (4 in 4 epochs of 6) is replaced by another sample of the pool
+    # (and counted, with any replacement that is sample 0 again).
+    assert drawn.count(0) == 4
+    assert sum(int(b["skipped"]) for b in out) >= 4
+    texts = np.concatenate([b["token_ids"] for b in out])
+    for j, sample in enumerate(drawn):
+        if sample:  # a good draw keeps its own caption
+            np.testing.assert_array_equal(texts[j], tokens([f"sample {sample}"])[0])
+        else:
+            assert any(np.array_equal(texts[j], tokens([f"sample {i}"])[0]) for i in range(1, 6))
+    # The replacements are a function of the position: threads and resuming change nothing.
+    again = list(_bad_image_batches(tmp_path, synth_root, "skip", num_threads=2).dataset(3))
+    for a, b in zip(out[3:], again, strict=True):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_eval_images_pad_the_last_batch(synth_root):
     datasets = fif_synth.load_datasets(synth_root)
     split = fif.load_split(synth_root, "synth_shapes", "test", datasets=datasets)
