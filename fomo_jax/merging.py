@@ -177,6 +177,16 @@ def _rank(fraction: float, n: int) -> int:
     return int(math.floor(fraction * n))
 
 
+def _lower_rank(kind: str, k: int) -> int | None:
+    """The 0-based rank of the trim's lower threshold for k = ⌊p·N⌋ (None: no lower bound).
+    TIES and DARE-TIES keep entries ≥ the k-th smallest, counted from 1 as `torch.kthvalue`
+    does (k = 0 keeps every entry); Breadcrumbs keeps entries ≥ a_k of the sorted a_0 ≤ … ≤
+    a_{N−1} (spec §9)."""
+    if k == 0:
+        return None
+    return k if kind == "breadcrumbs" else k - 1
+
+
 def leaf_key(key, path: str):
     """The key of the leaf at `path`: fold_in(key, crc32(path)), stable across processes."""
     return jax.random.fold_in(key, zlib.crc32(path.encode("utf-8")))
@@ -589,7 +599,8 @@ def _ties_family(
                     f"(prune_fraction={p}, top_prune_fraction={q}) removes every entry"
                 )
             taus = {j: t.taus(j) for j in group}
-            ranks = ([k_low] if k_low > 0 else []) + (
+            low = _lower_rank(kind, k_low)
+            ranks = ([low] if low is not None else []) + (
                 [size - 1 - k_high] if kind == "breadcrumbs" and k_high > 0 else []
             )
             lo = hi = None
@@ -599,7 +610,7 @@ def _ties_family(
                 else:
                     values = [[jnp.abs(taus[j][i]) for j in group] for i in range(n)]
                 found = _kth_smallest(values, ranks)
-                if k_low > 0:
+                if low is not None:
                     lo = found[:, 0]
                 if kind == "breadcrumbs" and k_high > 0:
                     hi = found[:, -1]
@@ -627,7 +638,8 @@ def ties(
     exclude=None,
     lines=None,
 ):
-    """TIES: trim (keep |τ_i| ≥ its ⌊pN⌋-th smallest, ties kept), elect σ = sign(Σ τ̂_i) with
+    """TIES: trim (keep |τ_i| ≥ its k-th smallest, k = ⌊pN⌋ counted from 1 as in
+    `torch.kthvalue`, k = 0 keeping all; ties kept), elect σ = sign(Σ τ̂_i) with
     zeros set to sign(Σ σ), disjoint merge of the entries agreeing with σ (mean / sum / max),
     θ = θ0 + λ·τ_merged."""
     return _ties_family(
@@ -647,8 +659,8 @@ def dare_ties(
     exclude=None,
     lines=None,
 ):
-    """DARE-TIES: TIES whose trim keeps entries with u ≥ the ⌊pN⌋-th smallest u (u ~ U(0, 1)
-    per entry and model) and rescales them by 1/(1 − p)."""
+    """DARE-TIES: TIES whose trim keeps entries with u ≥ the k-th smallest u (k = ⌊pN⌋, from
+    1; u ~ U(0, 1) per entry and model) and rescales them by 1/(1 − p)."""
     return _ties_family(
         "dare_ties", base, trees, key, scale, prune_fraction, 0.0, merge, trim, exclude, lines
     )
@@ -1095,7 +1107,8 @@ def streamed(
                     f"breadcrumbs: ⌊p·N⌋ + ⌊q·N⌋ = {k_low} + {k_high} ≥ N = {size} "
                     f"(prune_fraction={p}, top_prune_fraction={q}) removes every entry"
                 )
-            ranks = ([k_low] if k_low > 0 else []) + (
+            low = _lower_rank(name, k_low)
+            ranks = ([low] if low is not None else []) + (
                 [size - 1 - k_high] if name == "breadcrumbs" and k_high > 0 else []
             )
             bounds: dict[str, np.ndarray] = {}
@@ -1110,7 +1123,7 @@ def streamed(
                     if stage == "high":
                         selection.settle_high()
                 found = selection.values()
-                if k_low > 0:
+                if low is not None:
                     bounds["lo"] = found[:, 0]
                 if name == "breadcrumbs" and k_high > 0:
                     bounds["hi"] = found[:, -1]

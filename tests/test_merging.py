@@ -91,6 +91,12 @@ def np_tau(base, models):
     return b, [{k: f64(m)[k] - b[k] for k in b} for m in models]
 
 
+def kth_smallest(values, k):
+    """The k-th smallest of `values` counted from 1, as `torch.kthvalue(values, k)` (which the
+    reference TIES and DARE trims use); k = 0 (no trim) gives −∞, below every value."""
+    return np.sort(np.ravel(values))[k - 1] if k >= 1 else -np.inf
+
+
 def np_ties(base, models, p, mode="mean", trim="global", q=None, scale=1.0, dare_u=None):
     """TIES / breadcrumbs (q given) / DARE (uniform draws given) in float64."""
     b, taus = np_tau(base, models)
@@ -101,14 +107,18 @@ def np_ties(base, models, p, mode="mean", trim="global", q=None, scale=1.0, dare
         for i, tau in enumerate(taus):
             if dare_u is not None:
                 u = np.concatenate([dare_u[i][k].ravel() for k in group])
-                thr = np.sort(u)[math.floor(p * u.size)]
+                thr = kth_smallest(u, math.floor(p * u.size))
                 hats.append(
                     {k: np.where(dare_u[i][k] >= thr, tau[k] / np.float32(1 - p), 0) for k in group}
                 )
                 continue
             a = np.sort(np.concatenate([np.abs(tau[k]).ravel() for k in group]))
-            lo = a[math.floor(p * a.size)]
-            hi = np.inf if q is None else a[a.size - 1 - math.floor(q * a.size)]
+            if q is None:  # TIES: |τ| ≥ the ⌊pN⌋-th smallest, counted from 1
+                lo = kth_smallest(a, math.floor(p * a.size))
+                hi = np.inf
+            else:  # Breadcrumbs: a_{⌊pN⌋} ≤ |τ| ≤ a_{N−1−⌊qN⌋}, counted from 0
+                lo = a[math.floor(p * a.size)]
+                hi = a[a.size - 1 - math.floor(q * a.size)]
             hats.append(
                 {
                     k: np.where((np.abs(tau[k]) >= lo) & (np.abs(tau[k]) <= hi), tau[k], 0)
@@ -282,11 +292,11 @@ def test_task_arithmetic_magmax_model_stock_tall_masks():
         ref[k] = r * (f64(models[0])[k] + f64(models[1])[k]) / 2 + (1 - r) * b[k]
     assert_tree_close(M.model_stock(base, models[0], models[1]), ref, rtol=1e-4, atol=1e-5)
 
-    # TALL masks: κ = 0 is task arithmetic (bit for bit), κ = 2 against numpy.
+    # TALL masks: κ = 0 is task arithmetic (two programs: equal to rounding, not bit for bit;
+    # a masked entry would be off by a whole task vector), κ = 2 against numpy.
     zero = M.tall_masks(base, models, threshold=0, scale=0.7)
     plain = M.task_arithmetic(base, models, 0.7)
-    for path, leaf in flatten(plain).items():
-        np.testing.assert_array_equal(np.asarray(flatten(zero)[path]), np.asarray(leaf))
+    assert_tree_close(zero, f64(plain), rtol=1e-6, atol=1e-7)
     ref = {}
     for k in b:
         total = sum(t[k] for t in taus)
@@ -304,6 +314,58 @@ def test_ties_matches_numpy(mode, trim, p):
     base, models = make_trees(4, 3, grid=True)
     out = M.ties(base, models, scale=0.8, prune_fraction=p, merge=mode, trim=trim)
     assert_tree_close(out, np_ties(base, models, p, mode, trim, scale=0.8))
+
+
+def _distinct_magnitudes(n_models=2):
+    """θ0 = 0 and task vectors whose magnitudes are a permutation of 1 … 10 (in a 6-entry and
+    a 4-entry leaf), with random signs: every order statistic is a distinct, exact value."""
+    rng = np.random.default_rng(21)
+    base = {"a": np.zeros(6, np.float32), "b": np.zeros((2, 2), np.float32)}
+    models = []
+    for _ in range(n_models):
+        tau = rng.permutation(np.arange(1, 11)) * rng.choice([-1, 1], size=10)
+        models.append(
+            {"a": tau[:6].astype(np.float32), "b": tau[6:].reshape(2, 2).astype(np.float32)}
+        )
+    return base, models
+
+
+@pytest.mark.parametrize("p, smallest_kept", [(0.0, 1), (0.05, 1), (0.1, 1), (0.3, 3), (0.75, 7)])
+def test_ties_trim_keeps_the_kth_smallest(tmp_path, p, smallest_kept):
+    """k = ⌊10p⌋; TIES keeps |τ| ≥ the k-th smallest magnitude (1-based, torch.kthvalue), i.e.
+    |τ| ≥ k (k = 0 keeps all), in the jitted, two-stage and streamed merges."""
+    assert smallest_kept == max(math.floor(p * 10), 1)
+    base, (model,) = _distinct_magnitudes(1)
+    tau = np.concatenate([model["a"], model["b"].ravel()]).astype(np.float64)
+    want = np.where(np.abs(tau) >= smallest_kept, tau, 0)  # one model: the merge is its trimmed τ
+    dirs = [str(tmp_path / "m0")]
+    M.save_npy(model, dirs[0])
+    for out in [
+        M.ties(base, [model], prune_fraction=p, merge="sum"),
+        M.merge("ties", base, [model], prune_fraction=p, merge="sum"),
+        M.streamed("ties", base, M.npy_reader(dirs), 1, prune_fraction=p, chunk_size=3),
+    ]:
+        got = np.concatenate([np.asarray(out["a"]), np.asarray(out["b"]).ravel()])
+        np.testing.assert_array_equal(got, want)
+    # Breadcrumbs keeps a_{⌊pN⌋} ≤ |τ| ≤ a_{N−1−⌊qN⌋} (0-based): |τ| in [⌊10p⌋ + 1, 9].
+    out = M.breadcrumbs(base, [model], prune_fraction=p, top_prune_fraction=0.1)
+    got = np.concatenate([np.asarray(out["a"]), np.asarray(out["b"]).ravel()])
+    low = math.floor(p * 10) + 1
+    np.testing.assert_array_equal(got, np.where((np.abs(tau) >= low) & (np.abs(tau) <= 9), tau, 0))
+
+
+def test_ties_boundary_entries_against_numpy_with_two_models(tmp_path):
+    base, models = _distinct_magnitudes(2)
+    dirs = [str(tmp_path / f"m{i}") for i in range(2)]
+    for d, m in zip(dirs, models, strict=True):
+        M.save_npy(m, d)
+    for trim in ("global", "per_leaf"):
+        want = np_ties(base, models, 0.3, "mean", trim)
+        assert_tree_close(M.ties(base, models, prune_fraction=0.3, trim=trim), want)
+        streamed = M.streamed(
+            "ties", base, M.npy_reader(dirs), 2, prune_fraction=0.3, trim=trim, chunk_size=4
+        )
+        assert_tree_close(streamed, want)
 
 
 def test_ties_global_and_per_leaf_trim_differ():
@@ -357,7 +419,8 @@ def test_dare_rescales_kept_entries_and_drops_about_p():
     out = np.asarray(M.dare_ties(base, [model], KEY, prune_fraction=p)["w"], np.float64)
     tau = model["w"].astype(np.float64) - base["w"]
     dropped = out == base["w"]
-    assert abs(dropped.mean() - p) < 1e-3  # exactly ⌊pN⌋ draws lie below the threshold
+    # k = ⌊pN⌋ = 900: the draws below the 900th smallest are dropped, the 900th is kept.
+    assert dropped.sum() == math.floor(p * dropped.size) - 1
     np.testing.assert_allclose(
         (out - base["w"])[~dropped], tau[~dropped] / (1 - p), rtol=1e-5, atol=1e-6
     )
