@@ -3,7 +3,7 @@
 * safetensors: parsed directly (the `safetensors` numpy API cannot hold bfloat16).
 * torch.save zip files (`pytorch_model.bin`, OpenCLIP `.pt`/`.bin`): unpickled with a
   restricted unpickler that understands tensors and storages and refuses any other global,
-  so loading a checkpoint never runs code from it.
+  so loading a checkpoint never runs code from it; every tensor must lie inside its storage.
 * fomo_jax's own model files (`save_model` / `load_model`): safetensors keyed by parameter path
   (adapter leaves included) with the `CLIPConfig` (adapter included) as JSON metadata.
 """
@@ -122,14 +122,54 @@ class _Storage:
         self.dtype = dtype
 
 
+class _PendingTensor:
+    """A tensor as the pickle describes it; `_materialise` checks it against its storage and
+    copies it out once the key it is stored under is known (for the error message)."""
+
+    def __init__(self, storage, offset, size, stride):
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+
+    def array(self, where: str) -> np.ndarray:
+        storage, offset, size, stride = self.storage, self.offset, self.size, self.stride
+        described = f"offset={offset!r}, size={size!r}, stride={stride!r}"
+        if (
+            not isinstance(size, tuple | list)
+            or not isinstance(stride, tuple | list)
+            or len(size) != len(stride)
+            or not all(type(v) is int for v in (offset, *size, *stride))
+        ):
+            raise ValueError(f"{where}: malformed tensor metadata ({described})")
+        if offset < 0 or min((*size, *stride), default=0) < 0:
+            raise ValueError(f"{where}: negative tensor offset, size or stride ({described})")
+        if 0 in size:
+            return np.zeros(tuple(size), storage.dtype)
+        # Python ints: exact, no overflow however large the crafted values.
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+        if last >= storage.size:
+            raise ValueError(
+                f"{where}: tensor ({described}) reaches element {last} of a storage of "
+                f"{storage.size} elements"
+            )
+        itemsize = storage.dtype.itemsize
+        view = np.lib.stride_tricks.as_strided(
+            storage[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride)
+        )
+        return np.array(view)
+
+
 def _rebuild_tensor(storage, offset, size, stride, *_):
-    itemsize = storage.dtype.itemsize
-    if not size:
-        return storage[offset : offset + 1].reshape(()).copy()
-    view = np.lib.stride_tricks.as_strided(
-        storage[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride)
-    )
-    return np.array(view)
+    return _PendingTensor(storage, offset, size, stride)
+
+
+def _materialise(obj, path, keys: tuple = ()):
+    """`obj` with every `_PendingTensor` in its dicts, lists and tuples replaced by its array."""
+    if isinstance(obj, _PendingTensor):
+        return obj.array(f"{path}: tensor {'/'.join(map(str, keys)) or '<top level>'!r}")
+    if isinstance(obj, dict):
+        return type(obj)((k, _materialise(v, path, (*keys, k))) for k, v in obj.items())
+    if isinstance(obj, list | tuple):
+        return type(obj)(_materialise(v, path, (*keys, i)) for i, v in enumerate(obj))
+    return obj
 
 
 class _TorchUnpickler(pickle.Unpickler):
@@ -156,16 +196,26 @@ class _TorchUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         kind, storage, key, _location, _numel = pid
-        if kind != "storage":
-            raise pickle.UnpicklingError(f"{self.path}: unknown persistent id {kind!r}")
+        if kind != "storage" or not isinstance(storage, _Storage):
+            raise pickle.UnpicklingError(f"{self.path}: unknown persistent id {pid!r}")
         if key not in self.storages:
-            raw = self.archive.read(f"{self.prefix}/data/{key}")
+            name = f"{self.prefix}/data/{key}"
+            try:
+                raw = self.archive.read(name)
+            except KeyError:
+                raise ValueError(f"{self.path}: storage {name} is missing") from None
+            if len(raw) % storage.dtype.itemsize:
+                raise ValueError(
+                    f"{self.path}: storage {name} has {len(raw)} bytes, not a multiple of "
+                    f"{storage.dtype.itemsize} ({storage.dtype})"
+                )
             self.storages[key] = np.frombuffer(raw, storage.dtype)
         return self.storages[key]
 
 
 def read_torch_zip(path):
-    """Load a `torch.save` zip archive (torch >= 1.6 format) into numpy arrays."""
+    """Load a `torch.save` zip archive (torch >= 1.6 format) into numpy arrays. Every tensor's
+    offset, sizes and strides must lie inside its storage (ValueError naming the key if not)."""
     if not zipfile.is_zipfile(path):
         raise ValueError(
             f"{path}: not a torch zip checkpoint (legacy torch.save format is not "
@@ -177,7 +227,7 @@ def read_torch_zip(path):
             raise ValueError(f"{path}: expected one data.pkl in the archive, found {pickles}")
         prefix = pickles[0][: -len("/data.pkl")]
         with archive.open(pickles[0]) as f:
-            return _TorchUnpickler(f, archive, prefix, path).load()
+            return _materialise(_TorchUnpickler(f, archive, prefix, path).load(), path)
 
 
 def read_state_dict(path) -> dict[str, np.ndarray]:

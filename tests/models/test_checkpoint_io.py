@@ -1,5 +1,6 @@
 """The torch-free readers against torch / safetensors themselves."""
 
+import io
 import pickle
 import zipfile
 
@@ -99,3 +100,111 @@ def test_not_a_safetensors_file(tmp_path):
     path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
     with pytest.raises(ValueError, match="x.safetensors"):
         checkpoint_io.read_safetensors(path)
+
+
+def test_views_sharing_one_storage_load_as_torch_does(tmp_path):
+    """Views at the edges of their storage (the last element, an empty slice at its end, a
+    stride-0 expansion) are legitimate and load as torch loads them."""
+    flat = torch.arange(30.0)
+    grid = flat.view(6, 5)
+    tensors = {
+        "grid": grid,
+        "offset_transposed": grid[1:, 2:].t(),
+        "strided": grid[1::2, ::3],
+        "last": flat[29],  # 0-d at offset 29: the storage's last element
+        "tail": flat[27:],
+        "empty_at_end": flat[30:],  # zero-size, offset = storage size
+        "expanded": torch.arange(3.0).expand(4, 3),  # stride (0, 1)
+    }
+    path = tmp_path / "views.bin"
+    torch.save(tensors, path)
+    got = checkpoint_io.read_torch_zip(path)
+    for key, tensor in torch.load(path).items():
+        assert got[key].shape == tuple(tensor.shape), key
+        np.testing.assert_array_equal(got[key], tensor.numpy(), err_msg=key)
+
+
+class _Pid:
+    def __init__(self, pid):
+        self.pid = pid
+
+
+class _Rebuild:
+    """A `torch._utils._rebuild_tensor_v2` call whose arguments can be edited."""
+
+    def __init__(self, args):
+        self.args = list(args)
+
+    def __reduce__(self):
+        return (torch._utils._rebuild_tensor_v2, tuple(self.args))
+
+
+class _PickleReader(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return lambda *args: _Rebuild(args)
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid):
+        return _Pid(pid)
+
+
+class _PickleWriter(pickle.Pickler):
+    def persistent_id(self, obj):
+        return obj.pid if isinstance(obj, _Pid) else None
+
+
+def _edit_tensor(path, key, **changes):
+    """Rewrite the data.pkl of the torch.save file `path` with the storage offset / size /
+    stride of tensor `key` replaced (the storages and the other records are kept)."""
+    with zipfile.ZipFile(path) as archive:
+        entries = {info.filename: archive.read(info) for info in archive.infolist()}
+    (name,) = [n for n in entries if n.endswith("/data.pkl")]
+    state = _PickleReader(io.BytesIO(entries[name])).load()
+    for field, value in changes.items():
+        state[key].args[{"offset": 1, "size": 2, "stride": 3}[field]] = value
+    out = io.BytesIO()
+    _PickleWriter(out, protocol=2).dump(state)
+    entries[name] = out.getvalue()
+    with zipfile.ZipFile(path, "w") as archive:
+        for entry, data in entries.items():
+            archive.writestr(entry, data)
+
+
+def _saved(tmp_path):
+    path = tmp_path / "crafted.bin"
+    torch.save({"ok": torch.ones(2), "visual.proj": torch.arange(30.0).view(6, 5)}, path)
+    return path
+
+
+def test_rewritten_file_without_changes_loads(tmp_path):
+    path = _saved(tmp_path)
+    _edit_tensor(path, "visual.proj")  # the rewrite itself keeps a valid file
+    got = checkpoint_io.read_torch_zip(path)
+    for key, tensor in torch.load(path).items():
+        np.testing.assert_array_equal(got[key], tensor.numpy(), err_msg=key)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"stride": (6, 1)},  # last element 5·6 + 4 = 34 of 30
+        {"stride": (5, 2)},
+        {"size": (7, 5)},
+        {"offset": 1},  # one past the end: element 30 of 30
+        {"offset": 30, "size": (), "stride": ()},  # a 0-d tensor past the end
+        {"offset": 10**20},
+        {"size": (2, 5), "stride": (2**64, 1)},  # 2^64 wraps to 0 in 64-bit arithmetic
+        {"offset": -1},
+        {"offset": 4, "size": (5,), "stride": (-1,)},  # negative strides
+        {"size": (-1, 5)},
+    ],
+    ids=repr,
+)
+def test_tensor_outside_its_storage_is_rejected(tmp_path, changes):
+    path = _saved(tmp_path)
+    _edit_tensor(path, "visual.proj", **changes)
+    with pytest.raises((RuntimeError, TypeError, ValueError)):
+        torch.load(path)  # torch refuses these files too
+    with pytest.raises(ValueError, match=r"crafted\.bin: tensor 'visual\.proj'"):
+        checkpoint_io.read_torch_zip(path)
