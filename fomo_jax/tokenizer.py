@@ -274,10 +274,14 @@ class ClipTokenizer:
         return cls(vocab, merges, context_length=context_length, source=src)
 
 
-def _parse_merge_lines(lines: Iterable[str], source: str) -> list[tuple[str, str]]:
+def _parse_merge_lines(
+    lines: Iterable[str], source: str, *, skip_first: bool = False
+) -> list[tuple[str, str]]:
+    """The merges of a merges file; its first line is skipped if it is a `#version` header,
+    or always with `skip_first` (OpenCLIP's rule)."""
     merges = []
     for n, line in enumerate(lines):
-        if n == 0 and line.startswith("#"):  # "#version: 0.2" header
+        if n == 0 and (skip_first or line.startswith("#")):  # "#version: 0.2" header
             continue
         parts = line.split()
         if not parts:  # trailing newline; OpenCLIP would even add "" to its vocab here
@@ -296,7 +300,9 @@ def _read_openclip_gz(path: str) -> tuple[dict[str, int], list[tuple[str, str]]]
             lines = f.read().split("\n")
     except (OSError, UnicodeDecodeError, EOFError) as e:
         raise ValueError(f"{path}: not a gzip-compressed UTF-8 BPE merges file: {e}") from e
-    merges = _parse_merge_lines(lines, path)[:OPENCLIP_NUM_MERGES]
+    # OpenCLIP drops the first line whatever it holds; the real file's is
+    # `"bpe_simple_vocab_16e6.txt#version: 0.2` (with a leading double quote).
+    merges = _parse_merge_lines(lines, path, skip_first=True)[:OPENCLIP_NUM_MERGES]
     if not merges:
         raise ValueError(f"{path}: no BPE merges found")
     symbols = list(bytes_to_unicode().values())

@@ -371,6 +371,26 @@ def test_openclip_merge_limit(tmp_path):
     assert big.encode("ab") == [ord("a") - 33, 256 + ord("b") - 33]  # "a", "b</w>"
 
 
+def test_openclip_file_header_is_skipped(tmp_path, files, tok):
+    """The real bpe_simple_vocab_16e6.txt.gz begins with `"bpe_simple_vocab_16e6.txt#version:
+    0.2` (a leading double quote, so no `#`); OpenCLIP skips the first line whatever it is."""
+    body = "".join(f"{a} {b}\n" for a, b in files["merges"])
+    path = tmp_path / "real_header.txt.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write('"bpe_simple_vocab_16e6.txt#version: 0.2\n' + body)
+    real = load_tokenizer(path)
+    assert real.vocab_size == tok.vocab_size
+    texts = COMPARE_TEXTS + SPECIAL_TEXTS
+    np.testing.assert_array_equal(real(texts), tok(texts))
+    # a first line that is a merge is dropped all the same
+    path = tmp_path / "merge_first.txt.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("q z\n" + body)
+    first = load_tokenizer(path)
+    assert first.vocab_size == tok.vocab_size
+    np.testing.assert_array_equal(first(["qz zq"]), tok(["qz zq"]))
+
+
 # --------------------------------------------------------------------------
 # 3. Cleaning
 # --------------------------------------------------------------------------
