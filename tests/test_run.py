@@ -48,10 +48,13 @@ def test_outputs(smoke_run):
 
 
 def test_exported_model_reproduces_the_reported_scores(smoke_run):
-    """The HF export of the trained weights, reloaded, scores exactly what the run reported."""
+    """The HF export of the trained weights, reloaded, scores what the run reported: every
+    decision the same but those within EPS of a tie, which another computation of the scores
+    (another model object and process; another CPU for the float64 reference) may flip."""
     from fomo_jax import evaluate, models
     from fomo_jax.data import fif_synth
     from fomo_jax.tokenizer import ByteTokenizer
+    from tests.evaluation_reference import assert_scores_agree, one_shot_reference
 
     workdir, _ = smoke_run
     results = json.loads((workdir / "results.json").read_text())
@@ -60,11 +63,13 @@ def test_exported_model_reproduces_the_reported_scores(smoke_run):
     assert cfg.text.context_length == 48  # the config's override reached the model
     root = str(workdir / "data")
     datasets = fif_synth.load_datasets(root)
-    scores = evaluate.evaluate_datasets(
-        model, root, datasets, ByteTokenizer(cfg.text.context_length), cfg.vision.image_size
-    )
-    assert scores == results["zero_shot_after"]["per_dataset"]
+    tokenizer = ByteTokenizer(cfg.text.context_length)
+    scores = evaluate.evaluate_datasets(model, root, datasets, tokenizer, cfg.vision.image_size)
     assert set(scores) == set(datasets) and len(scores) == 9
+    reference, slack = one_shot_reference(model, root, datasets, tokenizer, cfg.vision.image_size)
+    assert all(v <= 5.0 for v in slack.values()), slack  # few near ties: a real comparison
+    assert_scores_agree(results["zero_shot_after"]["per_dataset"], scores, slack, "reported")
+    assert_scores_agree(scores, reference, slack, "float64 reference")
 
 
 @pytest.mark.parametrize(

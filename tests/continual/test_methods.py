@@ -95,6 +95,11 @@ def test_selective_methods_train_exactly_their_parameters(name, micro):
     assert expected and expected != set(before)
     assert {k for k in before if method.trainable(k)} == expected
     for key in before:
+        if key in expected and key.endswith("k_proj/bias"):
+            # Its gradient is zero in exact arithmetic (a key bias adds the same q·b to every
+            # logit of a query; softmax ignores it): whether rounding makes it move depends on
+            # the CPU's kernels. It is trained (`expected`, the optimizer moments below).
+            continue
         if key in expected:
             assert not np.array_equal(before[key], after[key]), f"{key} did not train"
         else:

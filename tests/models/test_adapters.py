@@ -160,11 +160,12 @@ def test_init_equals_base_model_and_add_adapters(kind):
         elif name == "dora_m":
             kernel = flat[path.replace("dora_m", "kernel")]
             np.testing.assert_allclose(value, np.linalg.norm(kernel, axis=0), rtol=1e-6)
+    # The outputs agree to rounding, not bit for bit: the adapted model is another compiled
+    # program (its extra matmuls add exact zeros, but XLA may fuse and order the base matmul
+    # differently), and DoRA's m / ||V|| is 1 only up to rounding. dW = 0 exactly is checked on
+    # the leaves above.
     for got, want in zip(_embed(adapted_model), _embed(plain_model), strict=True):
-        if kind == "dora":  # m / ||V|| is 1 up to rounding
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-        else:
-            np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_add_adapters_key_changes_a_but_not_vera_matrices():
