@@ -41,6 +41,22 @@ CLIP_RULES: Rules = (
     (r".*", P()),
 )
 
+# Decoder LMs (`models/llama.py`: q/k/v as above) and the VLM (`models/vlm.py`: its image
+# tower is CLIP's, its connector a two-layer MLP), in the same Megatron x FSDP pattern. The
+# vocabulary dimension of the embedding and the output head is split over `model`.
+LM_RULES: Rules = (
+    (r"attn/o_proj/kernel$", P("model", "fsdp")),
+    (r"mlp/(gate_proj|up_proj)/kernel$", P("fsdp", "model")),
+    (r"mlp/(gate_proj|up_proj)/bias$", P("model")),
+    (r"mlp/down_proj/kernel$", P("model", "fsdp")),
+    (r"embed_tokens/embedding$", P("model", "fsdp")),
+    (r"lm_head/kernel$", P("fsdp", "model")),
+    (r"connector/linear_1/kernel$", P("fsdp", "model")),
+    (r"connector/linear_1/bias$", P("model")),
+    (r"connector/linear_2/kernel$", P("model", "fsdp")),
+    *CLIP_RULES,
+)
+
 
 def make_mesh(data: int = -1, fsdp: int = 1, model: int = 1, devices=None) -> jax.sharding.Mesh:
     """A (data, fsdp, model) mesh with Auto axis types; data=-1 takes the remaining devices."""

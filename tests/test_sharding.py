@@ -61,6 +61,41 @@ def test_clip_rules_cover_tensor_parallel_layers(tiny_model):
     assert specs["logit_scale"] == P()
 
 
+def test_lm_rules_cover_every_large_matrix_of_a_vlm():
+    from fomo_jax import models
+    from fomo_jax import params as params_lib
+    from fomo_jax.models import llama, vlm
+
+    lm = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=8)  # fmt: skip
+    cfg = vlm.VLMConfig(vision=models.get_config("tiny"), lm=lm, image_token_id=63)
+    flat = params_lib.flatten(params_lib.split(vlm.abstract_vlm(cfg))[1])
+    specs = {
+        path: sharding.spec_for(path, value.shape, sharding.LM_RULES, MESH_2x4x2)
+        for path, value in flat.items()
+    }
+    block = "lm/transformer/resblocks/1/"
+    want = {
+        block + "attn/q_proj/kernel": P("fsdp", "model"),
+        block + "attn/k_proj/kernel": P("fsdp", "model"),
+        block + "attn/o_proj/kernel": P("model", "fsdp"),
+        block + "mlp/gate_proj/kernel": P("fsdp", "model"),
+        block + "mlp/up_proj/kernel": P("fsdp", "model"),
+        block + "mlp/down_proj/kernel": P("model", "fsdp"),
+        block + "input_layernorm/scale": P(),
+        "lm/embed_tokens/embedding": P("model", "fsdp"),
+        "lm/lm_head/kernel": P("fsdp", "model"),
+        "connector/linear_1/kernel": P("fsdp", "model"),
+        "connector/linear_2/kernel": P("model", "fsdp"),
+        "image/transformer/resblocks/0/mlp/c_fc/kernel": P("fsdp", "model"),
+    }
+    assert {k: specs[k] for k in want} == want
+    # Every weight matrix is split somewhere (the ViT's positional table stays replicated).
+    matrices = [k for k, v in flat.items() if len(v.shape) == 2 and "positional" not in k]
+    assert len(matrices) > 20 and all(specs[k] != P() for k in matrices)
+
+
 def test_make_mesh_checks_device_count():
     import jax
 

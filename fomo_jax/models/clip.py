@@ -259,7 +259,9 @@ class Transformer(nnx.Module):
 class VisionTower(nnx.Module):
     """ViT: patchify, class token, positions, ln_pre, blocks, ln_post on the class token, proj."""
 
-    def __init__(self, cfg: CLIPConfig, *, rngs, sites=None):
+    def __init__(self, cfg: CLIPConfig, *, rngs, sites=None, projection: bool = True):
+        """`projection=False`: no `proj` (a vision encoder without CLIP's embedding head, as
+        HF's `CLIPVisionModel` inside a LLaVA checkpoint)."""
         v = cfg.vision
         self.cfg = v
         self.dtype = jnp.dtype(cfg.dtype)
@@ -281,10 +283,28 @@ class VisionTower(nnx.Module):
             path="image/transformer",
         )  # fmt: skip
         self.ln_post = LayerNorm(v.width, cfg.layer_norm_eps, jnp.float32, rngs=rngs)
-        self.proj = nnx.Param(_normal(scale)(rngs.params(), (v.width, cfg.embed_dim)))
+        if projection:
+            self.proj = nnx.Param(_normal(scale)(rngs.params(), (v.width, cfg.embed_dim)))
 
     def __call__(self, pixels):
         """pixels: float [batch, H, W, 3], normalized. Returns (embedding, intermediates)."""
+        x = self.transformer(self.ln_pre(self._embed(pixels)))
+        pooled = self.ln_post(x[:, 0])
+        return pooled @ self.proj[...], {"tokens": x, "pre_logits": pooled}
+
+    def hidden_states(self, pixels, upto: int | None = None) -> list[jax.Array]:
+        """[after ln_pre, after block 0, ..., after block L-1] (HF's `hidden_states` of a
+        `CLIPVisionModel`), each float32 [batch, 1 + patches, width]; with `upto`, only the
+        first `upto + 1` of them (the later blocks are not run)."""
+        x = self.ln_pre(self._embed(pixels))
+        states = [x]
+        for block in self.transformer.resblocks[:upto]:
+            x = block(x)
+            states.append(x)
+        return states
+
+    def _embed(self, pixels):
+        """Patch embeddings with the class token first, plus positions: [batch, 1 + n, width]."""
         v = self.cfg
         batch, height, width, channels = pixels.shape
         if (height, width, channels) != (v.image_size, v.image_size, 3):
@@ -303,10 +323,7 @@ class VisionTower(nnx.Module):
             preferred_element_type=jnp.float32,
         )
         cls = jnp.broadcast_to(self.class_embedding[...], (batch, 1, v.width))
-        x = jnp.concatenate([cls, x], axis=1) + self.positional_embedding[...]
-        x = self.transformer(self.ln_pre(x))
-        pooled = self.ln_post(x[:, 0])
-        return pooled @ self.proj[...], {"tokens": x, "pre_logits": pooled}
+        return jnp.concatenate([cls, x], axis=1) + self.positional_embedding[...]
 
 
 class TextTower(nnx.Module):

@@ -1,0 +1,199 @@
+"""LLaVA-style vision-language models: CLIP image tower -> projector -> decoder LM.
+
+The image tower is CLIP's ViT without its embedding head (`image/...`); its features come from
+a selectable block (`vision_feature_layer`, HF's index into the tower's hidden states: 0 is the
+input of the first block, -1 the last block's output, -2 the penultimate; a tuple of layers is
+concatenated along the features), with the class token dropped (`default`) or kept (`full`).
+The LLaVA projector (`connector/linear_1`, `projector_hidden_act`, `connector/linear_2`; HF's
+`gelu` is the exact erf form) maps them to the LM's width, and **interleave** fusion puts them in
+the token sequence: each image occupies `image_seq_length` copies of `image_token_id`, and its
+visual tokens replace those embeddings in order (HF's convention). Everything after the fusion
+is the LM (`lm/...`, `fomo_jax.models.llama`), so a text-only batch gives exactly the LM's
+logits.
+
+Call: `vlm(token_ids, images) -> logits [B, T, V]`, `images` float32 normalised pixels
+[B, H, W, 3] (one image per row) or [B, N, H, W, 3] (N per row), with `image_valid` [B] or
+[B, N] marking the images that exist (rows without images, rows with fewer); the k-th run of
+image tokens in the batch (row-major) takes the k-th valid image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fomo_jax.models.clip import _ZEROS, CLIPConfig, VisionTower, _normal, shape_only
+from fomo_jax.models.clip import ACTIVATIONS as CLIP_ACTIVATIONS
+from fomo_jax.models.llama import ACTIVATIONS as LM_ACTIVATIONS
+from fomo_jax.models.llama import Decoder, LlamaConfig, decode
+
+FEATURE_STRATEGIES = ("default", "full")
+PROJECTOR_ACTIVATIONS = {**LM_ACTIVATIONS, **CLIP_ACTIVATIONS}
+
+
+@dataclasses.dataclass(frozen=True)
+class VLMConfig:
+    """A LLaVA-style VLM. `vision`: the image tower's CLIP architecture (its `text` part and
+    `embed_dim` are unused); `lm`: the decoder's."""
+
+    vision: CLIPConfig
+    lm: LlamaConfig
+    image_token_id: int
+    vision_feature_layer: int | tuple[int, ...] = -2
+    vision_feature_select_strategy: str = "default"
+    projector_hidden_act: str = "gelu"
+    projector_bias: bool = True
+
+    def __post_init__(self):
+        if self.vision_feature_select_strategy not in FEATURE_STRATEGIES:
+            raise ValueError(
+                f"vision_feature_select_strategy={self.vision_feature_select_strategy!r}; "
+                f"expected one of {FEATURE_STRATEGIES}"
+            )
+        if self.projector_hidden_act not in PROJECTOR_ACTIVATIONS:
+            raise ValueError(
+                f"projector_hidden_act={self.projector_hidden_act!r} is not supported; expected "
+                f"one of {sorted(PROJECTOR_ACTIVATIONS)}"
+            )
+        layers = self.feature_layers
+        depth = self.vision.vision.layers
+        if any(not -depth - 1 <= layer <= depth for layer in layers):
+            raise ValueError(
+                f"vision_feature_layer={self.vision_feature_layer!r} outside the image tower's "
+                f"{depth + 1} hidden states"
+            )
+        if not 0 <= self.image_token_id < self.lm.vocab_size:
+            raise ValueError(
+                f"image_token_id={self.image_token_id} outside the LM's vocabulary of "
+                f"{self.lm.vocab_size}"
+            )
+        if isinstance(self.vision_feature_layer, list):
+            object.__setattr__(self, "vision_feature_layer", tuple(self.vision_feature_layer))
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        layer = self.vision_feature_layer
+        return tuple(layer) if isinstance(layer, tuple | list) else (layer,)
+
+    @property
+    def image_seq_length(self) -> int:
+        """Visual tokens per image (image tokens each image occupies in the sequence)."""
+        v = self.vision.vision
+        patches = (v.image_size // v.patch_size) ** 2
+        return patches + (self.vision_feature_select_strategy == "full")
+
+    def replace(self, **changes) -> VLMConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VLMConfig:
+        d = dict(d)
+        d["vision"] = CLIPConfig.from_dict(d["vision"])
+        d["lm"] = LlamaConfig.from_dict(d["lm"])
+        if isinstance(d.get("vision_feature_layer"), list):
+            d["vision_feature_layer"] = tuple(d["vision_feature_layer"])
+        return cls(**d)
+
+
+class Projector(nnx.Module):
+    """LLaVA's `mlp2x_gelu`: linear_2(act(linear_1(features)))."""
+
+    def __init__(self, cfg: VLMConfig, *, rngs):
+        features = cfg.vision.vision.width * len(cfg.feature_layers)
+        width, dtype = cfg.lm.hidden_size, jnp.dtype(cfg.lm.dtype)
+        make = lambda n_in: nnx.Linear(  # noqa: E731
+            n_in, width, use_bias=cfg.projector_bias, dtype=dtype, kernel_init=_normal(0.02),
+            bias_init=_ZEROS, rngs=rngs,
+        )  # fmt: skip
+        self.linear_1, self.linear_2 = make(features), make(width)
+        self.activation = cfg.projector_hidden_act
+
+    def __call__(self, x):
+        return self.linear_2(PROJECTOR_ACTIVATIONS[self.activation](self.linear_1(x)))
+
+
+class VisionLanguageModel(nnx.Module):
+    """`image` (CLIP ViT), `connector` (projector), `lm` (decoder)."""
+
+    def __init__(self, cfg: VLMConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.image = VisionTower(cfg.vision, rngs=rngs, projection=False)
+        self.connector = Projector(cfg, rngs=rngs)
+        self.lm = Decoder(cfg.lm, rngs=rngs)
+
+    def image_features(self, pixels):
+        """float32 [n, H, W, 3] normalised pixels -> [n, image_seq_length, LM width]."""
+        layers = self.config.feature_layers
+        depth = self.config.vision.vision.layers
+        upto = max(layer % (depth + 1) for layer in layers)
+        states = self.image.hidden_states(jnp.asarray(pixels, jnp.float32), upto=upto)
+        x = jnp.concatenate([states[layer % (depth + 1)] for layer in layers], axis=-1)
+        if self.config.vision_feature_select_strategy == "default":
+            x = x[:, 1:]  # drop the class token
+        return self.connector(x).astype(jnp.float32)
+
+    def embed(self, token_ids, images=None, image_valid=None):
+        """The fused input embeddings [B, T, LM width]: token embeddings with every image
+        token's replaced by its image's visual token."""
+        hidden = self.lm.embed(token_ids)
+        is_image = jnp.asarray(token_ids) == self.config.image_token_id
+        seq = self.config.image_seq_length
+        if images is None:
+            _check_counts(token_ids, self.config.image_token_id, 0, seq)
+            return hidden
+        images = jnp.asarray(images)
+        if images.ndim == 4:
+            images = images[:, None]
+        batch, per_row = images.shape[:2]
+        if image_valid is None:
+            valid = np.ones((batch, per_row), bool)
+        else:
+            valid = image_valid
+        valid = jnp.asarray(valid, bool).reshape(batch * per_row)
+        if not isinstance(valid, jax.core.Tracer):
+            _check_counts(token_ids, self.config.image_token_id, int(np.sum(valid)), seq)
+        features = self.image_features(images.reshape(batch * per_row, *images.shape[2:]))
+        # The k-th image token of the batch (row-major) is visual token k % seq of the
+        # (k // seq)-th valid image.
+        rank = jnp.cumsum(is_image.reshape(-1)) - 1
+        order = jnp.argsort(~valid, stable=True)  # valid images first, in batch order
+        image = order[jnp.clip(rank // seq, 0, batch * per_row - 1)]
+        visual = features[image, rank % seq].reshape(hidden.shape)
+        return jnp.where(is_image[..., None], visual, hidden)
+
+    def __call__(
+        self, token_ids, images=None, *, image_valid=None, attention_mask=None, positions=None,
+        cache=None, cache_index=None,
+    ):  # fmt: skip
+        """Logits [B, T, V] (float32); with `cache`, (logits, updated cache), as
+        `LanguageModel.__call__` (decoding steps pass text tokens only)."""
+        hidden = self.embed(token_ids, images, image_valid)
+        return decode(self.lm, hidden, attention_mask, positions, cache, cache_index)
+
+
+def _check_counts(token_ids, image_token_id, images: int, seq: int) -> None:
+    if isinstance(token_ids, jax.core.Tracer):
+        return
+    tokens = int(np.sum(np.asarray(token_ids) == image_token_id))
+    if tokens != images * seq:
+        raise ValueError(
+            f"{tokens} image tokens (id {image_token_id}) in token_ids, but {images} images x "
+            f"image_seq_length {seq} = {images * seq} visual tokens"
+        )
+
+
+def create_vlm(cfg: VLMConfig, seed: int = 0) -> VisionLanguageModel:
+    return VisionLanguageModel(cfg, rngs=nnx.Rngs(seed))
+
+
+def abstract_vlm(cfg: VLMConfig) -> VisionLanguageModel:
+    """The structure for `cfg` without weights (for loading checkpoints into)."""
+    with shape_only():
+        return VisionLanguageModel(cfg, rngs=nnx.Rngs(0))
