@@ -1,7 +1,11 @@
-"""CLIP models: architecture, named variants, checkpoint import/export."""
+"""Models: CLIP, decoder LMs (Llama family) and LLaVA-style VLMs; architecture, named
+variants, checkpoint import/export."""
+
+import os
 
 from flax import nnx
 
+from fomo_jax.models import convert, hf_lm
 from fomo_jax.models.adapters import (
     AdapterConfig,
     add_adapters,
@@ -13,8 +17,10 @@ from fomo_jax.models.adapters import (
 )
 from fomo_jax.models.checkpoint_io import load_model, read_state_dict, save_model
 from fomo_jax.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
-from fomo_jax.models.convert import export_hf, load_pretrained
+from fomo_jax.models.hf_lm import vlm_from_parts
+from fomo_jax.models.llama import LanguageModel, LlamaConfig, create_lm
 from fomo_jax.models.variants import VARIANTS, get_config
+from fomo_jax.models.vlm import VisionLanguageModel, VLMConfig, create_vlm
 
 
 def create_model(config: CLIPConfig | str, seed: int = 0, **overrides) -> CLIP:
@@ -24,6 +30,44 @@ def create_model(config: CLIPConfig | str, seed: int = 0, **overrides) -> CLIP:
     elif overrides:
         config = config.replace(**overrides)
     return CLIP(config, rngs=nnx.Rngs(seed))
+
+
+def load_pretrained(
+    path,
+    model_name: str | None = None,
+    *,
+    heads: tuple[int, int] | None = None,
+    activation: str | None = None,
+    dtype: str = "float32",
+    attention_implementation: str | None = None,
+) -> CLIP | LanguageModel | VisionLanguageModel:
+    """A model from a checkpoint, by the `model_type` of its `config.json`: `clip` (and a
+    directory without a model_type, or an OpenCLIP file) as `convert.load_pretrained` (see there
+    for `model_name`, `heads`, `activation`); `llama`, `mistral`, `qwen2` (a `LanguageModel`)
+    and `llava` (a `VisionLanguageModel`) as `hf_lm.load_pretrained`."""
+    numerics = dict(dtype=dtype, attention_implementation=attention_implementation)
+    hf = hf_lm.read_config(path) if os.path.isdir(path) else None
+    kind = None if hf is None else hf.get("model_type")
+    if kind in hf_lm.MODEL_TYPES:
+        clip_only = dict(model_name=model_name, heads=heads, activation=activation)
+        if any(v is not None for v in clip_only.values()):
+            given = [k for k, v in clip_only.items() if v is not None]
+            raise TypeError(f"{path}: {given} apply to CLIP checkpoints, not {kind}")
+        return hf_lm.load_pretrained(path, **numerics)
+    if kind not in (None, "clip"):
+        raise ValueError(
+            f"{path}/config.json: model_type={kind!r} is not supported; known: "
+            f"{['clip', *hf_lm.MODEL_TYPES]}"
+        )
+    return convert.load_pretrained(path, model_name, heads=heads, activation=activation, **numerics)
+
+
+def export_hf(model: CLIP | LanguageModel | VisionLanguageModel, directory) -> None:
+    """A Hugging Face directory (`config.json` + `model.safetensors`) for the model:
+    `CLIPModel`, a causal LM (`AutoModelForCausalLM`) or `LlavaForConditionalGeneration`."""
+    if isinstance(model, CLIP):
+        return convert.export_hf(model, directory)
+    return hf_lm.export_hf(model, directory)
 
 
 __all__ = [
@@ -36,6 +80,13 @@ __all__ = [
     "create_model",
     "load_pretrained",
     "export_hf",
+    "LlamaConfig",
+    "LanguageModel",
+    "VLMConfig",
+    "VisionLanguageModel",
+    "create_lm",
+    "create_vlm",
+    "vlm_from_parts",
     "read_state_dict",
     "save_model",
     "load_model",
