@@ -1,0 +1,251 @@
+"""Prefill and KV-cached greedy decoding throughput of a tiny LLaVA and of its LM alone.
+
+    python benchmarks/vlm_step.py --out benchmarks/results/vlm_step_cpu
+
+For every model (`--models`: `lm`, `llava`) and `batch:prompt_length` it times, after a warm-up
+call and with `block_until_ready`, the jitted prefill (`generate.prefill`: the prompt through the
+model into a KV cache; for LLaVA one image per row, its visual tokens part of the prompt length,
+and the image tower included) and the jitted greedy generation (`generate.greedy_generate`, no
+stop token, so every row decodes every step) of 1 and of `--new_tokens` tokens. It reports
+prefill tokens/s (batch x prompt length / prefill time), the decode step ((generation of N -
+generation of 1) / (N - 1): the `while_loop`'s steps alone, since generating one token is the
+prefill and an argmax), decode tokens/s (batch / step time) and end-to-end generated tokens/s.
+Writes `<out>.json` and `<out>.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fomo_jax import params as params_lib  # noqa: E402
+from fomo_jax import runtime  # noqa: E402
+from fomo_jax.models import generate  # noqa: E402
+from fomo_jax.models.llama import LlamaConfig, create_lm  # noqa: E402
+from fomo_jax.models.variants import get_config  # noqa: E402
+from fomo_jax.models.vlm import VLMConfig, create_vlm  # noqa: E402
+
+# Decoder sizes. `tiny`: a toy-experiment LM (word-level vocabulary of a synthetic world);
+# `small`: SmolLM-135M's width and vocabulary at 8 layers, for machines with more time.
+LM_SIZES = {
+    "tiny": LlamaConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=32,
+    ),
+    "small": LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=8,
+        num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
+    ),
+}  # fmt: skip
+VISION = "small"  # CLIP image tower: 64 px, patch 8 -> 64 visual tokens per image
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(x) for x in item.split(":")) for item in filter(None, text.split(","))]
+
+
+def median_times(fns, repeats: int, min_seconds: float = 1.0) -> list[float]:
+    """Median wall time of each of `fns`, called in turn (so that load from other processes
+    skews them alike) at least `repeats` times and for `min_seconds` in total."""
+    times = [[] for _ in fns]
+    while len(times[0]) < repeats or sum(map(sum, times)) < min_seconds:
+        for fn, spent in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return [float(np.median(t)) for t in times]
+
+
+def build(kind: str, lm_size: str, dtype: str):
+    lm_cfg = LM_SIZES[lm_size].replace(dtype=dtype)
+    if kind == "lm":
+        return create_lm(lm_cfg)
+    cfg = VLMConfig(
+        vision=get_config(VISION, dtype=dtype), lm=lm_cfg, image_token_id=lm_cfg.vocab_size - 1
+    )
+    return create_vlm(cfg)
+
+
+def prompts(model, batch: int, length: int, seed: int = 0):
+    """Unpadded prompts; LLaVA rows start with one image (its visual tokens count in `length`)."""
+    rng = np.random.default_rng(seed)
+    cfg = getattr(model.config, "lm", model.config)
+    ids = rng.integers(1, cfg.vocab_size - 1, (batch, length)).astype(np.int32)
+    if not hasattr(model.config, "image_token_id"):
+        return ids, {}
+    seq, size = model.config.image_seq_length, model.config.vision.vision.image_size
+    if length <= seq:
+        raise ValueError(f"prompt length {length} leaves no text after {seq} image tokens")
+    ids[:, :seq] = model.config.image_token_id
+    pixels = rng.standard_normal((batch, size, size, 3)).astype(np.float32)
+    return ids, {"images": pixels}
+
+
+def bench(model, kind, batch, length, new_tokens, repeats):
+    ids, images = prompts(model, batch, length)
+
+    def run_prefill():
+        cache_length = length + new_tokens
+        jax.block_until_ready(generate.prefill(model, ids, cache_length=cache_length, **images))
+
+    def run_generate(tokens):
+        return lambda: jax.block_until_ready(
+            generate.greedy_generate(model, ids, max_new_tokens=tokens, **images)
+        )
+
+    # One new token is the prefill and an argmax (no loop step), so the difference to
+    # `new_tokens` is the while_loop's new_tokens - 1 decode steps, prefill and image tower out.
+    calls = [run_prefill, run_generate(1), run_generate(new_tokens)]
+    for call in calls:  # compile (or load from the persistent cache) and warm up
+        call()
+    prefill_s, first_s, generate_s = median_times(calls, repeats)
+    step_s = max(generate_s - first_s, 0.0) / (new_tokens - 1)
+    _, params = params_lib.split(model)
+    return {
+        "model": kind,
+        "params_millions": sum(x.size for x in jax.tree.leaves(params)) / 1e6,
+        "batch": batch,
+        "prompt_length": length,
+        "new_tokens": new_tokens,
+        "prefill_seconds": prefill_s,
+        "prefill_tokens_per_second": batch * length / prefill_s,
+        "generate_one_seconds": first_s,
+        "generate_seconds": generate_s,
+        "decode_step_seconds": step_s,
+        "decode_tokens_per_second": batch / step_s if step_s else None,
+        "generate_tokens_per_second": batch * new_tokens / generate_s,
+    }
+
+
+def busy_cpu_seconds() -> float:
+    """CPU-seconds all processes have used (Linux /proc/stat): with this process's own, it
+    tells whether another job shared the machine during the run and skewed the numbers."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+
+
+def own_cpu_seconds() -> float:
+    return time.process_time()
+
+
+def hardware() -> dict:
+    device = jax.devices()[0]
+    cpu = platform.processor() or "unknown"
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if "Model name" in ln), cpu)
+    except OSError:
+        pass
+    return {
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+    }
+
+
+def describe(cfg: dict) -> str:
+    return (
+        f"{cfg['num_hidden_layers']} layers, width {cfg['hidden_size']}, MLP "
+        f"{cfg['intermediate_size']}, {cfg['num_attention_heads']} heads / "
+        f"{cfg['num_key_value_heads']} KV heads of {cfg['head_dim']}, "
+        f"vocabulary {cfg['vocab_size']}"
+    )
+
+
+def markdown(report) -> str:
+    hw, a = report["hardware"], report["args"]
+    lines = [
+        f"# Prefill and cached greedy decoding, tiny LLaVA and its LM ({report['date']})",
+        "",
+        f"Hardware: {hw['device_count']} x {hw['device_kind']} ({hw['platform']}), "
+        f"CPU {hw['cpu']} x {hw['cpu_count']} cores, jax {hw['jax']}.  ",
+        f"Command: `{report['command']}`  ",
+        f"Other processes used {report['other_processes_cpu_s']:.0f} CPU-seconds during the "
+        f"run's {report['wall_seconds']:.0f} s (0 on a quiet machine).",
+        "",
+        f"Models ({a['dtype']}): `lm` = the `{a['lm_size']}` decoder "
+        f"({describe(report['lm_config'])}); `llava` = CLIP `{VISION}` image tower + LLaVA "
+        "projector + the same decoder, one image per row (its visual tokens are part of the "
+        "prompt length and the tower runs in the prefill). Prompts unpadded; no stop token. "
+        "Decode step = (generation of "
+        f"{a['new_tokens']} tokens - generation of 1) / {a['new_tokens'] - 1}: the loop's "
+        "steps without the prefill; the cache holds prompt + new tokens. Medians of "
+        f"{a['repeats']}+ interleaved calls after a warm-up. `lm` and `llava` decode with the "
+        "same decoder, so their step times differ only by noise (a difference of two timings).",
+        "",
+        "| model | params (M) | batch | prompt | prefill (ms) | prefill tok/s | decode step "
+        "(ms) | decode tok/s | generate (ms) | generate tok/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        decode = r["decode_tokens_per_second"]
+        lines.append(
+            f"| {r['model']} | {r['params_millions']:.1f} | {r['batch']} | "
+            f"{r['prompt_length']} | {1e3 * r['prefill_seconds']:.1f} | "
+            f"{r['prefill_tokens_per_second']:.0f} | {1e3 * r['decode_step_seconds']:.2f} | "
+            f"{'n/a' if decode is None else f'{decode:.0f}'} | "
+            f"{1e3 * r['generate_seconds']:.1f} | {r['generate_tokens_per_second']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="lm,llava", help="comma-separated: lm, llava")
+    parser.add_argument("--lm_size", default="tiny", choices=sorted(LM_SIZES))
+    parser.add_argument(
+        "--shapes", default="1:128,8:128,32:128,1:512,8:512,32:512",
+        help="comma-separated batch:prompt_length pairs",
+    )  # fmt: skip
+    parser.add_argument("--new_tokens", type=int, default=32, help="tokens generated per row")
+    parser.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on GPUs)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls (median reported)")
+    parser.add_argument("--out", default="benchmarks/results/vlm_step")
+    args = parser.parse_args()
+    if args.new_tokens < 2:
+        parser.error("--new_tokens must be at least 2 (a decode step is a difference)")
+    runtime.enable_compilation_cache()
+
+    start, busy, own = time.perf_counter(), busy_cpu_seconds(), own_cpu_seconds()
+    results = []
+    for kind in args.models.split(","):
+        model = build(kind, args.lm_size, args.dtype)
+        for batch, length in parse_shapes(args.shapes):
+            results.append(bench(model, kind, batch, length, args.new_tokens, args.repeats))
+            print(json.dumps(results[-1]), flush=True)
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "command": "python " + " ".join(sys.argv),
+        "hardware": hardware(),
+        "args": vars(args),
+        "lm_config": LM_SIZES[args.lm_size].to_dict(),
+        "results": results,
+        "wall_seconds": time.perf_counter() - start,
+        "other_processes_cpu_s": busy_cpu_seconds() - busy - (own_cpu_seconds() - own),
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(report, f, indent=2)
+    table = markdown(report)
+    with open(args.out + ".md", "w") as f:
+        f.write(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
