@@ -94,3 +94,21 @@ def test_vlm_image_token_count_and_text_only_rows():
     lm = llama.create_lm(LM)
     lm.lm = model.lm  # the VLM's own decoder
     np.testing.assert_array_equal(text_only, np.asarray(lm(ids[1:])))
+
+
+def test_block_depth_reads_the_same_on_vlm_paths():
+    """LiNeS reads a block's depth per tower from the path: the VLM's towers (`image/...`,
+    `lm/...`) each get their own 0..1 ramp, the connector and embeddings none."""
+    from fomo_jax import merging
+    from fomo_jax import params as params_lib
+
+    cfg = vlm.VLMConfig(vision=models.get_config("tiny"), lm=LM, image_token_id=49)
+    paths = list(params_lib.flatten(params_lib.split(vlm.abstract_vlm(cfg))[1]))
+    scales = dict(zip(paths, merging.lines_scales(paths, alpha=0.5, beta=0.5), strict=True))
+    assert merging.block_index("lm/transformer/resblocks/1/mlp/up_proj/kernel") == (
+        "lm/transformer", 1)  # fmt: skip
+    assert scales["lm/transformer/resblocks/0/attn/q_proj/kernel"] == 0.5
+    assert scales["lm/transformer/resblocks/1/attn/q_proj/kernel"] == 1.0  # the LM's last block
+    last_image = models.get_config("tiny").vision.layers - 1
+    assert scales[f"image/transformer/resblocks/{last_image}/attn/q_proj/kernel"] == 1.0
+    assert scales["connector/linear_1/kernel"] == scales["lm/embed_tokens/embedding"] == 0.5
