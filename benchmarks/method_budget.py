@@ -27,8 +27,8 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import fif_synth  # noqa: E402
 from fomo_jax import budget, models  # noqa: E402
+from fomo_jax.configs import fif_synth  # noqa: E402
 from fomo_jax.continual import runner  # noqa: E402
 from fomo_jax.train import optimizer  # noqa: E402
 

@@ -1,35 +1,4 @@
-"""The FoMo-in-Flux benchmark itself: 20 tasks of random_sequence_1, ViT-B/16, batch 512.
+"""`--config=configs/fif.py[:ARG]` from a source checkout: the packaged config `fif`
+(fomo_jax/configs/fif.py), which `--config=fif[:ARG]` names from any folder."""
 
-Needs the released data and a pretrained checkpoint on disk (nothing is downloaded):
-
-python run.py --config=configs/fif.py --workdir=runs/fif_finetune \\
-    --config.data.root=/data/fif --config.data.pretraining_pool=/data/laion_shards \\
-    --config.theta0.checkpoint=/ckpt/open_clip_vit_b16_laion2b.safetensors \\
-    --config.tokenizer=/ckpt/bpe_simple_vocab_16e6.txt.gz
-
-Steps per task come from the paper's compute budget (Table 4: 1420 for fine-tuning at T = 20).
-"""
-
-from configs import fif_synth
-
-
-def get_config(arg: str | None = None):
-    c = fif_synth.get_config()
-    c.num_tasks = 20
-    c.batch_size = 512
-    c.steps_per_task = None  # from the budget table
-    c.budget = "paper"
-    c.log_every = 50
-    c.checkpoint_every = 500
-    c.model.name = "ViT-B-16"
-    c.model.dtype = "bfloat16"
-    c.model.context_length = None
-    c.data.benchmark = "fif"
-    c.data.root = ""  # the released data (<root>/<NAME>/...), required
-    c.data.num_threads = 16
-    c.optimizer.lr = 1e-5
-    c.eval.batch_size = 512
-    c.tokenizer = ""  # the CLIP BPE vocabulary file, required
-    if arg:
-        raise ValueError(f"unknown config argument {arg!r}")
-    return c
+from fomo_jax.configs.fif import get_config  # noqa: F401

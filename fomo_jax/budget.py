@@ -389,8 +389,9 @@ def task_budget(
         row = paper_row(method, rank)
         measured_maf, full_maf = row.maf, PAPER_TABLE["finetune"].maf
         source = "Table 4" if num_tasks in row.steps else "formula on Table 4 MAFs"
+        maf_source = "Table 4"
     else:
-        source = "formula on measured MAFs"
+        source, maf_source = "formula on measured MAFs", "measured"
     return {
         "method": method_key(method, rank) if rank is not None else method,
         "num_tasks": num_tasks,
@@ -400,6 +401,7 @@ def task_budget(
         "warmup_steps": warmup_steps(steps, warmup_fraction),
         "maf": measured_maf,
         "full_maf": full_maf,
+        "maf_source": maf_source,
         "source": source,
     }
 
@@ -474,3 +476,55 @@ def format_budget_table(rows: Sequence[dict]) -> str:
     rule = "-" * len(fmt(header))
     footer = f"steps per task; source: {', '.join(sources)}"
     return "\n".join([fmt(header), rule, *map(fmt, body), rule, footer])
+
+
+# ------------------------------------------------------------------ a run's start-up report
+
+PAPER_MODEL = "ViT-B-16"  # the model of Table 4
+
+
+def shows_paper_table(budget_info: dict, *, budget: str, model: str) -> bool:
+    """Whether a run's log shows Table 4: when the run's steps or MAFs come from it
+    (`budget_info["maf_source"] == "Table 4"`), or it runs the paper's budget on the paper's
+    model, ViT-B/16 (`budget == "paper"`, any activation). Elsewhere the table describes
+    another model and other steps, and would mislead."""
+    paper_model = model.removesuffix("-quickgelu") == PAPER_MODEL
+    return budget_info.get("maf_source") == "Table 4" or (budget == "paper" and paper_model)
+
+
+def format_run_budget(budget_info: dict, *, model: str) -> str:
+    """The run's own compute budget (a `task_budget`-style dict) as a two-column table."""
+    steps, tasks = budget_info["steps_per_task"], budget_info["num_tasks"]
+    per_task = budget_info["n_samples"]
+    if budget_info.get("maf") is None:
+        maf = "not used (the steps are given)"
+    else:
+        ratio = budget_info["maf"] / budget_info["full_maf"]
+        origin = {"Table 4": "Table 4", "measured": "measured from the compiled steps"}
+        maf = (
+            f"{budget_info['maf']:.4f} = {ratio:.4f} x full fine-tuning's "
+            f"({origin.get(budget_info.get('maf_source'), 'given')})"
+        )
+    rows = [
+        ("model", model),
+        ("method", budget_info["method"]),
+        ("tasks", str(tasks)),
+        ("steps per task", f"{steps} ({budget_info['source']})"),
+        ("total steps", str(budget_info["total_steps"])),
+        ("batch size", str(per_task // steps)),
+        ("samples", f"{per_task} per task, {per_task * tasks} in all"),
+        ("MAF", maf),
+    ]
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"  {key.ljust(width)}  {value}" for key, value in rows)
+
+
+def startup_report(budget_info: dict, *, model: str, budget: str) -> str:
+    """What a run logs about its compute at its start: its own budget, then Table 4 at its
+    number of tasks when `shows_paper_table`."""
+    text = "compute budget of this run (spec §5):\n" + format_run_budget(budget_info, model=model)
+    if shows_paper_table(budget_info, budget=budget, model=model):
+        table = format_budget_table(budget_table((budget_info["num_tasks"],)))
+        text += f"\nthe paper's methods on {PAPER_MODEL} at batch {PAPER_BATCH_SIZE} (Table 4):\n"
+        text += table
+    return text

@@ -10,13 +10,20 @@ sort: among equally similar candidates the one with the lower index ranks first.
 evaluation subset of every dataset (spec §10.4), embeds all datasets in one pass of fixed-size
 batches and reuses the embeddings of a tower whose weights did not change (spec §12 item 19).
 `evaluate_datasets` / `summarize` give the same numbers as flat {dataset: score} dicts.
+
+Progress goes to the log at INFO: one line per test set as it is decoded (big sets also as
+they go), and for every group of rows embedded (test images, class prompts, captions) a line
+at about every tenth of the rows, naming the dataset reached, and a closing line with the
+time taken. Lines are at least `PROGRESS_MIN_ROWS` rows apart, so small passes stay quiet.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -238,8 +245,41 @@ class EvalSet:
             self.subset_captions, self.subset_owner = caption_subset(self.owner, self.subset)
 
 
-def decode_images(split, image_size: int, batch_size: int = 256, out=None) -> np.ndarray:
-    """All test-transformed images of a split as one uint8 [N, S, S, 3] array (or into `out`)."""
+PROGRESS_MIN_ROWS = 10_000  # rows between two progress lines of one pass, at least
+
+
+class Progress:
+    """Progress of a long pass over `total` rows, logged at INFO without flooding the log.
+
+    Call it with the rows done so far: it logs when they cross the next tenth of `total` (but
+    at least `PROGRESS_MIN_ROWS` rows after the last line, so small passes stay quiet) and,
+    with `closing`, once when all are done, with the seconds since it was made. `where(done)`
+    may name the place reached (e.g. the dataset).
+    """
+
+    def __init__(self, what: str, total: int, *, where=None, closing=True):
+        self.what, self.total, self.where, self.closing = what, total, where, closing
+        self.every = max(PROGRESS_MIN_ROWS, -(-total // 10))
+        self.next = self.every
+        self.start = time.perf_counter()
+
+    def __call__(self, done: int) -> None:
+        seconds = time.perf_counter() - self.start
+        if done >= self.total:
+            if self.closing:
+                logging.info("%s: %d rows in %.1fs", self.what, self.total, seconds)
+                self.closing = False  # once
+        elif done >= self.next:
+            where = f", {self.where(done)}" if self.where else ""
+            logging.info("%s: %d/%d rows (%.0f%%)%s, %.1fs", self.what, done, self.total,
+                         100 * done / self.total, where, seconds)  # fmt: skip
+            self.next = (done // self.every + 1) * self.every
+
+
+def decode_images(split, image_size: int, batch_size: int = 256, out=None, progress=None):
+    """All test-transformed images of a split as one uint8 [N, S, S, 3] array (or into `out`).
+
+    `progress(images decoded so far)` is called after every batch (see `Progress`)."""
     if out is None:
         out = np.empty((len(split), image_size, image_size, 3), np.uint8)
     position = 0
@@ -247,6 +287,8 @@ def decode_images(split, image_size: int, batch_size: int = 256, out=None) -> np
         valid = batch["images"][batch["valid"]]
         out[position : position + len(valid)] = valid
         position += len(valid)
+        if progress is not None:
+            progress(position)
     return out
 
 
@@ -282,7 +324,9 @@ def load_eval_set(
         path = os.path.join(cache_dir, f"{info.key}_{image_size}.npy")
         shape = (len(split), image_size, image_size, 3)
         out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
-    images = decode_images(split, image_size, batch_size, out)
+    # Big sets report while they decode; the caller logs the closing line of each set.
+    progress = Progress(f"decoding the {info.key} test images", len(split), closing=False)
+    images = decode_images(split, image_size, batch_size, out, progress)
     if info.is_retrieval:
         texts = [c for r in split for c in r.captions]
         owner = np.repeat(np.arange(len(split)), [len(r.captions) for r in split])
@@ -341,12 +385,14 @@ class _TowerCache:
 _to_pixels = jax.jit(lambda images: batch_pixels({"images": images}))
 
 
-def embed_rows(encode: Callable, segments, batch_size: int) -> list[np.ndarray]:
+def embed_rows(encode: Callable, segments, batch_size: int, progress=None) -> list[np.ndarray]:
     """L2-normalized float32 embeddings of `array[indices]` for each (array, indices) segment.
 
     The segments run back to back through batches of exactly `batch_size` rows (the last one
     zero padded), so datasets share batches and every call has the same shape. Batches are
     dispatched before any result is fetched, letting the host gather while the device works.
+    `progress(rows embedded so far)` is called as results arrive (see `Progress`): fetching is
+    where the device's work is waited for, so that is where time is spent.
     """
     lengths = [len(indices) for _, indices in segments]
     owner = np.repeat(np.arange(len(segments)), lengths)
@@ -360,8 +406,26 @@ def embed_rows(encode: Callable, segments, batch_size: int) -> list[np.ndarray]:
         outputs.append((encode(np.concatenate([batch, pad])), len(batch)))
     if not outputs:
         return [np.zeros((0, 0), np.float32) for _ in segments]
-    emb = np.concatenate([np.asarray(out, np.float32)[:n] for out, n in outputs])
+    fetched, done = [], 0
+    for out, n in outputs:
+        fetched.append(np.asarray(out, np.float32)[:n])
+        done += n
+        if progress is not None:
+            progress(done)
+    emb = np.concatenate(fetched)
     return np.split(_unit(emb), np.cumsum(lengths)[:-1])
+
+
+def _group_progress(what: str, sets, segments) -> Progress:
+    """A `Progress` over segments embedded back to back, naming the dataset reached."""
+    ends = np.cumsum([len(indices) for _, indices in segments])
+
+    def where(done: int) -> str:
+        number = int(np.searchsorted(ends, done - 1, side="right"))
+        return f"at {sets[number].key} ({number + 1}/{len(sets)} datasets)"
+
+    datasets = f"{len(sets)} dataset" + "s" * (len(sets) != 1)
+    return Progress(f"{what}, {datasets}", int(ends[-1]) if len(ends) else 0, where=where)
 
 
 class Evaluator:
@@ -395,7 +459,15 @@ class Evaluator:
         cache_dir=None,
     ):
         load = dict(info_dir=info_dir, batch_size=batch_size, seed=subset_seed, cache_dir=cache_dir)
-        sets = [load_eval_set(root, k, datasets, tokenizer, image_size, **load) for k in datasets]
+        sets = []
+        for number, key in enumerate(datasets, 1):
+            start = time.perf_counter()
+            s = load_eval_set(root, key, datasets, tokenizer, image_size, **load)
+            sets.append(s)
+            logging.info("test set %d/%d %s: %d images decoded, %d %s tokenized (%.1fs)",
+                         number, len(datasets), s.key, len(s.images), len(s.tokens),
+                         "captions" if s.retrieval else "class prompts",
+                         time.perf_counter() - start)  # fmt: skip
         self._setup(sets, datasets, batch_size)
 
     @classmethod
@@ -415,11 +487,15 @@ class Evaluator:
 
     def _image_group(self, model, subset: bool) -> list[np.ndarray]:
         segments = [(s.images, s.subset if subset else np.arange(len(s.images))) for s in self.sets]
-        return embed_rows(lambda x: model.encode_image(_to_pixels(x)), segments, self.batch_size)
+        what = f"embedding test images ({'subset' if subset else 'full'})"
+        progress = _group_progress(what, self.sets, segments)
+        encode = lambda x: model.encode_image(_to_pixels(x))  # noqa: E731
+        return embed_rows(encode, segments, self.batch_size, progress)
 
-    def _text_group(self, model, sets, rows) -> dict:
+    def _text_group(self, model, sets, rows, what: str) -> dict:
         segments = [(s.tokens, r) for s, r in zip(sets, rows, strict=True)]
-        embeddings = embed_rows(model.encode_text, segments, self.batch_size)
+        progress = _group_progress(what, sets, segments)
+        embeddings = embed_rows(model.encode_text, segments, self.batch_size, progress)
         return {s.key: e for s, e in zip(sets, embeddings, strict=True)}
 
     def evaluate(self, model, *, subset: bool) -> dict:
@@ -437,14 +513,21 @@ class Evaluator:
             text_fp,
             "classes",
             lambda: self._text_group(
-                model, classifiers, [np.arange(len(s.tokens)) for s in classifiers]
+                model,
+                classifiers,
+                [np.arange(len(s.tokens)) for s in classifiers],
+                "embedding class prompts",
             ),
         )
         caption_rows = [
             s.subset_captions if subset else np.arange(len(s.tokens)) for s in retrievals
         ]
         caption_emb = self._text_cache.get(
-            text_fp, f"captions/{scope}", lambda: self._text_group(model, retrievals, caption_rows)
+            text_fp,
+            f"captions/{scope}",
+            lambda: self._text_group(
+                model, retrievals, caption_rows, f"embedding test captions ({scope})"
+            ),
         )
         results = {}
         for s, image_emb in zip(self.sets, images, strict=True):

@@ -18,6 +18,8 @@ Names (reference name in brackets): `constant` [none], `cosine` [cosine], `warmu
 The formulas are plain float64 math rather than optax schedule objects: optax evaluates in
 float32 jnp (its warmup also starts at 0, not lr0/W), and the spec's values are host-side
 numbers fed to the jitted step, so the exact float64 value is what the step should receive.
+For your own optax optimizer, `as_optax(name, base_lr=..., steps_per_task=..., num_tasks=...)`
+gives any schedule as an `optax.Schedule` of the global step (the same values, in float32).
 
 Plot one or several schedules over a whole stream:
 
@@ -197,6 +199,56 @@ def _wsd(lr0, lr_min, steps, w, p) -> Callable[[int, int], float]:
 def stream_curve(schedule: Schedule, steps_per_task: int, num_tasks: int) -> list[float]:
     """The learning rate at every step of the stream, task after task."""
     return [schedule(k, s) for k in range(num_tasks) for s in range(steps_per_task)]
+
+
+def as_optax(
+    name_or_schedule: str | Schedule,
+    *,
+    steps_per_task: int,
+    num_tasks: int,
+    base_lr: float | None = None,
+    dtype=None,
+    **params,
+):
+    """A schedule as an `optax.Schedule` of the global step count t = task x steps_per_task + step.
+
+    `name_or_schedule`: a name of `make` (then `base_lr` and the schedule's parameters are
+    required as for `make`) or a schedule `lr(task, step)` already made. The value at t is
+    `make(...)(task, step)` rounded once to `dtype` (default float32, what the train step
+    receives as its learning-rate input), so a user's optax optimizer sees the same rates as a
+    run; counts before the stream give its first rate, counts past it its last (optax's
+    convention of holding the end value). Works with a traced count (`jax.jit`, optax's
+    `scale_by_schedule`, `inject_hyperparams`).
+
+    The stream's rates are tabulated on the host once and the count indexes the table: the
+    float64 formulas above stay the one definition (no float32 re-implementation to drift from
+    them), and the table is small (4 bytes a step: 28,400 steps for the paper's stream).
+    """
+    import jax.numpy as jnp  # here, so plotting and config loading never import JAX
+    import numpy as np
+
+    if isinstance(name_or_schedule, str):
+        if base_lr is None:
+            raise ValueError(f"as_optax({name_or_schedule!r}) needs base_lr")
+        schedule = make(name_or_schedule, base_lr=base_lr, steps_per_task=steps_per_task,
+                        num_tasks=num_tasks, **params)  # fmt: skip
+    elif callable(name_or_schedule):
+        if base_lr is not None or params:
+            given = sorted(params) + (["base_lr"] if base_lr is not None else [])
+            raise ValueError(f"as_optax of a made schedule takes no schedule parameters {given}")
+        schedule = name_or_schedule
+    else:
+        raise TypeError(
+            f"as_optax needs a schedule name or lr(task, step), got {name_or_schedule!r}"
+        )
+    curve = np.asarray(stream_curve(schedule, steps_per_task, num_tasks), np.float64)
+    table = jnp.asarray(curve.astype(dtype or np.float32))  # one rounding, to nearest
+
+    def optax_schedule(count):
+        index = jnp.clip(jnp.asarray(count).astype(jnp.int32), 0, table.shape[0] - 1)
+        return table[index]
+
+    return optax_schedule
 
 
 def plot(curves: dict[str, list[float]], steps_per_task: int, path: str) -> None:

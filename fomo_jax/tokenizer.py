@@ -10,6 +10,10 @@ Greek final sigma), unlike Python's `str.lower`.
 
 `ByteTokenizer` needs no vocabulary file, for synthetic runs and tests.
 
+Both save themselves for the Hugging Face ecosystem (`save_pretrained`): the CLIP BPE as the
+`vocab.json` + `merges.txt` that `transformers.CLIPTokenizer` reads, the byte tokenizer as a
+`tokenizer.json` that the `tokenizers` library runs with exactly `ByteTokenizer`'s ids.
+
 Both return `[n, context_length]` int32 arrays laid out as OpenCLIP does:
 `[sot] + tokens + [eot]`, truncated with the last kept token forced to `eot`,
 then zero padded. The EOT id is the largest id of the vocabulary, so the text
@@ -41,6 +45,31 @@ CLIP_PATTERN = (
 OPENCLIP_FILE = "bpe_simple_vocab_16e6.txt.gz"
 
 Texts = str | Iterable[str]
+
+# The separators of Python's `str.split()` (`str.isspace`), which `whitespace_clean` collapses;
+# the byte tokenizer's tokenizer.json spells them out because regex `\s` is another set.
+PY_WHITESPACE = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005"
+    "\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+# Python's `str.lower` gives U+03A3 its final form ς when a cased letter precedes it and none
+# follows, skipping case-ignorable characters on both sides (Unicode's Final_Sigma context, as
+# CPython's handle_capital_sigma implements it); tokenizers' Lowercase maps character by
+# character and always gives σ. The first non-ignorable character before Σ must be cased:
+# `\K` starts the replaced match at Σ, and the possessive `*+` makes the lookahead test only
+# the first non-ignorable character after it.
+FINAL_SIGMA_PATTERN = (
+    r"[\p{Cased}&&\P{Case_Ignorable}]\p{Case_Ignorable}*\K\x{03A3}"
+    r"(?!\p{Case_Ignorable}*+\p{Cased})"
+)
+# The files save_pretrained may write; an export removes the ones its tokenizer does not write.
+HF_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 
 
 @functools.lru_cache
@@ -106,6 +135,19 @@ def _frame(rows: Sequence[Sequence[int]], sot: int, eot: int, context_length: in
     return out
 
 
+def _write_files(directory, files: dict[str, str]) -> list[str]:
+    """Write text files into `directory` (created), each through a temporary name so a reader
+    never sees half a file. Returns the names written."""
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    for name, text in files.items():
+        tmp = os.path.join(directory, name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(directory, name))
+    return list(files)
+
+
 def _as_list(texts: Texts) -> list[str]:
     if isinstance(texts, str):
         return [texts]
@@ -150,6 +192,9 @@ class ClipTokenizer:
                 f"{self.vocab_size - 1}"
             )
         self.context_length = int(context_length)
+        # Kept for save_pretrained; the Rust model does not give its merges back.
+        self.vocab = {str(t): int(i) for t, i in vocab.items()}
+        self.merges = [tuple(m) for m in merges]
         try:
             model = models.BPE(
                 vocab=dict(vocab),
@@ -223,6 +268,41 @@ class ClipTokenizer:
         text = "".join(self._id_to_token[i] for i in ids if i != self.sot_id)
         raw = bytearray(self._byte_decoder[c] for c in text)
         return raw.decode("utf-8", errors="replace").replace("</w>", " ").strip()
+
+    def save_pretrained(self, directory, context_length: int | None = None) -> list[str]:
+        """Write the files `transformers.CLIPTokenizer.from_pretrained` reads: `vocab.json`,
+        `merges.txt`, `tokenizer_config.json` and `special_tokens_map.json`.
+
+        No `tokenizer.json`: its normalizers cannot express ftfy and HTML unescaping, so it
+        could not tokenize exactly like this class; transformers builds its fast tokenizer from
+        `vocab.json` + `merges.txt` instead (and so does `from_files`). Like openai/clip-vit-*,
+        the HF side pads with `<|endoftext|>` where this class pads with 0; positions after the
+        first EOT do not reach the pooled embedding (causal mask), so embeddings agree.
+        Returns the names written.
+        """
+        ctx = self.context_length if context_length is None else int(context_length)
+        merges = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges)
+        specials = {
+            "bos_token": SOT_TOKEN,
+            "eos_token": EOT_TOKEN,
+            "unk_token": EOT_TOKEN,
+            "pad_token": EOT_TOKEN,
+        }
+        config = {
+            "tokenizer_class": "CLIPTokenizer",
+            "model_max_length": ctx,
+            **specials,
+            "do_lower_case": True,
+            "errors": "replace",
+            "clean_up_tokenization_spaces": False,
+        }
+        files = {
+            "vocab.json": json.dumps(self.vocab, ensure_ascii=False),
+            "merges.txt": merges,
+            "tokenizer_config.json": json.dumps(config, indent=2),
+            "special_tokens_map.json": json.dumps(specials, indent=2),
+        }
+        return _write_files(directory, files)
 
     def __repr__(self) -> str:
         return f"ClipTokenizer(vocab_size={self.vocab_size}, context_length={self.context_length})"
@@ -322,6 +402,11 @@ def _load_json(path: str) -> dict:
 
 def _read_tokenizer_json(path: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
     data = _load_json(path)
+    if _is_byte_tokenizer_json(data):  # it would load as a BPE that maps nothing right
+        raise ValueError(
+            f"{path}: is fomo_jax's byte tokenizer, not a CLIP BPE; load it with "
+            "load_tokenizer (or tokenizer='bytes')"
+        )
     model = data.get("model") if isinstance(data, dict) else None
     if (
         not isinstance(model, dict)
@@ -371,6 +456,7 @@ class ByteTokenizer:
     sot_id = 257
     eot_id = 258
     vocab_size = 259
+    pad_token = "<pad>"  # id 0's name in the exported tokenizer.json
 
     def __init__(self, context_length: int = 77):
         self.context_length = int(context_length)
@@ -393,12 +479,113 @@ class ByteTokenizer:
         raw = bytes(i - 1 for i in ids if 1 <= i <= 256)
         return raw.decode("utf-8", errors="replace").strip()
 
+    @classmethod
+    def hf_vocab(cls) -> dict[str, int]:
+        """The tokenizer.json vocabulary: pad, byte b as its ByteLevel symbol -> b + 1, SOT, EOT."""
+        table = bytes_to_unicode()
+        vocab = {cls.pad_token: cls.pad_id, **{table[b]: b + 1 for b in range(256)}}
+        return {**vocab, SOT_TOKEN: cls.sot_id, EOT_TOKEN: cls.eot_id}
+
+    def to_hf(self, context_length: int | None = None):
+        """This tokenizer as a `tokenizers.Tokenizer` giving the same `[context_length]` rows.
+
+        Normalizers redo `clean`: Python's whitespace runs -> one space, ends stripped, the
+        final-sigma rule, then `Lowercase` (full case mapping, as `str.lower`). A ByteLevel
+        pre-tokenizer turns every UTF-8 byte into one symbol and a merge-free BPE maps symbol b
+        to id b + 1; a template frames `[SOT] ... [EOT]`; truncation keeps `context_length - 2`
+        bytes (the row `_frame` makes) and padding fills with id 0. SOT, EOT and pad are not
+        added tokens, which the Rust side would also match inside a text, where this class
+        spells them out byte by byte. Exact wherever this Python's and tokenizers' Unicode
+        tables agree; tokenizers' (Unicode 16) also lower-case 55 letters that have no case in
+        Python 3.11's Unicode 14 (Garay, Kirat Rai, some Latin), and no longer count U+1171E
+        (an Ahom sign Unicode 15 made a spacing mark) as case-ignorable next to a Σ.
+        """
+        from tokenizers import (
+            Regex,
+            Tokenizer,
+            decoders,
+            models,
+            normalizers,
+            pre_tokenizers,
+            processors,
+        )
+
+        ctx = self.context_length if context_length is None else int(context_length)
+        if ctx < 2:  # the template always adds SOT and EOT
+            raise ValueError(f"a tokenizer.json needs context_length >= 2, got {ctx}")
+        tok = Tokenizer(models.BPE(vocab=self.hf_vocab(), merges=[]))
+        whitespace = "[" + "".join(f"\\x{{{ord(c):04X}}}" for c in PY_WHITESPACE) + "]+"
+        tok.normalizer = normalizers.Sequence(
+            [
+                normalizers.Replace(Regex(whitespace), " "),
+                normalizers.Replace(Regex(r"\A\x20|\x20\z"), ""),
+                normalizers.Replace(Regex(FINAL_SIGMA_PATTERN), "\u03c2"),
+                normalizers.Lowercase(),
+            ]
+        )
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{SOT_TOKEN} $A {EOT_TOKEN}",
+            special_tokens=[(SOT_TOKEN, self.sot_id), (EOT_TOKEN, self.eot_id)],
+        )
+        # Not being added tokens, the specials would decode as their spelling; drop them.
+        specials = (self.pad_token, SOT_TOKEN, EOT_TOKEN)
+        tok.decoder = decoders.Sequence(
+            [decoders.Replace(t, "") for t in specials] + [decoders.ByteLevel()]
+        )
+        tok.enable_truncation(max_length=ctx)
+        tok.enable_padding(length=ctx, pad_id=self.pad_id, pad_token=self.pad_token)
+        return tok
+
+    def save_pretrained(self, directory, context_length: int | None = None) -> list[str]:
+        """Write `tokenizer.json` (see `to_hf`; `tokenizers.Tokenizer.from_file` loads it) and
+        a `tokenizer_config.json` naming `PreTrainedTokenizerFast` for transformers. Returns
+        the names written."""
+        tok = self.to_hf(context_length)
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": tok.truncation["max_length"],
+            # transformers registers the padding token as special and would match a literal
+            # "<pad>" in a text; this class spells it out.
+            "split_special_tokens": True,
+            "clean_up_tokenization_spaces": False,
+        }
+        files = {
+            "tokenizer.json": tok.to_str(pretty=True),
+            "tokenizer_config.json": json.dumps(config, indent=2),
+        }
+        return _write_files(directory, files)
+
     def __repr__(self) -> str:
         return f"ByteTokenizer(context_length={self.context_length})"
 
 
+def _is_byte_tokenizer_json(data) -> bool:
+    """Whether a parsed tokenizer.json is `ByteTokenizer.save_pretrained`'s."""
+    model = data.get("model") if isinstance(data, dict) else None
+    return (
+        isinstance(model, dict)
+        and not model.get("merges")
+        and model.get("vocab") == ByteTokenizer.hf_vocab()
+    )
+
+
+def _byte_tokenizer_export(path: str | os.PathLike) -> bool:
+    """Whether `path` is, or is a directory holding, a byte tokenizer's tokenizer.json."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
+    if not path.endswith(".json") or not os.path.isfile(path):
+        return False
+    try:
+        return _is_byte_tokenizer_json(_load_json(path))
+    except ValueError:  # not JSON: ClipTokenizer.from_files says what is wrong with it
+        return False
+
+
 def load_tokenizer(spec: str | os.PathLike, context_length: int = 77):
-    """`"bytes"` -> ByteTokenizer; anything else is a path for ClipTokenizer."""
-    if isinstance(spec, str) and spec == "bytes":
+    """`"bytes"`, or a byte tokenizer's export (a run's `model/`, or its tokenizer.json) ->
+    ByteTokenizer; anything else is a path for ClipTokenizer."""
+    if (isinstance(spec, str) and spec == "bytes") or _byte_tokenizer_export(spec):
         return ByteTokenizer(context_length=context_length)
     return ClipTokenizer.from_files(spec, context_length=context_length)

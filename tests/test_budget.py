@@ -166,7 +166,7 @@ def test_profile_memory(full_profile):
 
 def test_profile_subset_never_executes(full_profile, monkeypatch):
     """Abstract inputs only, and a host callback in the loss that would fire if it ran."""
-    from configs import fif_synth
+    from fomo_jax.configs import fif_synth
     from fomo_jax.continual import methods, runner
 
     calls = []
@@ -203,3 +203,91 @@ def test_profile_accepts_a_built_module(tiny_model, full_profile):
     profile = budget.profile_train_step(tiny_model, TX, BATCH)
     assert profile["flops"] == full_profile["flops"]
     assert profile["peak_bytes"] == full_profile["peak_bytes"]
+
+
+# ------------------------------------------------------------- the run's start-up report
+
+
+def _report(config, model_config=None):
+    """(run table as {row: value}, whether Table 4 follows) of the runner's start-up report
+    for `config`, computed the way the runner does (no data, nothing compiled)."""
+    import re
+
+    from fomo_jax.continual import methods, runner
+
+    model_config = model_config or runner.model_and_tokenizer(config)[0]
+    method = methods.get(config.method, config.methods.get(config.method))
+    info = runner.task_budget(config, method, model_config, TX)
+    text = runner.budget_report(config, info, model_config)
+    head, _, paper = text.partition("(Table 4):\n")
+    lines = [line.strip() for line in head.splitlines() if line.startswith("  ")]
+    rows = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in lines)
+    return rows, paper
+
+
+def _smoke_config(**overrides):
+    from fomo_jax.configs import fif_synth
+
+    config = fif_synth.get_config("smoke")
+    config.update(overrides)
+    return config
+
+
+def test_smoke_run_reports_its_own_budget_without_the_paper_table():
+    rows, paper = _report(_smoke_config())
+    assert rows == {
+        "model": "tiny",
+        "method": "finetune",
+        "tasks": "2",
+        "steps per task": "6 (config.steps_per_task)",
+        "total steps": "12",  # 2 tasks x 6
+        "batch size": "16",
+        "samples": "96 per task, 192 in all",  # 6 x 16, x 2
+        "MAF": "not used (the steps are given)",
+    }
+    assert paper == ""  # a tiny model at given steps: Table 4 would mislead
+
+
+def test_fif_run_on_vit_b16_shows_table_4():
+    from fomo_jax.configs import fif
+
+    config = fif.get_config()
+    rows, paper = _report(config, get_config("ViT-B-16"))
+    assert rows["model"] == "ViT-B-16" and rows["steps per task"] == "1420 (Table 4)"
+    assert rows["total steps"] == "28400" and rows["batch size"] == "512"
+    assert rows["MAF"] == "63394.7585 = 1.0000 x full fine-tuning's (Table 4)"
+    lines = paper.splitlines()
+    assert lines[0].split()[-1] == "T=20" and len(lines) == 2 + len(budget.PAPER_TABLE) + 2
+    assert lines[2].split()[0] == "finetune" and lines[2].split()[-1] == "1420"
+    # Given steps on ViT-B/16 under the paper's budget: still the paper's setting.
+    config.steps_per_task = 100
+    rows, paper = _report(config, get_config("ViT-B-16"))
+    assert rows["steps per task"] == "100 (config.steps_per_task)" and paper
+    # The measured budget on ViT-B/16 does not use Table 4.
+    config.budget = "measured"
+    assert _report(config, get_config("ViT-B-16"))[1] == ""
+
+
+def test_table_4_shows_whenever_the_steps_or_mafs_come_from_it():
+    # Steps from Table 4 on a tiny model (no step count given): the table explains them.
+    rows, paper = _report(_smoke_config(steps_per_task=None, num_tasks=20))
+    assert rows["steps per task"] == "1420 (Table 4)" and paper
+    # Equal compute on Table 4's MAFs: LoRA r=4's MAF 47407.8446 / 63394.7585 = 0.7478.
+    config = _smoke_config(steps_per_task=200, equal_compute=True, method="lora")
+    config.methods.lora.rank = 4
+    rows, paper = _report(config)
+    assert rows["MAF"] == "47407.8446 = 0.7478 x full fine-tuning's (Table 4)" and paper
+    assert rows["steps per task"].startswith("267 ")  # floor(200 / 0.7478...)
+    # A θ0 checkpoint is named by its shapes, whatever config.model.name says.
+    rows, paper = _report(_smoke_config(), get_config("ViT-B-16"))
+    assert rows["model"] == "ViT-B-16" and paper
+
+
+def test_shows_paper_table_rule():
+    given = {"maf_source": None}
+    assert budget.shows_paper_table(given, budget="paper", model="ViT-B-16")
+    assert budget.shows_paper_table(given, budget="paper", model="ViT-B-16-quickgelu")
+    assert not budget.shows_paper_table(given, budget="paper", model="ViT-L-14")
+    assert not budget.shows_paper_table(given, budget="measured", model="ViT-B-16")
+    assert budget.shows_paper_table({"maf_source": "Table 4"}, budget="paper", model="tiny")
+    assert not budget.shows_paper_table({"maf_source": "measured"}, budget="measured", model="t")

@@ -203,3 +203,100 @@ def test_plot_command_and_variant_parsing(tmp_path):
     assert out.stat().st_size > 5000
     curve = schedules.stream_curve(make("warmup_cosine", steps=50, tasks=3), 50, 3)
     assert len(curve) == 150 and curve[0] == curve[50] == curve[100]  # restarts every task
+
+
+# ------------------------------------------------------------------------ as_optax
+
+# Per schedule, parameters that put every feature inside a short stream (multistep's
+# milestones at steps 20 and 40 of each task; each rsqrt_meta mode).
+OPTAX_CASES = [(name, {}) for name in ALL if name != "multistep"] + [
+    ("multistep", {"milestones": (640, 1280), "batch_size": 32}),
+    ("rsqrt_meta", {"meta_mode": "continued"}),
+    ("rsqrt_meta", {"meta_mode": "recovered"}),
+    ("rsqrt_meta", {"meta_mode": "recovered", "recovered_compat": True}),
+    ("wsd", {"decay_shape": "1-sqrt"}),
+]
+OPTAX_STEPS, OPTAX_TASKS = 60, 4
+
+
+@pytest.mark.parametrize("name, params", OPTAX_CASES, ids=lambda x: str(x))
+def test_as_optax_equals_make_at_every_step_of_the_stream(name, params):
+    import jax
+    import jax.numpy as jnp
+
+    lr = make(name, steps=OPTAX_STEPS, tasks=OPTAX_TASKS, **params)
+    want = np.array(schedules.stream_curve(lr, OPTAX_STEPS, OPTAX_TASKS))  # float64, host
+    assert len(set(want.tolist())) > 1 or name == "constant"  # the stream is not flat
+    sched = schedules.as_optax(name, base_lr=LR0, steps_per_task=OPTAX_STEPS,
+                               num_tasks=OPTAX_TASKS, **params)  # fmt: skip
+    got = np.asarray(jax.jit(jax.vmap(sched))(jnp.arange(len(want))))  # traced counts
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want.astype(np.float32))  # one rounding: exact
+    np.testing.assert_allclose(got, want, rtol=1e-7, atol=0)
+    # t = task x steps_per_task + step, spot-checked eagerly at the task boundaries
+    for task, step in [(0, 0), (1, 0), (1, OPTAX_STEPS - 1), (OPTAX_TASKS - 1, 7)]:
+        assert float(sched(task * OPTAX_STEPS + step)) == np.float32(lr(task, step))
+    # Before the stream: its first rate; past it: its last (optax holds the end value).
+    assert float(sched(-3)) == got[0] and float(sched(len(want) + 5)) == got[-1]
+    # A made schedule gives the same table.
+    np.testing.assert_array_equal(
+        jax.vmap(schedules.as_optax(lr, steps_per_task=OPTAX_STEPS, num_tasks=OPTAX_TASKS))(
+            jnp.arange(len(want))
+        ),
+        got,
+    )
+
+
+def test_as_optax_drives_an_optax_optimizer():
+    """As the learning rate of SGD (scale_by_schedule) and of inject_hyperparams, step by step
+    over the whole stream inside one jitted scan: update t is -lr(t) x gradient."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    sched = schedules.as_optax("warmup_cosine_meta", base_lr=LR0, steps_per_task=OPTAX_STEPS,
+                               num_tasks=OPTAX_TASKS)  # fmt: skip
+    lr = make("warmup_cosine_meta", steps=OPTAX_STEPS, tasks=OPTAX_TASKS)
+    want = -np.array(schedules.stream_curve(lr, OPTAX_STEPS, OPTAX_TASKS), np.float32)
+    for tx in (optax.sgd(sched), optax.inject_hyperparams(optax.sgd)(learning_rate=sched)):
+
+        @jax.jit
+        def run(tx=tx):
+            params = jnp.zeros(())
+
+            def body(state, _):
+                updates, state = tx.update(jnp.ones(()), state, params)
+                return state, updates
+
+            return jax.lax.scan(body, tx.init(params), None, length=len(want))[1]
+
+        np.testing.assert_array_equal(np.asarray(run()), want)
+
+
+def test_as_optax_matches_optax_cosine_restarted_per_task():
+    """An independent reference for the global-step indexing: `cosine` is optax's cosine
+    decay (alpha = min_lr_multiplier) restarted at every task boundary."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    pieces = [optax.cosine_decay_schedule(LR0, OPTAX_STEPS, alpha=1e-3)] * OPTAX_TASKS
+    boundaries = [OPTAX_STEPS * k for k in range(1, OPTAX_TASKS)]
+    reference = optax.join_schedules(pieces, boundaries)
+    sched = schedules.as_optax("cosine", base_lr=LR0, steps_per_task=OPTAX_STEPS,
+                               num_tasks=OPTAX_TASKS)  # fmt: skip
+    counts = jnp.arange(OPTAX_STEPS * OPTAX_TASKS)
+    # optax evaluates in float32: near lr_min its cosine loses digits to cancellation.
+    np.testing.assert_allclose(jax.vmap(sched)(counts), jax.vmap(reference)(counts), rtol=2e-6,
+                               atol=1e-6 * LR0)  # fmt: skip
+
+
+def test_as_optax_bad_requests():
+    with pytest.raises(ValueError, match="needs base_lr"):
+        schedules.as_optax("cosine", steps_per_task=10, num_tasks=2)
+    with pytest.raises(ValueError, match="does not take"):
+        schedules.as_optax("constant", base_lr=1.0, steps_per_task=10, num_tasks=2, gamma=0.5)
+    with pytest.raises(ValueError, match=r"takes no schedule parameters \['base_lr'\]"):
+        schedules.as_optax(make("cosine"), base_lr=1.0, steps_per_task=TS, num_tasks=T)
+    with pytest.raises(TypeError, match="schedule name or lr"):
+        schedules.as_optax(0.1, steps_per_task=10, num_tasks=2)

@@ -7,12 +7,21 @@ at the first step it will log), so TensorBoard hides what the killed process log
 checkpoint. Training scalars (step axis: global step) and evaluations (step axis: evaluation
 index) go to separate runs, `tensorboard/train` and `tensorboard/eval`, because a purge marker
 acts on one step axis.
+
+Weights & Biases (`config.wandb.enabled`): the run's W&B id is kept in `<workdir>/wandb_id`, so
+a resumed run continues the same W&B run. Training scalars are plotted against `global_step`
+and evaluation points against `evaluation_index` (their own axes, declared with
+`define_metric`); neither is passed as W&B's internal `step`, which must only grow and would
+drop the points a resumed run logs again after its checkpoint. W&B has no purge marker, so
+those points appear twice there (TensorBoard and `metrics.jsonl` keep them once).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
+import string
 import time
 
 from fomo_jax.continual.workdir import write_atomic
@@ -53,6 +62,52 @@ class EventFile:
         self.writer.close()
 
 
+WANDB_ID_FILE = "wandb_id"
+# W&B's own format for run ids (wandb.util.generate_id): 8 characters of [a-z0-9].
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def wandb_run_id(workdir: str) -> str:
+    """The W&B run id of the run in `workdir`: read from `<workdir>/wandb_id`, or made and
+    written there (atomically) before the run first starts W&B, so every resume finds it."""
+    path = os.path.join(workdir, WANDB_ID_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            run_id = f.read().strip()
+        if not run_id or any(c in run_id for c in "/\\#?%:"):
+            raise ValueError(f"{path} holds {run_id!r}, not a W&B run id; delete it to start anew")
+        return run_id
+    run_id = "".join(secrets.choice(_ID_ALPHABET) for _ in range(8))
+    write_atomic(path, run_id + "\n")
+    return run_id
+
+
+def _start_wandb(workdir: str, config):
+    """Start (or resume: same id, resume="allow") the W&B run of `workdir`, with training
+    scalars on the global-step axis and evaluation points on the evaluation-index axis."""
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError(
+            "config.wandb.enabled is set but wandb is not installed: pip install wandb "
+            "(or pip install 'fomo_jax[wandb]')"
+        ) from None
+    run = wandb.init(
+        project=config.wandb.project,
+        name=config.wandb.name or os.path.basename(os.path.abspath(workdir)),
+        config=json.loads(config.to_json_best_effort()),
+        id=wandb_run_id(workdir),
+        resume="allow",
+        dir=workdir,  # W&B's local files stay with the run, not in the current folder
+    )
+    run.define_metric("global_step")
+    run.define_metric("train/*", step_metric="global_step")
+    run.define_metric("evaluation_index")
+    for pattern in ("eval/*", "eval_*"):  # headline metrics; per-dataset eval_<kind>/...
+        run.define_metric(pattern, step_metric="evaluation_index")
+    return run
+
+
 class RunLogger:
     def __init__(self, workdir: str, config, keep_lines: int, resume_at: tuple[int, int] | None):
         """`resume_at`: (first global step, first evaluation index) the resumed run will log, or
@@ -68,21 +123,7 @@ class RunLogger:
         board = os.path.join(workdir, "tensorboard")
         self.train_board = EventFile(os.path.join(board, "train"), purge_step=purge[0])
         self.eval_board = EventFile(os.path.join(board, "eval"), purge_step=purge[1])
-        self.wandb = None
-        if config.wandb.enabled:
-            try:
-                import wandb
-            except ImportError:
-                raise ImportError(
-                    "config.wandb.enabled is set but wandb is not installed: pip install wandb"
-                ) from None
-            self.wandb = wandb.init(
-                project=config.wandb.project,
-                name=config.wandb.name or os.path.basename(os.path.abspath(workdir)),
-                config=json.loads(config.to_json_best_effort()),
-                resume="allow",
-                id=config.wandb.name or None,
-            )
+        self.wandb = _start_wandb(workdir, config) if config.wandb.enabled else None
 
     def step(self, record: dict, global_step: int) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -91,7 +132,7 @@ class RunLogger:
         scalars = {f"train/{k}": v for k, v in record.items() if k not in ("task", "step")}
         self.train_board.scalars(scalars, global_step)
         if self.wandb:
-            self.wandb.log(scalars, step=global_step)
+            self.wandb.log(dict(scalars, global_step=global_step))
 
     def evaluation(self, point: dict, index: int) -> None:
         """One evaluation point (index 0 = zero-shot, k + 1 = after task k)."""

@@ -122,7 +122,7 @@ def task_budget(config, method, model_config, tx) -> dict:
         steps, source = int(config.steps_per_task), "config.steps_per_task"
     else:
         steps, source = int(config.n_samples) // config.batch_size, "config.n_samples"
-    info = dict(method=method.name, num_tasks=config.num_tasks)
+    info = dict(method=method.name, num_tasks=config.num_tasks, maf_source=None)
     if config.equal_compute:
         if not mafs:  # budget="paper"
             mafs = dict(measured_maf=budget.paper_row(method.name, rank).maf,
@@ -136,7 +136,8 @@ def task_budget(config, method, model_config, tx) -> dict:
             )
         steps = budget.budget_steps(1, maf, full_maf, full_steps=steps)
         source += f" x MAF_finetune / MAF_{method.name} ({config.budget} MAFs)"
-        info.update(maf=mafs["measured_maf"], full_maf=mafs["full_maf"])
+        info.update(maf=mafs["measured_maf"], full_maf=mafs["full_maf"],
+                    maf_source="Table 4" if config.budget == "paper" else "measured")  # fmt: skip
     return dict(info, steps_per_task=steps, total_steps=steps * config.num_tasks,
                 n_samples=budget.n_samples(steps, config.batch_size), source=source)  # fmt: skip
 
@@ -163,6 +164,17 @@ def schedule_of(config, steps: int) -> schedules.Schedule:
                           steps_per_task=steps, num_tasks=config.num_tasks, **params)  # fmt: skip
 
 
+def budget_report(config, budget_info: dict, model_config) -> str:
+    """The start-up budget table of the run (`budget.startup_report`): its own model and
+    steps, and Table 4 only when the run uses the paper's budget on the paper's model."""
+    from fomo_jax.models.convert import infer_openclip_name
+
+    model = infer_openclip_name(model_config)  # a θ0 checkpoint is named by its shapes
+    if model is None:
+        model = config.theta0.checkpoint or config.model.name
+    return budget.startup_report(budget_info, model=model, budget=config.budget)
+
+
 def model_and_tokenizer(config):
     """The model config (from θ0's checkpoint when one is given) and its tokenizer."""
     if config.theta0.checkpoint:
@@ -177,6 +189,11 @@ def model_and_tokenizer(config):
         dtype=config.model.dtype, attention_implementation=config.model.attention_implementation
     )
     tokenizer = load_tokenizer(config.tokenizer, context_length=model_config.text.context_length)
+    if tokenizer.vocab_size > model_config.text.vocab_size:  # else only the export would fail
+        raise ValueError(
+            f"config.tokenizer={config.tokenizer!r} has {tokenizer.vocab_size} ids, more than "
+            f"the model's text vocabulary of {model_config.text.vocab_size}"
+        )
     return model_config, tokenizer
 
 
@@ -306,9 +323,7 @@ def _run(config, workdir, setup: Setup, config_json, preemption, started) -> dic
     method, model_config, tokenizer = setup.method, setup.model_config, setup.tokenizer
     budget_info, lr_of, mesh = setup.budget_info, setup.lr_of, setup.mesh
     steps = budget_info["steps_per_task"]
-    logging.info("budget: %s", json.dumps(budget_info))
-    logging.info("compute budget of the paper's methods (Table 4 MAFs, spec §5):\n%s",
-                 budget.format_budget_table(budget.budget_table((config.num_tasks,))))  # fmt: skip
+    logging.info("%s", budget_report(config, budget_info, model_config))
 
     data = prepare_data(config)  # the last check: the data's paths and files
     _same_config_or_fresh(workdir, config_json)
@@ -345,11 +360,15 @@ def _run(config, workdir, setup: Setup, config_json, preemption, started) -> dic
     def place(state):
         return jax.device_put(state, state_sharding, may_alias=False)
 
+    eval_seconds = {}  # kind -> seconds of its latest evaluation in this process (for the ETA)
+
     def evaluate(params, subset: bool) -> dict:
+        kind, start = "subset" if subset else "full", time.perf_counter()
         model = params_lib.merge(graphdef, params)
         per_dataset = evaluator.evaluate(model, subset=subset)
-        return dict(evaluator.summary(per_dataset), per_dataset=per_dataset,
-                    evaluation="subset" if subset else "full")  # fmt: skip
+        eval_seconds[kind] = time.perf_counter() - start
+        logging.info("evaluation (%s test sets) took %.1fs", kind, eval_seconds[kind])
+        return dict(evaluator.summary(per_dataset), per_dataset=per_dataset, evaluation=kind)
 
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"))
     latest = checkpoints.latest()
@@ -375,7 +394,8 @@ def _run(config, workdir, setup: Setup, config_json, preemption, started) -> dic
         log.evaluation(zero_shot, 0)
     loop = Loop(config, workdir, steps, step_fn, lr_of, log, checkpoints, preemption,
                 max_bad_images=int(config.data.max_bad_image_fraction * config.batch_size
-                                   * steps * config.num_tasks))  # fmt: skip
+                                   * steps * config.num_tasks),
+                eval_seconds=eval_seconds)  # fmt: skip
     try:
         with preemption.deferred():
             for task in range(progress["task"], config.num_tasks):
@@ -421,7 +441,7 @@ def _run(config, workdir, setup: Setup, config_json, preemption, started) -> dic
     export_config, export_params = method.export_params(jax.device_get(final_params))
     export_graphdef = params_lib.split(abstract_clip(export_config))[0]
     models.export_hf(params_lib.merge(export_graphdef, export_params),
-                     os.path.join(workdir, "model"))  # fmt: skip
+                     os.path.join(workdir, "model"), tokenizer=tokenizer)  # fmt: skip
     results = _results(progress, final, steps, config, evaluator)
     results.update(
         budget=budget_info,
@@ -470,6 +490,8 @@ class Loop:
     checkpoints: Checkpoints
     preemption: workdir_lib.Preemption
     max_bad_images: int  # undecodable images the run may skip (data.bad_images = "skip")
+    # kind ("subset", "full") -> seconds of its latest evaluation in this process
+    eval_seconds: dict = dataclasses.field(default_factory=dict)
 
     def train_task(self, task, batches, state, progress):
         config, steps = self.config, self.steps
@@ -501,9 +523,10 @@ class Loop:
                 progress["metric_lines"] = self.log.lines
                 logging.info(
                     "task %d step %d/%d | loss %.4f | lr %.2e | %.0f samples/s | data wait "
-                    "%.0f%% | ETA task %.0fs%s", task, done, steps, metrics["loss"],
+                    "%.0f%% | ETA task %.0fs | %s%s", task, done, steps, metrics["loss"],
                     metrics["learning_rate"], rate, 100 * data_wait / elapsed,
                     (steps - done) * batches.batch_size / rate,
+                    self.run_progress(task, done, elapsed / (done - last_logged)),
                     f" | {progress['bad_images']} bad images skipped"
                     if progress["bad_images"] else "",
                 )  # fmt: skip
@@ -515,6 +538,25 @@ class Loop:
             if preempted:
                 self.stop_if_preempted(progress)
         return state, progress
+
+    def run_progress(self, task: int, done: int, seconds_per_step: float) -> str:
+        """The whole stream's progress and time left: "run 540/1200 steps (45%) | ETA run 3m12s".
+
+        Time left = the remaining training steps at the last log window's step time + the
+        remaining evaluations (after each evaluated task, then the final full one) at the
+        durations this process measured for their kind (a fresh run times both at zero-shot).
+        A kind not timed yet (on a resumed run, until its first evaluation) counts as 0, and
+        the ETA is then marked as a lower bound: "ETA run >3m12s"."""
+        config, total = self.config, self.steps * self.config.num_tasks
+        global_step = task * self.steps + done
+        last, every = config.num_tasks - 1, config.eval.every_nth_task
+        subsets = sum(k == last or (k + 1) % every == 0 for k in range(task, last + 1))
+        pending = {"subset": subsets, "full": 1}  # this task's evaluation is still to come
+        seconds = (total - global_step) * seconds_per_step
+        seconds += sum(n * self.eval_seconds.get(kind, 0.0) for kind, n in pending.items())
+        bound = ">" if any(kind not in self.eval_seconds for kind in pending) else ""
+        return (f"run {global_step}/{total} steps ({100 * global_step / total:.0f}%) | "
+                f"ETA run {bound}{format_duration(seconds)}")  # fmt: skip
 
     def stop_if_preempted(self, progress):
         """After a checkpoint: stop if SIGTERM came (the checkpoint holds the position)."""
@@ -535,6 +577,16 @@ class Loop:
                 f"{self.config.data.max_bad_image_fraction} of the run's samples allows "
                 f"({self.max_bad_images}); the warnings above name the files"
             )
+
+
+def format_duration(seconds: float) -> str:
+    """42s, 3m05s, 2h07m: minutes and seconds under an hour, hours and minutes above."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def _diverged(workdir, task, step, state, progress, checkpoints, where=None):

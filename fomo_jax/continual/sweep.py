@@ -1,13 +1,15 @@
 """The same experiment under several learning-rate schedules or continual methods, compared
 in one table and figure.
 
-    python -m fomo_jax.continual.sweep --workdir=runs/schedule_sweep
-    python -m fomo_jax.continual.sweep --config=configs/fif_synth.py:smoke --workdir=/tmp/sweep \
+    fomo-jax sweep --workdir=runs/schedule_sweep
+    fomo-jax sweep --config=fif_synth:smoke --workdir=/tmp/sweep \
         --schedules=warmup_cosine,rsqrt_meta:meta_mode=continued
-    python -m fomo_jax.continual.sweep --workdir=runs/method_sweep --methods=all
-    python -m fomo_jax.continual.sweep --methods=finetune,lora:rank=64,zs_merge:merge.name=ties
-    python -m fomo_jax.continual.sweep --methods=all --workdir=runs/method_sweep_equal_compute \
+    fomo-jax sweep --workdir=runs/method_sweep --methods=all
+    fomo-jax sweep --methods=finetune,lora:rank=64,zs_merge:merge.name=ties
+    fomo-jax sweep --methods=all --workdir=runs/method_sweep_equal_compute \
         --config.equal_compute=True --config.budget=measured
+
+(`python -m fomo_jax.continual.sweep ...` is the same command.)
 
 Each variant runs in `<workdir>/<variant>/` through the continual runner (so an interrupted
 sweep resumes, and finished runs are reused); everything else in the config is shared. A
@@ -23,9 +25,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 
-from absl import app, flags, logging
-from ml_collections import config_dict, config_flags
+from absl import flags, logging
+from ml_collections import config_dict
 
 from fomo_jax import schedules
 
@@ -138,32 +141,37 @@ def _plot_trajectories(rows: dict, path: str, axis: str = "schedule") -> None:
     plt.close(fig)
 
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    os.path.join(os.path.dirname(__file__), "..", "..", "configs", "fif_synth.py"),
-    "Experiment config shared by every run of the sweep.",
-)
-_WORKDIR = flags.DEFINE_string("workdir", "runs/schedule_sweep", "Where the runs go.")
-_SCHEDULES = flags.DEFINE_list("schedules", list(SCHEDULES), "Schedule variants to compare.")
-_METHODS = flags.DEFINE_list(
-    "methods", [], "Method variants to compare instead of schedules ('all': every method)."
-)
+def define_flags(flag_values: flags.FlagValues) -> dict[str, flags.FlagHolder]:
+    """The sweep's flags (`fomo-jax sweep` adds --config), on the command's own FlagValues."""
+    return dict(
+        workdir=flags.DEFINE_string(
+            "workdir", "runs/schedule_sweep", "Where the runs go.", flag_values=flag_values
+        ),
+        schedules=flags.DEFINE_list(
+            "schedules", list(SCHEDULES), "Schedule variants to compare.", flag_values=flag_values
+        ),
+        methods=flags.DEFINE_list(
+            "methods",
+            [],
+            "Method variants to compare instead of schedules ('all': every method).",
+            flag_values=flag_values,
+        ),
+    )
 
 
-def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main(config, workdir: str, schedule_variants: list[str], method_variants: list[str]) -> dict:
+    """Run the sweep the flags describe: over methods when any are named, else schedules."""
     from fomo_jax import runtime
 
     runtime.quiet_checkpoint_logs()
     runtime.enable_compilation_cache()
-    if _METHODS.value:
-        variants = all_methods() if _METHODS.value == ["all"] else _METHODS.value
-        run_sweep(_CONFIG.value, _WORKDIR.value, variants, axis="method")
-    else:
-        run_sweep(_CONFIG.value, _WORKDIR.value, _SCHEDULES.value)
+    if method_variants:
+        variants = all_methods() if method_variants == ["all"] else method_variants
+        return run_sweep(config, workdir, variants, axis="method")
+    return run_sweep(config, workdir, schedule_variants)
 
 
-if __name__ == "__main__":
-    logging.set_verbosity(logging.INFO)
-    app.run(main)
+if __name__ == "__main__":  # the same as `fomo-jax sweep ...`
+    from fomo_jax import cli
+
+    sys.exit(cli.main([sys.argv[0], "sweep", *sys.argv[1:]]))

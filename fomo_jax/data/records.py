@@ -233,6 +233,19 @@ class _TfdsAdapter:
         )
 
 
+def _import_tfds():
+    """tensorflow_datasets, an optional dependency (≈200 MB with its own): only this source
+    needs it, so it is imported here (≈0.5 s) and its absence names the extra to install."""
+    try:
+        import tensorflow_datasets
+    except ImportError as e:
+        raise ImportError(
+            f"reading a tfds dataset needs tensorflow-datasets, which is not installed ({e}): "
+            "pip install 'fomo_jax[tfds]'"
+        ) from e
+    return tensorflow_datasets
+
+
 def from_tfds(
     name: str,
     split: str,
@@ -248,8 +261,7 @@ def from_tfds(
     Class names come from the label's ClassLabel feature; the text is `template.format(name)`
     unless `text_key` names a Text feature (decoded from UTF-8 bytes).
     """
-    import tensorflow_datasets as tfds  # ≈0.5 s; only this source needs it
-
+    tfds = _import_tfds()
     data = tfds.data_source(name, split=split, data_dir=data_dir)
     features = data.dataset_info.features
     for key in (image_key, label_key, text_key):

@@ -62,12 +62,23 @@ def load_pretrained(
     return convert.load_pretrained(path, model_name, heads=heads, activation=activation, **numerics)
 
 
-def export_hf(model: CLIP | LanguageModel | VisionLanguageModel, directory) -> None:
+def export_hf(model: CLIP | LanguageModel | VisionLanguageModel, directory, tokenizer=None) -> None:
     """A Hugging Face directory (`config.json` + `model.safetensors`) for the model:
-    `CLIPModel`, a causal LM (`AutoModelForCausalLM`) or `LlavaForConditionalGeneration`."""
+    `CLIPModel`, a causal LM (`AutoModelForCausalLM`) or `LlavaForConditionalGeneration`.
+    A CLIP export also has `preprocessor_config.json` and, given its `tokenizer` (a
+    `fomo_jax.tokenizer.ClipTokenizer` or `ByteTokenizer`), the tokenizer files (see
+    `convert.export_hf`)."""
     if isinstance(model, CLIP):
-        return convert.export_hf(model, directory)
+        return convert.export_hf(model, directory, tokenizer=tokenizer)
+    if tokenizer is not None:
+        raise TypeError(
+            f"export_hf: tokenizer= is for CLIP models; {type(model).__name__} exports no "
+            "tokenizer files"
+        )
     return hf_lm.export_hf(model, directory)
+
+
+export_openclip = convert.export_openclip
 
 
 __all__ = [
@@ -80,6 +91,7 @@ __all__ = [
     "create_model",
     "load_pretrained",
     "export_hf",
+    "export_openclip",
     "LlamaConfig",
     "LanguageModel",
     "VLMConfig",

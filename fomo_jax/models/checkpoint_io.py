@@ -1,6 +1,9 @@
 """Read and write PyTorch-world weight files as numpy, without importing torch.
 
-* safetensors: parsed directly (the `safetensors` numpy API cannot hold bfloat16).
+* safetensors: through the `safetensors` library. Files are memory-mapped (`safe_open`) and each
+  tensor is copied out once, so a read never holds the file's bytes twice; bfloat16 comes back
+  as `ml_dtypes.bfloat16`; a `*.safetensors.index.json` reads every shard it names (Hugging
+  Face's sharded layout, which `write_sharded_safetensors` writes).
 * torch.save zip files (`pytorch_model.bin`, OpenCLIP `.pt`/`.bin`): unpickled with a
   restricted unpickler that understands tensors and storages and refuses any other global,
   so loading a checkpoint never runs code from it; every tensor must lie inside its storage.
@@ -10,29 +13,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import pickle
-import struct
+import re
 import zipfile
 from collections import OrderedDict
 
 import ml_dtypes
 import numpy as np
-
-_ST_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save as _safetensors_bytes
+from safetensors.numpy import save_file as _save_file
 
 _TORCH_STORAGES = {
     "DoubleStorage": np.float64,
@@ -46,75 +40,163 @@ _TORCH_STORAGES = {
     "ByteStorage": np.uint8,
     "BoolStorage": np.bool_,
 }
+INDEX_SUFFIX = ".safetensors.index.json"
 
 
-def _safetensors_header(path, raw: bytes) -> tuple[dict, int]:
-    if len(raw) < 8:
-        raise ValueError(f"{path}: too short to be a safetensors file")
-    (header_len,) = struct.unpack("<Q", raw[:8])
+@contextlib.contextmanager
+def _open_safetensors(path):
+    """`safe_open` (numpy, memory-mapped) with a malformed file reported as a ValueError naming
+    it; a missing file stays a FileNotFoundError."""
     try:
-        header = json.loads(raw[8 : 8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a safetensors file (bad header: {e})") from None
-    return header, 8 + header_len
+        handle = safe_open(path, framework="numpy")
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a safetensors file ({e})") from None
+    with handle as f:
+        yield f
+
+
+def _tensor(handle, path, name) -> np.ndarray:
+    try:
+        return handle.get_tensor(name)
+    except (SafetensorError, AttributeError, TypeError, ValueError) as e:
+        # e.g. a float8 tensor: numpy has no such dtype
+        raise ValueError(f"{path}: tensor {name!r} cannot be read as numpy ({e})") from None
 
 
 def read_safetensors_metadata(path) -> dict[str, str]:
     """The `__metadata__` strings of a safetensors file (empty if it has none)."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        raw = head + f.read(struct.unpack("<Q", head)[0] if len(head) == 8 else 0)
-    return dict(_safetensors_header(path, raw)[0].get("__metadata__", {}))
+    with _open_safetensors(os.fspath(path)) as f:
+        return dict(f.metadata() or {})
 
 
 def read_safetensors(path) -> dict[str, np.ndarray]:
-    with open(path, "rb") as f:
-        raw = f.read()
-    header, base = _safetensors_header(path, raw)
+    """Every tensor of a safetensors file, in file order, or of all the shards that a
+    `*.safetensors.index.json` names."""
+    path = os.fspath(path)
+    if path.endswith(INDEX_SUFFIX):
+        return _read_sharded(path)
+    with _open_safetensors(path) as f:
+        return {name: _tensor(f, path, name) for name in f.offset_keys()}
+
+
+def _read_sharded(index_path) -> dict[str, np.ndarray]:
+    """The shards of a HF index one after the other; each key must be in the shard the index
+    names for it, and every shard's keys must be in the index (a stale or mixed-up shard set
+    is an error, not a silent mix of two exports)."""
+    with open(index_path) as f:
+        weight_map = json.load(f).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index_path}: no 'weight_map' of tensor name -> shard file")
     out = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        if entry["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
-        start, end = entry["data_offsets"]
-        array = np.frombuffer(
-            raw,
-            _ST_DTYPES[entry["dtype"]],
-            count=(end - start) // np.dtype(_ST_DTYPES[entry["dtype"]]).itemsize,
-            offset=base + start,
+    for shard in dict.fromkeys(weight_map.values()):
+        shard_path = os.path.join(os.path.dirname(index_path), shard)
+        if not os.path.isfile(shard_path):
+            raise FileNotFoundError(f"{index_path}: shard {shard} not found at {shard_path}")
+        tensors = read_safetensors(shard_path)
+        misplaced = sorted(k for k in tensors if weight_map.get(k) != shard)
+        if misplaced:
+            raise ValueError(
+                f"{index_path}: shard {shard} holds {misplaced[:5]}, which the index places "
+                f"{[weight_map.get(k) for k in misplaced[:5]]}"
+            )
+        out.update(tensors)
+    missing = [k for k in weight_map if k not in out]
+    if missing:
+        raise ValueError(
+            f"{index_path}: {missing[:5]} are not in the shards the index names for them "
+            f"({[weight_map[k] for k in missing[:5]]})"
         )
-        out[name] = array.reshape(entry["shape"]).copy()
+    return out
+
+
+@functools.cache
+def _writable(dtype: np.dtype) -> bool:
+    try:
+        _safetensors_bytes({"probe": np.zeros(0, dtype)})
+    except (SafetensorError, TypeError, ValueError):
+        return False
+    return True
+
+
+def _contiguous(tensors: dict) -> dict[str, np.ndarray]:
+    """C-contiguous numpy copies where needed: the library writes an array's buffer as it lies
+    in memory, so a transposed view would be written scrambled."""
+    out = {}
+    for name, array in tensors.items():
+        array = np.asarray(array, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
+        if not _writable(array.dtype):
+            raise ValueError(
+                f"tensor {name!r}: dtype {array.dtype} cannot be written to safetensors"
+            )
+        out[name] = array
     return out
 
 
 def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict | None = None):
-    """Write a safetensors file (tensors in the given order, 8-byte aligned header)."""
-    header, chunks, offset = {}, [], 0
-    for name, array in tensors.items():
-        array = np.asarray(array, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
-        if array.dtype not in _ST_NAMES:
-            raise ValueError(
-                f"tensor {name!r}: dtype {array.dtype} cannot be written to safetensors"
-            )
-        data = array.tobytes()
-        header[name] = {
-            "dtype": _ST_NAMES[array.dtype],
-            "shape": list(array.shape),
-            "data_offsets": [offset, offset + len(data)],
-        }
-        chunks.append(data)
-        offset += len(data)
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
+    """Write a safetensors file (`metadata` values as strings), atomically: a reader never sees
+    a half-written file, and one that memory-mapped the old file keeps reading the old one."""
+    path = os.fspath(path)
+    arrays = _contiguous(tensors)
+    metadata = {str(k): str(v) for k, v in metadata.items()} if metadata else None
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for data in chunks:
-            f.write(data)
+    _save_file(arrays, tmp, metadata=metadata)
     os.replace(tmp, path)
+
+
+def _stale_weight_files(directory, prefix) -> list[str]:
+    pattern = re.compile(rf"{re.escape(prefix)}(-\d{{5}}-of-\d{{5}})?\.safetensors(\.index\.json)?")
+    return [n for n in os.listdir(directory) if pattern.fullmatch(n)]
+
+
+def write_sharded_safetensors(
+    directory,
+    tensors: dict[str, np.ndarray],
+    *,
+    max_shard_bytes: int,
+    metadata: dict | None = None,
+    prefix: str = "model",
+) -> list[str]:
+    """Write `tensors` in Hugging Face's layout: `model.safetensors` when they fit in one shard
+    of at most `max_shard_bytes`, else `model-00001-of-0000N.safetensors` shards (in the given
+    order; a tensor larger than a shard gets one of its own) and `model.safetensors.index.json`
+    (`{"metadata": {"total_size": bytes}, "weight_map": {name: shard}}`). `metadata` goes into
+    every shard. Weight files of an earlier export under the same prefix are removed first, so
+    a reader never meets a stale single file beside a new index. Returns the names written."""
+    directory = os.fspath(directory)
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    arrays = _contiguous(tensors)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, array in arrays.items():
+        if shards[-1] and size + array.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = array
+        size += array.nbytes
+    os.makedirs(directory, exist_ok=True)
+    for stale in _stale_weight_files(directory, prefix):
+        os.remove(os.path.join(directory, stale))
+    if len(shards) == 1:
+        write_safetensors(os.path.join(directory, f"{prefix}.safetensors"), arrays, metadata)
+        return [f"{prefix}.safetensors"]
+    names = [
+        f"{prefix}-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)
+    ]
+    weight_map = {}
+    for name, shard in zip(names, shards, strict=True):
+        write_safetensors(os.path.join(directory, name), shard, metadata)
+        weight_map.update(dict.fromkeys(shard, name))
+    index = {
+        "metadata": {"total_size": sum(a.nbytes for a in arrays.values())},
+        "weight_map": weight_map,
+    }
+    index_name = f"{prefix}{INDEX_SUFFIX}"
+    tmp = os.path.join(directory, f"{index_name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(index, f, indent=2)
+    os.replace(tmp, os.path.join(directory, index_name))
+    return [*names, index_name]
 
 
 class _Storage:
@@ -231,7 +313,8 @@ def read_torch_zip(path):
 
 
 def read_state_dict(path) -> dict[str, np.ndarray]:
-    """A flat {key: array} state dict from a .safetensors or torch .bin/.pt/.pth file.
+    """A flat {key: array} state dict from a .safetensors file (or the shards of a
+    `*.safetensors.index.json`) or a torch .bin/.pt/.pth file.
 
     Training checkpoints that wrap the weights (`{"state_dict": ...}`) and DataParallel
     `module.` prefixes are unwrapped.
@@ -239,7 +322,7 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.endswith(".safetensors"):
+    if path.endswith((".safetensors", INDEX_SUFFIX)):
         state = read_safetensors(path)
     else:
         state = read_torch_zip(path)

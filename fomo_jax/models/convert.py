@@ -1,11 +1,15 @@
-"""Import CLIP weights from Hugging Face and OpenCLIP checkpoints, and export to HF.
+"""Import CLIP weights from Hugging Face and OpenCLIP checkpoints, and export to both.
 
 Both sources go through one canonical form, a Hugging Face `CLIPModel`-keyed state dict of
-numpy arrays: OpenCLIP keys are renamed into it (splitting the fused `in_proj`), and one
-table maps it to fomo_jax parameter paths in both directions. Architecture numbers are read
-from tensor shapes (width, depth, MLP size, patch, image size, context, vocabulary); only
-head count, activation and LayerNorm epsilon, which shapes cannot tell, come from the HF
-`config.json` or the OpenCLIP model name.
+numpy arrays: OpenCLIP keys are renamed into it (splitting the fused `in_proj`) and back
+(fusing it), and one table maps it to fomo_jax parameter paths in both directions.
+Architecture numbers are read from tensor shapes (width, depth, MLP size, patch, image size,
+context, vocabulary); only head count, activation and LayerNorm epsilon, which shapes cannot
+tell, come from the HF `config.json`, the OpenCLIP model name, or the metadata
+`export_openclip` writes.
+
+An HF export carries what `CLIPProcessor` needs besides the weights: `preprocessor_config.json`
+(the evaluation transform) and, given the run's tokenizer, its tokenizer files.
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors
 
 from fomo_jax import params as params_lib
+from fomo_jax import tokenizer as tokenizer_lib
+from fomo_jax.data.synthetic import CLIP_MEAN, CLIP_STD
 from fomo_jax.models import variants
 from fomo_jax.models.checkpoint_io import read_state_dict, write_safetensors
 from fomo_jax.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig, abstract_clip
@@ -91,6 +98,9 @@ def _table(cfg: CLIPConfig):
         rows += _block_table(f"text/transformer/resblocks/{i}", f"text_model.encoder.layers.{i}")
     return rows
 
+
+# The safetensors metadata key under which export_openclip records what shapes cannot tell.
+_ARCHITECTURE_KEY = "fomo_jax.architecture"
 
 # Buffers some checkpoints carry that are not parameters.
 _IGNORED = re.compile(r"(^|\.)(position_ids|attn_mask)$")
@@ -243,6 +253,42 @@ def openclip_to_hf_state(state: dict, source="checkpoint") -> dict:
     return out
 
 
+_HF_BLOCK = re.compile(r"^(vision_model|text_model)\.encoder\.layers\.(\d+)\.(.+)$")
+_QKV = re.compile(r"^self_attn\.(q|k|v)_proj\.(weight|bias)$")
+
+
+def hf_to_openclip_state(state: dict) -> dict:
+    """Rename an HF-keyed CLIP state dict to OpenCLIP's keys: the inverse of
+    `openclip_to_hf_state` (q/k/v fused into `in_proj`, projections as [width, embed])."""
+    top = {hf: oc for oc, hf in _OPENCLIP_TOP.items()}
+    block = [(hf, oc) for oc, hf in _OPENCLIP_BLOCK]
+    out, fused = {}, {}
+    for key, value in state.items():
+        if key in top:
+            out[top[key]] = value
+        elif key == "visual_projection.weight":
+            out["visual.proj"] = _T(value)
+        elif key == "text_projection.weight":
+            out["text_projection"] = _T(value)
+        elif m := _HF_BLOCK.match(key):
+            tower = "visual.transformer" if m.group(1) == "vision_model" else "transformer"
+            prefix, rest = f"{tower}.resblocks.{m.group(2)}.", m.group(3)
+            if qkv := _QKV.match(rest):
+                fused.setdefault(f"{prefix}attn.in_proj_{qkv.group(2)}", {})[qkv.group(1)] = value
+                continue
+            new = next((oc + rest[len(hf) :] for hf, oc in block if rest.startswith(hf)), None)
+            if new is None:
+                raise ValueError(f"no OpenCLIP name for CLIP tensor {key!r}")
+            out[prefix + new] = value
+        elif not _IGNORED.search(key):
+            raise ValueError(f"no OpenCLIP name for CLIP tensor {key!r}")
+    for key, parts in fused.items():  # OpenCLIP's in_proj stacks q, k, v along the output axis
+        if sorted(parts) != ["k", "q", "v"]:
+            raise ValueError(f"{key}: needs q, k and v projections, got {sorted(parts)}")
+        out[key] = np.concatenate([parts["q"], parts["k"], parts["v"]], axis=0)
+    return out
+
+
 def _variant_shapes(cfg: CLIPConfig):
     v, t = cfg.vision, cfg.text
     return (
@@ -267,6 +313,25 @@ def infer_openclip_name(cfg_from_shapes: CLIPConfig) -> str | None:
         if _variant_shapes(cfg) == shapes:
             return name
     return None
+
+
+def _architecture(cfg: CLIPConfig) -> tuple:
+    """What fixes the function a CLIP computes (not its numerics or initialisation)."""
+    return cfg.embed_dim, cfg.vision, cfg.text, cfg.activation, cfg.layer_norm_eps
+
+
+def variant_name(cfg: CLIPConfig) -> str | None:
+    """The name `variants.get_config` rebuilds this exact architecture from (heads, activation
+    and epsilon included, `-quickgelu` appended for QuickGELU), or None."""
+    base = infer_openclip_name(cfg)
+    if base is None:
+        return None
+    name = base + "-quickgelu" if cfg.activation == "quick_gelu" else base
+    try:
+        named = variants.get_config(name)
+    except ValueError:
+        return None
+    return name if _architecture(named) == _architecture(cfg) else None
 
 
 # ---------------------------------------------------------------------------------- public API
@@ -341,11 +406,46 @@ def _load_hf_dir(path, *, dtype, attention_implementation):
     return model_from_params(hf_state_to_params(state, cfg, source=weights), cfg)
 
 
+def _openclip_metadata(path) -> dict:
+    """The architecture `export_openclip` recorded in a safetensors file's metadata, as
+    {model_name?, heads?, activation?, layer_norm_eps?}; empty for any other file."""
+    if not os.fspath(path).endswith(".safetensors"):
+        return {}
+    try:
+        with safetensors.safe_open(path, framework="numpy") as f:
+            metadata = f.metadata() or {}
+    except Exception:  # not a safetensors file after all: read_state_dict reports it
+        return {}
+    out = {}
+    if metadata.get("model_name"):
+        out["model_name"] = metadata["model_name"]
+    if _ARCHITECTURE_KEY in metadata:
+        try:
+            arch = json.loads(metadata[_ARCHITECTURE_KEY])
+            out.update(
+                heads=(int(arch["vision_heads"]), int(arch["text_heads"])),
+                activation=str(arch["activation"]),
+                layer_norm_eps=float(arch["layer_norm_eps"]),
+            )
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(
+                f"{path}: metadata {_ARCHITECTURE_KEY!r} is not a valid architecture record: "
+                f"{metadata[_ARCHITECTURE_KEY]!r} ({e!r})"
+            ) from None
+    return out
+
+
 def _load_openclip_file(path, model_name, *, heads, activation, dtype, attention_implementation):
     state = openclip_to_hf_state(read_state_dict(path), source=path)
     shaped = config_from_hf_state(
         state, vision_heads=1, text_heads=1, activation="gelu", layer_norm_eps=1e-5, source=path
     )
+    # Arguments first, then what export_openclip recorded, then the (given or inferred) name.
+    recorded = _openclip_metadata(path)
+    heads = heads or recorded.get("heads")
+    activation = activation or recorded.get("activation")
+    shaped = shaped.replace(layer_norm_eps=recorded.get("layer_norm_eps", shaped.layer_norm_eps))
+    model_name = model_name or recorded.get("model_name")
     if model_name is None:
         model_name = infer_openclip_name(shaped)
     if model_name is not None:
@@ -414,7 +514,7 @@ def load_pretrained(
     )
 
 
-def _hf_config(cfg: CLIPConfig, logit_scale: float) -> dict:
+def _hf_config(cfg: CLIPConfig, logit_scale: float, bos_id: int, eos_id: int) -> dict:
     act = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
     v, t = cfg.vision, cfg.text
     return {
@@ -446,25 +546,131 @@ def _hf_config(cfg: CLIPConfig, logit_scale: float) -> dict:
             "hidden_act": act[cfg.activation],
             "layer_norm_eps": cfg.layer_norm_eps,
             "projection_dim": cfg.embed_dim,
-            # EOT is the largest id (CLIP: 49407, start 49406), so HF's first-EOS pooling
-            # picks the same token as fomo_jax's argmax pooling.
-            "bos_token_id": t.vocab_size - 2,
-            "eos_token_id": t.vocab_size - 1,
+            # HF pools at the first `eos_token_id`; fomo_jax at argmax(ids). They agree because
+            # the EOT is the tokenizer's largest id (CLIP: 49407, start 49406).
+            "bos_token_id": bos_id,
+            "eos_token_id": eos_id,
             "pad_token_id": 0,
         },
     }
 
 
-def export_hf(model: CLIP, directory) -> None:
-    """Write `config.json` + `model.safetensors` in the Hugging Face `CLIPModel` layout."""
-    cfg = model.config
+def _preprocessor_config(image_size: int) -> dict:
+    """`CLIPImageProcessor` settings for `data.transforms.test_transform` + normalisation:
+    shorter side to `image_size` (bicubic, by PIL in both), centre crop, /255, CLIP mean and
+    std. HF places the crop at floor((side - crop) / 2) where torchvision rounds half to even,
+    so when the resized longer side exceeds the crop by 3 mod 4 pixels, HF's crop sits one
+    pixel further left (or up) than ours."""
+    return {
+        "image_processor_type": "CLIPImageProcessor",
+        "processor_class": "CLIPProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"shortest_edge": image_size},
+        "resample": 3,  # PIL.Image.Resampling.BICUBIC
+        "do_center_crop": True,
+        "crop_size": {"height": image_size, "width": image_size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [round(float(x), 8) for x in CLIP_MEAN],
+        "image_std": [round(float(x), 8) for x in CLIP_STD],
+    }
+
+
+def _exportable_config(model: CLIP) -> CLIPConfig:
+    if model.config.adapter is not None:
+        raise ValueError(
+            f"the model carries {model.config.adapter.kind} adapters, which a CLIP checkpoint "
+            "cannot hold; fold them in first (models.merge_adapters)"
+        )
+    return model.config
+
+
+def _check_tokenizer(tokenizer, cfg: CLIPConfig) -> None:
+    """The tokenizer's ids must index the model's embedding, and it must know how to save."""
+    if not hasattr(tokenizer, "save_pretrained"):
+        raise TypeError(
+            f"tokenizer {tokenizer!r} has no save_pretrained; expected a "
+            "fomo_jax.tokenizer.ClipTokenizer or ByteTokenizer"
+        )
+    if tokenizer.vocab_size > cfg.text.vocab_size:
+        raise ValueError(
+            f"tokenizer {tokenizer!r} has {tokenizer.vocab_size} ids but the model's text "
+            f"embedding has {cfg.text.vocab_size} rows; it is not this model's tokenizer"
+        )
+
+
+def _write_json(path, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def export_hf(model: CLIP, directory, tokenizer=None) -> None:
+    """Write the Hugging Face `CLIPModel` layout: `config.json`, `model.safetensors`, and
+    `preprocessor_config.json` (the evaluation transform, for `CLIPImageProcessor`).
+
+    With the model's `tokenizer` (`fomo_jax.tokenizer.ClipTokenizer` or `ByteTokenizer`) its
+    files are written too (see their `save_pretrained`) and tokenizer files of another kind
+    left by an earlier export are removed, so `CLIPProcessor.from_pretrained(directory)` (CLIP
+    BPE) or `tokenizers.Tokenizer.from_file(directory/tokenizer.json)` (bytes) tokenize like
+    the run did. Without one, tokenizer files already in `directory` are left alone.
+    """
+    cfg = _exportable_config(model)
+    bos_id, eos_id = cfg.text.vocab_size - 2, cfg.text.vocab_size - 1  # CLIP's, by default
+    if tokenizer is not None:
+        _check_tokenizer(tokenizer, cfg)
+        bos_id, eos_id = tokenizer.sot_id, tokenizer.eot_id
     _, params = params_lib.split(model)
     state = params_to_hf_state(jax.device_get(params), cfg)
+    directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     write_safetensors(
         os.path.join(directory, "model.safetensors"), state, metadata={"format": "pt"}
     )
-    tmp = os.path.join(directory, "config.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(_hf_config(cfg, float(state["logit_scale"])), f, indent=2)
-    os.replace(tmp, os.path.join(directory, "config.json"))
+    config = _hf_config(cfg, float(state["logit_scale"]), bos_id, eos_id)
+    _write_json(os.path.join(directory, "config.json"), config)
+    preprocessor = _preprocessor_config(cfg.vision.image_size)
+    _write_json(os.path.join(directory, "preprocessor_config.json"), preprocessor)
+    if tokenizer is not None:
+        written = tokenizer.save_pretrained(directory, context_length=cfg.text.context_length)
+        for name in set(tokenizer_lib.HF_TOKENIZER_FILES) - set(written):
+            stale = os.path.join(directory, name)
+            if os.path.isfile(stale):
+                os.remove(stale)
+
+
+def export_openclip(model: CLIP, path) -> str | None:
+    """Write the model as an OpenCLIP state dict (`open_clip.create_model(name,
+    pretrained=path)` keys: fused `in_proj`, `visual.conv1`, `[width, embed]` projections) in
+    a `.safetensors` file, float32, which `load_pretrained(path)` reads back bit for bit.
+
+    Shapes do not tell heads, activation or LayerNorm epsilon, so they are recorded in the
+    file's metadata, with `model_name` when a known variant (`models.VARIANTS`, `-quickgelu`
+    for QuickGELU) has exactly this architecture. Returns that name, or None: OpenCLIP itself
+    needs it (`create_model(name, pretrained=path)`).
+    """
+    path = os.fspath(path)
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"{path}: export_openclip writes safetensors; name the file *.safetensors")
+    cfg = _exportable_config(model)
+    _, params = params_lib.split(model)
+    state = hf_to_openclip_state(params_to_hf_state(jax.device_get(params), cfg))
+    architecture = {
+        "vision_heads": cfg.vision.heads,
+        "text_heads": cfg.text.heads,
+        "activation": cfg.activation,
+        "layer_norm_eps": cfg.layer_norm_eps,
+    }
+    metadata = {"format": "pt", _ARCHITECTURE_KEY: json.dumps(architecture)}
+    name = variant_name(cfg)
+    if name is not None:
+        metadata["model_name"] = name
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    # Through a temporary name, so an interrupted export never leaves a truncated checkpoint.
+    tmp = path[: -len(".safetensors")] + ".tmp.safetensors"
+    write_safetensors(tmp, state, metadata=metadata)
+    os.replace(tmp, path)
+    return name

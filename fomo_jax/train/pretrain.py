@@ -218,5 +218,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         (before["A_ZS"], after["A_ZS"]),
         os.path.join(workdir, "plots", "training.png"),
     )
-    models.export_hf(params_lib.merge(graphdef, jax.device_get(state.params)), f"{workdir}/model")
+    models.export_hf(
+        params_lib.merge(graphdef, jax.device_get(state.params)),
+        f"{workdir}/model",
+        tokenizer=tokenizer,
+    )
     return results

@@ -12,9 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from configs import fif_synth
 from fomo_jax import models
 from fomo_jax import params as params_lib
+from fomo_jax.configs import fif_synth
 from fomo_jax.continual import merge_methods, methods, runner
 
 TASKS = 4

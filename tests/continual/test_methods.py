@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import fif_synth
 from fomo_jax import budget
 from fomo_jax import params as params_lib
+from fomo_jax.configs import fif_synth
 from fomo_jax.continual import methods, runner
 from fomo_jax.continual.step import ContinualState, make_forward, step_fn, trained
 from fomo_jax.models.clip import abstract_clip

@@ -15,8 +15,8 @@ import numpy as np
 import optax
 import pytest
 
-from configs import fif_synth as fif_synth_config
 from fomo_jax import params as params_lib
+from fomo_jax.configs import fif_synth as fif_synth_config
 from fomo_jax.continual import methods, regularized, runner  # noqa: F401 (registers)
 from fomo_jax.continual.step import ContinualState, make_forward, step_fn
 from fomo_jax.data import mixture

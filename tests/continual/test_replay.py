@@ -15,9 +15,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import fif_synth as fif_synth_config
 from fomo_jax import params as params_lib
 from fomo_jax import sharding
+from fomo_jax.configs import fif_synth as fif_synth_config
 from fomo_jax.continual import methods, replay, runner  # noqa: F401 (registers)
 from fomo_jax.continual.checkpoints import Checkpoints
 from fomo_jax.continual.step import ContinualState, make_forward, shardings_of, step_fn

@@ -15,8 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import fif_synth as fif_synth_config
 from fomo_jax import runtime, schedules
+from fomo_jax.configs import fif_synth as fif_synth_config
 from fomo_jax.continual import methods, runner
 from fomo_jax.continual import workdir as workdir_lib
 from fomo_jax.continual.checkpoints import Checkpoints
@@ -66,6 +66,10 @@ def test_outputs_and_final_table(uninterrupted):
     assert "A_KA" in result.stdout and "final (full)" in result.stdout
     for plot in ("ka_zs_trajectory.png", "per_dataset.png", "learning_rate.png"):
         assert (workdir / "plots" / plot).stat().st_size > 1000
+    # The exported model carries the run's tokenizer (here the byte tokenizer's tokenizer.json).
+    from fomo_jax.tokenizer import ByteTokenizer, load_tokenizer
+
+    assert isinstance(load_tokenizer(str(workdir / "model")), ByteTokenizer)
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     assert [(r["task"], r["step"]) for r in map(json.loads, lines)] == [
         (0, 3),
@@ -159,7 +163,7 @@ def test_config_mistakes_stop_before_compute(data_root, tmp_path):
 
 
 def test_required_paths_and_optional_wandb(data_root, tmp_path):
-    from configs import fif as fif_config
+    from fomo_jax.configs import fif as fif_config
 
     with pytest.raises(ValueError, match="config.data.root is required"):
         runner.run(fif_config.get_config(), str(tmp_path / "fif"))
@@ -667,3 +671,88 @@ def test_sigterm_checkpoints_the_step_and_skipped_images_resume_exactly(corrupte
         assert got[key] == want[key], key
     for name in os.listdir(reference / "model"):
         assert (workdir / "model" / name).read_bytes() == (reference / "model" / name).read_bytes()
+
+
+# ------------------------------------------------ progress lines, W&B axes of a real run
+
+
+def test_run_progress_counts_remaining_steps_and_evaluations():
+    import ml_collections
+
+    config = ml_collections.ConfigDict({"num_tasks": 4, "eval": {"every_nth_task": 2}})
+    loop = runner.Loop(config, None, 100, None, None, None, None, None, 0)
+    # Task 1, step 60: 160 of 400 steps done; 240 left at 0.5 s = 120 s. Subset evaluations
+    # still to come after tasks 1 and 3 (every 2nd task, and the last): 2 x 10 s; the final
+    # full evaluation: 100 s. 240 s in all.
+    loop.eval_seconds.update(subset=10.0, full=100.0)
+    assert loop.run_progress(1, 60, 0.5) == "run 160/400 steps (40%) | ETA run 4m00s"
+    # At the last step of task 2 (not evaluated: every 2nd task), 100 steps (50 s), task 3's
+    # subset evaluation (10 s) and the final one (100 s) remain.
+    assert loop.run_progress(2, 100, 0.5) == "run 300/400 steps (75%) | ETA run 2m40s"
+    # Not timed yet (a resumed run before its first evaluation): a lower bound, steps only.
+    loop.eval_seconds.clear()
+    assert loop.run_progress(1, 60, 0.5) == "run 160/400 steps (40%) | ETA run >2m00s"
+    assert [runner.format_duration(s) for s in (0.4, 42, 185, 3599.6, 7620)] == [
+        "0s", "42s", "3m05s", "1h00m", "2h07m"
+    ]  # fmt: skip
+
+
+def test_a_run_logs_its_progress_budget_and_wandb_axes(data_root, tmp_path, caplog, monkeypatch):
+    import logging
+
+    from fomo_jax import evaluate as evaluate_lib
+    from tests.continual.test_logger import FakeWandb
+
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake.module())
+    # Progress lines at least 100 rows apart (10,000 by default), so the smoke sets show the
+    # lines a big set logs as it goes.
+    monkeypatch.setattr(evaluate_lib, "PROGRESS_MIN_ROWS", 100)
+    config = _smoke(data_root)
+    config.wandb.enabled = True
+    caplog.set_level(logging.INFO)
+    runner.run(config, str(tmp_path / "run"))
+    messages = [record.getMessage() for record in caplog.records]
+    text = "\n".join(messages)
+
+    # Per log line: the whole stream's steps and ETA. A fresh run has timed both evaluation
+    # kinds at zero-shot, so no ETA is a lower bound.
+    for task, done, percent in [(0, 3, 25), (0, 6, 50), (1, 3, 75), (1, 6, 100)]:
+        pattern = (rf"^task {task} step {done}/6 \|.* \| ETA task \d+s \| "
+                   rf"run {6 * task + done}/12 steps \({percent}%\) \| ETA run \d+s$")  # fmt: skip
+        assert any(re.match(pattern, m) for m in messages), (pattern, text[-3000:])
+
+    # Evaluation progress: every test set as it is decoded (a set of 200 or more images also
+    # while it decodes), every embedding pass as it goes (at most one line per tenth) and
+    # when it closes.
+    datasets = runner.prepare_data(config).datasets
+    for number, key in enumerate(datasets, 1):
+        line = rf"^test set {number}/{len(datasets)} {key}: (\d+) images decoded"
+        images = int(re.search(line, text, re.M).group(1))
+        decoding = re.findall(rf"^decoding the {key} test images: \d+/{images} rows", text, re.M)
+        assert bool(decoding) == (images >= 200), key
+    retrieval = sum(info.is_retrieval for info in datasets.values())
+    for what, count in [("test images (full)", len(datasets)),
+                        ("test images (subset)", len(datasets)),
+                        ("class prompts", len(datasets) - retrieval),
+                        ("test captions (full)", retrieval),
+                        ("test captions (subset)", retrieval)]:  # fmt: skip
+        closing = rf"^embedding {re.escape(what)}, {count} datasets?: \d+ rows in"
+        assert re.search(closing, text, re.M), what
+    # The full test images (about 1,260 rows) of the zero-shot and the final evaluations.
+    going = re.findall(r"^embedding test images \(full\), \d+ datasets: \d+/\d+ rows \(\d+%\), "
+                       r"at synth_\w+ \(\d/\d datasets\)", text, re.M)  # fmt: skip
+    assert 2 <= len(going) <= 2 * 9, going
+    assert len(re.findall(r"^evaluation \(subset test sets\) took", text, re.M)) == 3
+    assert len(re.findall(r"^evaluation \(full test sets\) took", text, re.M)) == 2
+
+    # The start-up budget: the run's own tiny model and steps, not the paper's ViT-B/16 table.
+    assert "compute budget of this run" in text and "steps per task  6 (config" in text
+    assert "(Table 4)" not in text
+
+    # W&B: training on the global-step axis, evaluations on their own (0 = zero-shot).
+    (run,) = fake.runs
+    assert [e["global_step"] for e in run.logs if "global_step" in e] == [3, 6, 9, 12]
+    assert [e["evaluation_index"] for e in run.logs if "evaluation_index" in e] == [0, 1, 2]
+    assert run.axis_of("eval/knowledge_accumulation") == "evaluation_index"
+    assert fake.inits[0]["id"] == (tmp_path / "run" / "wandb_id").read_text().strip()

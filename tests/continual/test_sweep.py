@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from configs import fif_synth as fif_synth_config
+from fomo_jax.configs import fif_synth as fif_synth_config
 from fomo_jax.continual import sweep
 
 
