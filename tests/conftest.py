@@ -7,7 +7,7 @@ from absl import flags
 
 from fomo_jax import runtime
 
-# Compiled steps persist across test processes and runs (CI caches `.jax_cache`).
+# Compiled steps persist across test processes and runs (`runtime.default_cache_dir()`).
 runtime.enable_compilation_cache()
 # grain reads absl flags; pytest never parses them.
 flags.FLAGS.mark_as_parsed()
