@@ -33,7 +33,6 @@ from fomo_jax import params as params_lib
 from fomo_jax.continual import runner
 from fomo_jax.continual import workdir as workdir_lib
 from fomo_jax.continual.step import ContinualState, shardings_of, trained
-from fomo_jax.data import fif_synth, registry
 from fomo_jax.models.clip import CLIP, abstract_clip
 from fomo_jax.tokenizer import load_tokenizer
 from fomo_jax.train import optimizer
@@ -115,22 +114,8 @@ def format_eval_table(record: dict, datasets: dict) -> str:
 
 
 def benchmark_datasets(config) -> tuple[str, dict]:
-    """(data root, {key: DatasetInfo}) of the config's benchmark: the datasets a run evaluates
-    (`runner.prepare_data` without the stream, the training splits and the pool, which an
-    evaluation does not need). fif_synth is generated first if missing (deterministic)."""
-    d = config.data
-    if d.benchmark == "fif_synth":
-        fif_synth.generate(
-            d.root, seed=d.synth_seed, image_size=d.image_size, pool_size=d.pool_size,
-            train_per_class=d.train_per_class, test_per_class=d.test_per_class,
-            samples_per_shard=d.samples_per_shard,
-        )  # fmt: skip
-        return d.root, fif_synth.load_datasets(d.root)
-    if d.benchmark == "fif":
-        if not os.path.isdir(d.root):
-            raise FileNotFoundError(f"config.data.root={d.root!r} is not a directory")
-        return d.root, dict(registry.DATASETS)
-    raise ValueError(f"config.data.benchmark must be 'fif_synth' or 'fif', got {d.benchmark!r}")
+    """(data root, {key: DatasetInfo}) of the config's benchmark, as the runner picks them."""
+    return config.data.root, runner.benchmark_datasets(config)
 
 
 # ------------------------------------------------------------------------------ loading

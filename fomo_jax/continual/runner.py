@@ -65,8 +65,9 @@ class Data:
     tasks: list
 
 
-def prepare_data(config) -> Data:
-    """The benchmark's datasets, the stream's tasks, the training catalogue and the pool."""
+def benchmark_datasets(config) -> dict:
+    """{key: DatasetInfo} of the config's benchmark (fif_synth is generated first if missing;
+    it is deterministic): the datasets a run trains on and evaluates."""
     d = config.data
     if d.benchmark == "fif_synth":
         fif_synth.generate(
@@ -74,11 +75,18 @@ def prepare_data(config) -> Data:
             train_per_class=d.train_per_class, test_per_class=d.test_per_class,
             samples_per_shard=d.samples_per_shard,
         )  # fmt: skip
-        datasets = fif_synth.load_datasets(d.root)
-    elif d.benchmark == "fif":
-        datasets = dict(registry.DATASETS)
-    else:
-        raise ValueError(f"data.benchmark must be 'fif_synth' or 'fif', got {d.benchmark!r}")
+        return fif_synth.load_datasets(d.root)
+    if d.benchmark == "fif":
+        if not os.path.isdir(d.root):
+            raise FileNotFoundError(f"config.data.root={d.root!r} is not a directory")
+        return dict(registry.DATASETS)
+    raise ValueError(f"config.data.benchmark must be 'fif_synth' or 'fif', got {d.benchmark!r}")
+
+
+def prepare_data(config) -> Data:
+    """The benchmark's datasets, the stream's tasks, the training catalogue and the pool."""
+    d = config.data
+    datasets = benchmark_datasets(config)
     info_dir = d.info_dir or fif.default_info_dir(d.root)
     stream_path = d.stream or os.path.join(d.root, "streams", "random_sequence_1.json")
     entries = streams.load_stream(stream_path, info_dir, datasets=datasets)

@@ -98,7 +98,11 @@ def run_sweep(config, workdir: str, variants=SCHEDULES, *, axis: str = "schedule
         f.write(format_comparison(rows, axis))
     if axis == "schedule":
         schedules.plot(curves, steps, os.path.join(workdir, "schedules.png"))
-    _plot_trajectories(rows, os.path.join(workdir, "trajectories.png"), axis)
+    from fomo_jax.continual import compare
+
+    compare.plot_trajectories(
+        rows, os.path.join(workdir, "trajectories.png"), title=f"{axis.capitalize()}s"
+    )
     print(format_comparison(rows, axis))
     return rows
 
@@ -118,27 +122,6 @@ def format_comparison(rows: dict, axis: str = "schedule") -> str:
     lines.append("AUT: area under the trajectory (zero-shot point, then one point per task), "
                  "normalized by the number of intervals.")  # fmt: skip
     return "\n".join(lines) + "\n"
-
-
-def _plot_trajectories(rows: dict, path: str, axis: str = "schedule") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 5))
-    colors = plt.get_cmap("tab20")
-    for i, (variant, row) in enumerate(rows.items()):
-        ka = [p["knowledge_accumulation"] for p in row["trajectory"]]
-        zs = [p["zero_shot_retention"] for p in row["trajectory"]]
-        ax.plot(ka, zs, "-o", ms=3, lw=1.2, label=variant, color=colors(2 * i % 20 + i // 10))
-    ax.set(xlabel="A_KA: knowledge accumulation (%)", ylabel="A_ZS: zero-shot retention (%)",
-           title=f"{axis.capitalize()}s: what is learned vs what is kept")  # fmt: skip
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def define_flags(flag_values: flags.FlagValues) -> dict[str, flags.FlagHolder]:

@@ -514,27 +514,35 @@ def load_pretrained(
     )
 
 
+# Our activation names -> HF's `hidden_act`.
+TO_HF_ACTIVATION = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+
+
+def hf_vision_config(cfg: CLIPConfig) -> dict:
+    """The HF `CLIPVisionConfig` dict of a CLIP's image tower (CLIP and LLaVA exports)."""
+    v = cfg.vision
+    return {
+        "model_type": "clip_vision_model",
+        "hidden_size": v.width,
+        "intermediate_size": v.mlp_dim,
+        "num_hidden_layers": v.layers,
+        "num_attention_heads": v.heads,
+        "image_size": v.image_size,
+        "patch_size": v.patch_size,
+        "num_channels": 3,
+        "hidden_act": TO_HF_ACTIVATION[cfg.activation],
+        "layer_norm_eps": cfg.layer_norm_eps,
+    }
+
+
 def _hf_config(cfg: CLIPConfig, logit_scale: float, bos_id: int, eos_id: int) -> dict:
-    act = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
-    v, t = cfg.vision, cfg.text
+    t = cfg.text
     return {
         "architectures": ["CLIPModel"],
         "model_type": "clip",
         "projection_dim": cfg.embed_dim,
         "logit_scale_init_value": logit_scale,
-        "vision_config": {
-            "model_type": "clip_vision_model",
-            "hidden_size": v.width,
-            "intermediate_size": v.mlp_dim,
-            "num_hidden_layers": v.layers,
-            "num_attention_heads": v.heads,
-            "image_size": v.image_size,
-            "patch_size": v.patch_size,
-            "num_channels": 3,
-            "hidden_act": act[cfg.activation],
-            "layer_norm_eps": cfg.layer_norm_eps,
-            "projection_dim": cfg.embed_dim,
-        },
+        "vision_config": {**hf_vision_config(cfg), "projection_dim": cfg.embed_dim},
         "text_config": {
             "model_type": "clip_text_model",
             "vocab_size": t.vocab_size,
@@ -543,7 +551,7 @@ def _hf_config(cfg: CLIPConfig, logit_scale: float, bos_id: int, eos_id: int) ->
             "num_hidden_layers": t.layers,
             "num_attention_heads": t.heads,
             "max_position_embeddings": t.context_length,
-            "hidden_act": act[cfg.activation],
+            "hidden_act": TO_HF_ACTIVATION[cfg.activation],
             "layer_norm_eps": cfg.layer_norm_eps,
             "projection_dim": cfg.embed_dim,
             # HF pools at the first `eos_token_id`; fomo_jax at argmax(ids). They agree because

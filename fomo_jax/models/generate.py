@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from fomo_jax.models.llama import init_cache
-from fomo_jax.models.vlm import _check_counts
+from fomo_jax.models.vlm import check_image_tokens
 
 
 class Generation(NamedTuple):
@@ -101,8 +101,8 @@ def _prompt(model, token_ids, attention_mask, images, image_valid):
         if not hasattr(model.config, "image_token_id"):
             raise TypeError(f"images given to a {type(model).__name__}, which takes text only")
         valid = np.ones(np.shape(images)[:-3], bool) if image_valid is None else image_valid
-        image_token = model.config.image_token_id
-        _check_counts(token_ids, image_token, int(np.sum(valid)), model.config.image_seq_length)
+        cfg = model.config
+        check_image_tokens(token_ids, cfg.image_token_id, int(np.sum(valid)), cfg.image_seq_length)
     return token_ids, mask
 
 

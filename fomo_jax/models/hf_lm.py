@@ -73,7 +73,6 @@ _ROPE_KEYS = {
 # HF activation names that are the same function as one of ours.
 _ACTIVATION_ALIASES = {"gelu_new": "gelu_pytorch_tanh", "gelu_fast": "gelu_pytorch_tanh"}
 _PROJECTOR_TO_HF = {"gelu_tanh": "gelu_pytorch_tanh", "swish": "silu"}
-_VISION_TO_HF = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 # Buffers some checkpoints carry that are not parameters.
 _IGNORED = re.compile(r"(^|\.)(inv_freq|position_ids)$")
 _WEIGHT_FILES = (
@@ -379,25 +378,13 @@ def lm_config_to_hf(cfg: LlamaConfig) -> dict:
 
 def vlm_config_to_hf(cfg: VLMConfig) -> dict:
     """A HF LLaVA `config.json` dict for `cfg`."""
-    v = cfg.vision.vision
     text = lm_config_to_hf(cfg.lm)
     del text["architectures"]
     layer = cfg.vision_feature_layer
     return {
         "architectures": ["LlavaForConditionalGeneration"],
         "model_type": "llava",
-        "vision_config": {
-            "model_type": "clip_vision_model",
-            "hidden_size": v.width,
-            "intermediate_size": v.mlp_dim,
-            "num_hidden_layers": v.layers,
-            "num_attention_heads": v.heads,
-            "image_size": v.image_size,
-            "patch_size": v.patch_size,
-            "num_channels": 3,
-            "hidden_act": _VISION_TO_HF[cfg.vision.activation],
-            "layer_norm_eps": cfg.vision.layer_norm_eps,
-        },
+        "vision_config": convert.hf_vision_config(cfg.vision),
         "text_config": text,
         "image_token_index": cfg.image_token_id,
         "image_seq_length": cfg.image_seq_length,

@@ -146,7 +146,7 @@ class VisionLanguageModel(nnx.Module):
         is_image = jnp.asarray(token_ids) == self.config.image_token_id
         seq = self.config.image_seq_length
         if images is None:
-            _check_counts(token_ids, self.config.image_token_id, 0, seq)
+            check_image_tokens(token_ids, self.config.image_token_id, 0, seq)
             return hidden
         images = jnp.asarray(images)
         if images.ndim == 4:
@@ -158,7 +158,7 @@ class VisionLanguageModel(nnx.Module):
             valid = image_valid
         valid = jnp.asarray(valid, bool).reshape(batch * per_row)
         if not isinstance(valid, jax.core.Tracer):
-            _check_counts(token_ids, self.config.image_token_id, int(np.sum(valid)), seq)
+            check_image_tokens(token_ids, self.config.image_token_id, int(np.sum(valid)), seq)
         features = self.image_features(images.reshape(batch * per_row, *images.shape[2:]))
         # The k-th image token of the batch (row-major) is visual token k % seq of the
         # (k // seq)-th valid image.
@@ -178,7 +178,8 @@ class VisionLanguageModel(nnx.Module):
         return decode(self.lm, hidden, attention_mask, positions, cache, cache_index)
 
 
-def _check_counts(token_ids, image_token_id, images: int, seq: int) -> None:
+def check_image_tokens(token_ids, image_token_id, images: int, seq: int) -> None:
+    """Host ids only: the image tokens must be `images` x `seq` (an error naming both)."""
     if isinstance(token_ids, jax.core.Tracer):
         return
     tokens = int(np.sum(np.asarray(token_ids) == image_token_id))
