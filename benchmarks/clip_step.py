@@ -33,14 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fomo_jax import models, runtime, sharding  # noqa: E402
 from fomo_jax import params as params_lib  # noqa: E402
+from fomo_jax.continual.loop import finetuning  # noqa: E402
 from fomo_jax.models import clip  # noqa: E402
 from fomo_jax.train import optimizer  # noqa: E402
-from fomo_jax.train.step import (  # noqa: E402
-    TrainState,
-    compile_train_step,
-    init_state,
-    state_shardings,
-)
 
 # Dense peak FLOP/s per chip by device kind and compute dtype (vendor datasheets; float32 on
 # NVIDIA runs as TF32 on tensor cores under XLA's default precision).
@@ -119,11 +114,9 @@ def bench_step(name, batch, dtype, steps, peak):
     graphdef, params = params_lib.split(model)
     tx = optimizer.adamw()
     mesh = sharding.make_mesh()
-    shardings = state_shardings(jax.eval_shape(lambda p: TrainState.create(p, tx), params), mesh)
-    state = init_state(params, tx, shardings)
+    step, state = finetuning(graphdef, tx, mesh, params)
     pixels, ids = inputs(cfg, batch)
     data = {"pixels": pixels, "token_ids": ids}
-    step = compile_train_step(graphdef, tx, mesh, shardings)
     start = time.perf_counter()
     compiled = step.lower(state, data, 1e-4).compile()
     compile_seconds = time.perf_counter() - start

@@ -37,11 +37,11 @@ from PIL import Image, ImageDraw
 
 from fomo_jax import models, sharding
 from fomo_jax import params as params_lib
+from fomo_jax.continual.loop import finetuning
 from fomo_jax.data import fif, fif_synth, mixture, pipeline, records, streams, transforms
 from fomo_jax.data.webdataset import WebDatasetSource
 from fomo_jax.tokenizer import ByteTokenizer
 from fomo_jax.train import optimizer
-from fomo_jax.train import step as step_lib
 
 MIXTURE = {"pretraining": 0.33, "update": 0.34, "buffer": 0.33}
 
@@ -217,10 +217,7 @@ def data_wait(cfg, batches: pipeline.TaskBatches, steps: int, warmup: int = 3) -
     """Run real train steps fed by `batches`: time blocked in next() against the whole step."""
     graphdef, params = params_lib.split(models.create_model(cfg))
     tx, mesh = optimizer.adamw(), sharding.make_mesh()
-    abstract = jax.eval_shape(lambda p: step_lib.TrainState.create(p, tx), params)
-    shardings = step_lib.state_shardings(abstract, mesh)
-    state = step_lib.init_state(params, tx, shardings)
-    step = step_lib.compile_train_step(graphdef, tx, mesh, shardings)
+    step, state = finetuning(graphdef, tx, mesh, params)
     iterator, wait, total = iter(batches.dataset()), 0.0, 0.0
     for i in range(warmup + steps):
         start = time.perf_counter()

@@ -28,10 +28,11 @@ from absl import flags
 from fomo_jax import evaluate as evaluate_lib
 from fomo_jax import models, runtime, sharding
 from fomo_jax import params as params_lib
+from fomo_jax.continual.loop import finetuning
 from fomo_jax.data import fif, fif_synth, mixture, pipeline, streams, webdataset
 from fomo_jax.tokenizer import ByteTokenizer
 from fomo_jax.train import optimizer
-from fomo_jax.train.step import TrainState, compile_train_step, init_state, state_shardings
+from fomo_jax.train import step as step_lib
 
 
 def evaluate(model, root, datasets, tokenizer, image_size):
@@ -76,8 +77,8 @@ def main():
     graphdef, params = params_lib.split(model)
     tx = optimizer.adamw(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.2, clip_norm=1.0)
     mesh = sharding.make_mesh()
-    shardings = state_shardings(jax.eval_shape(lambda p: TrainState.create(p, tx), params), mesh)
-    step_fn = compile_train_step(graphdef, tx, mesh, shardings)
+    step_fn, state = finetuning(graphdef, tx, mesh, params)
+    shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
 
     adaptation = [k for k, d in datasets.items() if d.role == "adaptation"]
     catalogue = mixture.Catalogue(
@@ -108,7 +109,8 @@ def main():
             tokenizer=tokenizer,
             image_size=image_size,
         )
-        state = init_state(state.params, tx, shardings)  # fresh optimizer per task
+        fresh = state.replace(opt_state=tx.init(state.params))  # fresh optimizer per task
+        state = step_lib.place(fresh, shardings)
         start, losses = time.perf_counter(), []
         for step, batch in enumerate(batches.dataset()):
             batch = {"images": batch["images"], "token_ids": batch["token_ids"]}
@@ -122,7 +124,6 @@ def main():
     def current_model(state):
         return params_lib.merge(graphdef, state.params)
 
-    state = TrainState.create(params, tx)
     pretrain_sizes = {"pretraining": args.batch, "update": 0, "buffer": 0}
     cache = os.path.join(
         args.data,

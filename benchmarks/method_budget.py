@@ -1,9 +1,9 @@
 """MAF of every continual method, measured from its compiled step, next to the paper's Table 4.
 
-Each method's own continual step (`fomo_jax.continual.step`: its architecture, trained
+Each method's own continual step (`fomo_jax.train.step`: its architecture, trained
 parameter set, loss and state update) is compiled for a ViT-B/16 CLIP at batch 512 and never
 run; XLA's cost analysis gives FLOPs/step and its buffer assignment the peak memory
-(`fomo_jax.budget.profile_method`). Mult and MAF are relative to full fine-tuning measured the
+(`fomo_jax.profiling.profile_method`). Mult and MAF are relative to full fine-tuning measured the
 same way, and steps per task follow the spec's formula (§5.1). EWC's Fisher pass (98
 forward+backward passes per task) happens outside the step; as in the paper it is charged per
 step (`Method.extra_step_flops`), here at the update-pool batch size our Fisher pass uses (175
@@ -27,7 +27,7 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fomo_jax import budget, models  # noqa: E402
+from fomo_jax import budget, models, profiling  # noqa: E402
 from fomo_jax.configs import fif_synth  # noqa: E402
 from fomo_jax.continual import runner  # noqa: E402
 from fomo_jax.train import optimizer  # noqa: E402
@@ -71,7 +71,7 @@ def main():
         config.method = name
         config.methods[name].update(overrides)
         method = runner.profiling_instance(config, model_config)
-        profiles[key] = budget.profile_method(method, model_config, tx, args.batch)
+        profiles[key] = profiling.profile_method(method, model_config, tx, args.batch)
         print(f"{key:14s} {profiles[key]['flops'] / 1e9:12.1f} GFLOPs/step  "
               f"{profiles[key]['peak_bytes'] / 1e9:8.2f} GB  "
               f"(compile {profiles[key]['compile_seconds']:.0f} s)", flush=True)  # fmt: skip

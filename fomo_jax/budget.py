@@ -11,8 +11,11 @@ Two sources of step counts:
   allocators differ between frameworks and the table's own rounding departs from the formula
   by up to 3 steps (spec §5.2 reading notes).
 * `budget="measured"`: T_s = floor((28,400 / T) x MAF_full / MAF_m) from MAFs measured with
-  `profile_method` (a method's own compiled step) + `maf`, for new methods and other model
-  sizes.
+  `fomo_jax.profiling.profile_method` (a method's own compiled step) + `maf`, for new methods
+  and other model sizes.
+
+This module is the arithmetic only (Table 4, steps per task, the tables a run logs); compiling
+steps to measure them is `fomo_jax.profiling`.
 
 Method keys are strings; the rank variants are `"lora_r4"`, `"lora_r64"`, `"dora_r4"`, ...
 (`method_key("lora", 4)` builds them, and every function taking a method also takes
@@ -23,20 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from collections.abc import Sequence
 from fractions import Fraction
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from flax import nnx
-
-from fomo_jax import params as params_lib
-from fomo_jax import sharding
 from fomo_jax.schedules import _ceil_fraction
-from fomo_jax.train import step as step_lib
 
 FULL_FT_STEPS = 28_400  # full fine-tuning, ViT-B/16, T = 20 x 1420 steps: the stream budget
 PAPER_BATCH_SIZE = 512
@@ -176,171 +169,6 @@ def n_samples(steps: int, batch_size: int = PAPER_BATCH_SIZE) -> int:
 def warmup_steps(steps: int, fraction: float = 0.1) -> int:
     """ceil(fraction x steps) on the decimal fraction: 30 -> 3 (float 0.1 x 30 would give 4)."""
     return _ceil_fraction(fraction, steps)
-
-
-# --------------------------------------------------------------------------- profiler
-
-
-def _abstract(tree):
-    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-
-
-def _model_of(model_config) -> nnx.Module:
-    """A shape-only CLIP for a config or variant name; a given module is used as it is."""
-    from fomo_jax import models
-    from fomo_jax.models.clip import abstract_clip
-
-    if isinstance(model_config, nnx.Module):
-        return model_config
-    if isinstance(model_config, str):
-        model_config = models.get_config(model_config)
-    return abstract_clip(model_config)
-
-
-def _bytes(tree) -> int:
-    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
-def _abstract_batch(cfg, batch_size: int, input_format: str = "images") -> dict:
-    """The batch a train step takes, as shapes: uint8 `images` as the runner feeds (or
-    normalized float `pixels`) and int32 `token_ids`."""
-    if input_format not in ("images", "pixels"):
-        raise ValueError(f"input_format={input_format!r}; expected 'images' or 'pixels'")
-    size = cfg.vision.image_size
-    image_dtype = jnp.uint8 if input_format == "images" else jnp.float32
-    return {
-        input_format: jax.ShapeDtypeStruct((batch_size, size, size, 3), image_dtype),
-        "token_ids": jax.ShapeDtypeStruct((batch_size, cfg.text.context_length), jnp.int32),
-    }
-
-
-def profile_train_step(
-    model_config,
-    tx: optax.GradientTransformation,
-    batch_size: int,
-    *,
-    mesh=None,
-    input_format: str = "images",
-) -> dict:
-    """XLA's FLOPs and buffer sizes of one compiled CLIP train step; the step is never run.
-
-    `model_config`: a CLIPConfig, a variant name (built shape-only with `abstract_clip`, so a
-    ViT-B/16 needs no weights) or an nnx module. This is full fine-tuning, the budget's
-    reference; a continual method's own step (frozen parameters, adapters, extra losses) is
-    `profile_method`'s.
-
-    Returns `flops` (per step over all devices: the per-device count of the partitioned
-    program x devices; replicated work such as the optimizer update under pure data
-    parallelism is thereby counted once per device), `peak_bytes` = argument + output +
-    temp - alias bytes of the per-device buffer assignment (`compiled.memory_analysis()`; an
-    estimate made by the compiler, not an allocator measurement; on CPU it is the CPU
-    compiler's assignment: 186 GB for ViT-B/16 at batch 512 against the paper's 46.6 GB on
-    GPU, so compare Mult only within one backend), their parts and parameter sizes.
-    """
-    model = _model_of(model_config)
-    graphdef, params = params_lib.split(model)
-    params = _abstract(params)
-    batch = _abstract_batch(model.config, batch_size, input_format)
-    mesh = mesh or sharding.make_mesh()
-    state = jax.eval_shape(lambda p: step_lib.TrainState.create(p, tx), params)
-    jitted = step_lib.compile_train_step(graphdef, tx, mesh, step_lib.state_shardings(state, mesh))
-    start = time.perf_counter()
-    compiled = jitted.lower(state, batch, jax.ShapeDtypeStruct((), jnp.float32)).compile()
-    compile_seconds = time.perf_counter() - start
-    return _report(compiled, mesh, batch_size, compile_seconds, params, {})
-
-
-def profile_method(method, model_config, tx, batch_size: int, *, mesh=None) -> dict:
-    """`profile_train_step` of a continual method's own step (`fomo_jax.continual.step`).
-
-    What the method changes is what is compiled: its architecture (adapters), the parameters
-    it trains (frozen ones are never differentiated and have no optimizer state), its loss
-    (replay and distillation passes, penalties) and its per-step state update. `method` must
-    have been `setup` (a Context without data is enough). Work outside the step (e.g. EWC's
-    Fisher pass at task ends, `Method.extra_step_flops`) is added to `flops` per step, as in the
-    paper's Table 4; `step_flops` and `extra_flops` keep the two parts.
-    """
-    from fomo_jax import models
-    from fomo_jax.continual import step as continual_step
-    from fomo_jax.models.clip import abstract_clip
-
-    if isinstance(model_config, str):
-        model_config = models.get_config(model_config)
-    plain = _abstract(params_lib.split(abstract_clip(model_config))[1])
-    graphdef = params_lib.split(abstract_clip(method.model_config(model_config)))[0]
-    mesh = mesh or sharding.make_mesh()
-
-    def fresh_state(theta0):
-        params = method.init_params(theta0)
-        return continual_step.ContinualState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=tx.init(continual_step.trained(params, method)),
-            method_state=method.init_state(params),
-            key=jax.random.key_data(jax.random.key(0)),
-        )
-
-    state = jax.eval_shape(fresh_state, plain)
-    shardings = continual_step.shardings_of(state, mesh)
-    batch = _abstract_batch(model_config, batch_size)
-    lr = jax.ShapeDtypeStruct((), jnp.float32)
-    jitted = continual_step.compile_step(graphdef, tx, method, mesh, shardings)
-    start = time.perf_counter()
-    compiled = jitted.lower(state, batch, lr).compile()
-    compile_seconds = time.perf_counter() - start
-    trained, frozen = params_lib.partition(state.params, method.trainable)
-    report = _report(compiled, mesh, batch_size, compile_seconds, trained, frozen)
-    report["method_state_bytes"] = _bytes(state.method_state)
-    # Work outside the step (EWC's Fisher pass) is charged per step, as the paper does.
-    report["step_flops"] = report["flops"]
-    report["extra_flops"] = float(method.extra_step_flops(model_config))
-    report["flops"] += report["extra_flops"]
-    return report
-
-
-def grad_pass_flops(model_config, batch_size: int) -> float:
-    """FLOPs of one forward+backward pass of the CLIP loss of the plain model at `batch_size`
-    (e.g. one batch of EWC's Fisher pass), compiled, never run."""
-    model = _model_of(model_config)
-    graphdef, params = params_lib.split(model)
-    batch = _abstract_batch(model.config, batch_size)
-    grad = jax.jit(jax.grad(lambda p, b: step_lib.make_loss_fn(graphdef)(p, b)[0]))
-    cost = grad.lower(_abstract(params), batch).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return float(cost["flops"])
-
-
-def _report(compiled, mesh, batch_size, compile_seconds, trainable_params, frozen) -> dict:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    per_device = float(cost.get("flops", 0.0))
-    memory = compiled.memory_analysis()
-    parts = {}
-    if memory is not None:
-        parts = {
-            "argument_bytes": int(memory.argument_size_in_bytes),
-            "output_bytes": int(memory.output_size_in_bytes),
-            "temp_bytes": int(memory.temp_size_in_bytes),
-            "alias_bytes": int(memory.alias_size_in_bytes),
-        }
-    peak = (
-        parts["argument_bytes"] + parts["output_bytes"] + parts["temp_bytes"] - parts["alias_bytes"]
-        if parts
-        else None
-    )
-    trainable_bytes = _bytes(trainable_params)
-    return {
-        "flops": per_device * mesh.size,
-        "flops_per_device": per_device,
-        "peak_bytes": peak,
-        **parts,
-        "param_bytes": trainable_bytes + _bytes(frozen),
-        "trainable_param_bytes": trainable_bytes,
-        "batch_size": batch_size,
-        "devices": mesh.size,
-        "platform": mesh.devices.flat[0].platform,
-        "compile_seconds": compile_seconds,
-    }
 
 
 # --------------------------------------------------------------------------- MAF and tables

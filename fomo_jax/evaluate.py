@@ -32,7 +32,7 @@ from flax import nnx
 
 from fomo_jax import params as params_lib
 from fomo_jax.data import fif, pipeline, registry
-from fomo_jax.train.step import batch_pixels
+from fomo_jax.models.clip import batch_pixels
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ a score may differ from the reference by what they could move it, never by more.
 import numpy as np
 
 from fomo_jax.data import fif, pipeline, registry
-from fomo_jax.data.synthetic import CLIP_MEAN, CLIP_STD
+from fomo_jax.models.clip import CLIP_MEAN, CLIP_STD
 
 # Decisions within EPS of a tie are fragile. EPS is 250 times the largest cosine-score error
 # measured between the Evaluator's float32 scores and this float64 reference on the fif_synth

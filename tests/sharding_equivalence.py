@@ -21,17 +21,12 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from fomo_jax import models, runtime, sharding  # noqa: E402
 from fomo_jax import params as params_lib  # noqa: E402
+from fomo_jax.continual.loop import finetuning  # noqa: E402
 from fomo_jax.data import synthetic  # noqa: E402
+from fomo_jax.families import clip  # noqa: E402
 from fomo_jax.tokenizer import ByteTokenizer  # noqa: E402
 from fomo_jax.train import optimizer  # noqa: E402
 from fomo_jax.train.losses import clip_loss  # noqa: E402
-from fomo_jax.train.step import (  # noqa: E402
-    TrainState,
-    compile_train_step,
-    init_state,
-    make_loss_fn,
-    state_shardings,
-)
 
 MESHES = {
     "1x1": (1, 1, 1),
@@ -64,17 +59,28 @@ def max_abs_diff(a, b):
     )
 
 
+def loss_and_metrics(graphdef):
+    """(params, batch) -> (CLIP loss, metrics): the family's loss without its key."""
+    loss_fn = clip.FAMILY.loss(graphdef)
+
+    def apply(params, batch):
+        loss, metrics, _ = loss_fn(params, batch, None)
+        return loss, metrics
+
+    return apply
+
+
 def run(graphdef, params, data, mesh, tx):
     """Initial loss and gradients, then the losses of STEPS train steps, on `mesh`."""
-    shardings = state_shardings(jax.eval_shape(lambda p: TrainState.create(p, tx), params), mesh)
+    step, state = finetuning(graphdef, tx, mesh, params)
+    shardings = jax.tree_util.tree_map(lambda x: x.sharding, state.params)
     grad_fn = jax.jit(
-        jax.value_and_grad(make_loss_fn(graphdef), has_aux=True),
-        in_shardings=(shardings.params, sharding.batch_sharding(mesh)),
-        out_shardings=((sharding.replicated(mesh), sharding.replicated(mesh)), shardings.params),
+        jax.value_and_grad(loss_and_metrics(graphdef), has_aux=True),
+        in_shardings=(shardings, sharding.batch_sharding(mesh)),
+        out_shardings=((sharding.replicated(mesh), sharding.replicated(mesh)), shardings),
     )
-    (loss0, _), grads = grad_fn(jax.device_put(params, shardings.params), data[0])
-    step = compile_train_step(graphdef, tx, mesh, shardings)
-    state, losses = init_state(params, tx, shardings), []
+    (loss0, _), grads = grad_fn(jax.device_put(params, shardings), data[0])
+    losses = []
     for batch in data:
         state, metrics = step(state, batch, LR)
         losses.append(float(metrics["loss"]))
@@ -125,7 +131,7 @@ def main():
     # Reference: plain jit on one device, no mesh.
     one = sharding.make_mesh(devices=jax.devices()[:1])
     ref_loss, ref_grads, ref_losses, _ = run(graphdef, params, data, one, tx)
-    plain = jax.jit(jax.value_and_grad(make_loss_fn(graphdef), has_aux=True))
+    plain = jax.jit(jax.value_and_grad(loss_and_metrics(graphdef), has_aux=True))
     (plain_loss, _), plain_grads = plain(params, data[0])
 
     report = {"reference_losses": ref_losses, "meshes": {}}

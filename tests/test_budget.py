@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from fomo_jax import budget
+from fomo_jax import budget, profiling
 from fomo_jax import params as params_lib
+from fomo_jax.families import clip
 from fomo_jax.models import get_config
 from fomo_jax.models.clip import abstract_clip
 from fomo_jax.train import optimizer
-from fomo_jax.train.step import make_loss_fn
 
 FULL = budget.PAPER_TABLE["finetune"]
 
@@ -137,7 +137,7 @@ BATCH = 32
 
 @pytest.fixture(scope="module")
 def full_profile():
-    return budget.profile_train_step("tiny", TX, BATCH)
+    return profiling.profile_train_step("tiny", TX, BATCH)
 
 
 def test_profile_full_step_is_about_three_forward_passes(full_profile):
@@ -147,7 +147,9 @@ def test_profile_full_step_is_about_three_forward_passes(full_profile):
         "images": jax.ShapeDtypeStruct((BATCH, 32, 32, 3), jnp.uint8),
         "token_ids": jax.ShapeDtypeStruct((BATCH, 16), jnp.int32),
     }
-    cost = jax.jit(make_loss_fn(graphdef)).lower(params, batch).compile().cost_analysis()
+    loss_fn = clip.FAMILY.loss(graphdef)
+    cost = jax.jit(lambda p, b: loss_fn(p, b, None)[0]).lower(params, batch).compile()
+    cost = cost.cost_analysis()
     forward = (cost[0] if isinstance(cost, list) else cost)["flops"]
     assert full_profile["flops"] > 0
     assert 2.5 <= full_profile["flops"] / forward <= 3.5
@@ -172,15 +174,15 @@ def test_profile_subset_never_executes(full_profile, monkeypatch):
     calls = []
 
     class LockedImageWithCallback(methods.METHODS["locked_image"]):
-        def loss(self, params, state, batch, forward, key):
+        def loss(self, params, state, batch, loss_fn, key):
             jax.debug.callback(lambda: calls.append(1))
-            return super().loss(params, state, batch, forward, key)
+            return super().loss(params, state, batch, loss_fn, key)
 
     monkeypatch.setitem(methods.METHODS, "locked_image", LockedImageWithCallback)
     config = fif_synth.get_config("smoke")
     config.method = "locked_image"
     method = runner.profiling_instance(config, get_config("tiny"))
-    frozen_image = budget.profile_method(method, get_config("tiny"), TX, BATCH)
+    frozen_image = profiling.profile_method(method, get_config("tiny"), TX, BATCH)
     assert calls == []
     assert frozen_image["trainable_param_bytes"] < frozen_image["param_bytes"]
     assert frozen_image["param_bytes"] == full_profile["param_bytes"]
@@ -200,7 +202,7 @@ def test_profile_subset_never_executes(full_profile, monkeypatch):
 
 def test_profile_accepts_a_built_module(tiny_model, full_profile):
     """A module with real weights is profiled through its shapes: the same compiled step."""
-    profile = budget.profile_train_step(tiny_model, TX, BATCH)
+    profile = profiling.profile_train_step(tiny_model, TX, BATCH)
     assert profile["flops"] == full_profile["flops"]
     assert profile["peak_bytes"] == full_profile["peak_bytes"]
 

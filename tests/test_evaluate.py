@@ -11,8 +11,8 @@ from fomo_jax import evaluate as ev
 from fomo_jax import models
 from fomo_jax import params as params_lib
 from fomo_jax.data import fif_synth, registry
-from fomo_jax.data.synthetic import CLIP_MEAN, CLIP_STD
 from fomo_jax.models import clip
+from fomo_jax.models.clip import CLIP_MEAN, CLIP_STD
 from fomo_jax.tokenizer import ByteTokenizer
 from tests.evaluation_reference import (
     assert_scores_agree,

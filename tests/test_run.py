@@ -96,5 +96,6 @@ def test_divergence_stops_with_the_step(tmp_path):
         cwd=runtime.REPO_ROOT,
     )
     assert result.returncode != 0
-    assert "non-finite loss at step" in result.stderr
+    assert "non-finite loss or gradient norm at step" in result.stderr
+    assert (tmp_path / "diverged" / "1").is_dir()  # the state is kept aside for inspection
     assert not (tmp_path / "results.json").exists()

@@ -166,18 +166,14 @@ ALL = schedules.NAMES
 
 def test_one_compiled_step_serves_every_schedule_and_task(tiny_model):
     """The rate is a host float fed to the step: no schedule or task boundary retraces it."""
-    import jax
-
     from fomo_jax import params as params_lib
     from fomo_jax import sharding
+    from fomo_jax.continual.loop import finetuning
     from fomo_jax.train import optimizer
-    from fomo_jax.train.step import TrainState, compile_train_step, init_state, state_shardings
 
     graphdef, params = params_lib.split(tiny_model)
     tx, mesh = optimizer.adamw(), sharding.make_mesh()
-    shardings = state_shardings(jax.eval_shape(lambda p: TrainState.create(p, tx), params), mesh)
-    step = compile_train_step(graphdef, tx, mesh, shardings)
-    state = init_state(params, tx, shardings)
+    step, state = finetuning(graphdef, tx, mesh, params)
     rng = np.random.default_rng(0)
     batch = {
         "images": rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8),

@@ -14,6 +14,7 @@ def get_config(arg: str | None = None):
     c.steps = 2000  # θ0 close to converged, so replay alone cannot improve it (benchmarks/)
     c.batch_size = 128
     c.log_every = 50
+    c.checkpoint_every = 500  # steps; a killed job resumes from its last checkpoint
 
     c.model = config_dict.ConfigDict()
     c.model.name = "tiny"  # see fomo_jax.models.VARIANTS
@@ -51,6 +52,7 @@ def get_config(arg: str | None = None):
     if arg == "smoke":
         c.steps = 6
         c.log_every = 3
+        c.checkpoint_every = 2
         c.batch_size = 16
         c.data.root = "runs/fif_synth_smoke_data"
         c.data.train_per_class = 4

@@ -17,6 +17,7 @@ from fomo_jax.continual import methods
 def get_config(arg: str | None = None):
     c = config_dict.ConfigDict()
     c.job = "continual"
+    c.family = "clip"  # the model family (fomo_jax.families): model, loss, evaluator, export
     c.seed = 0
     c.method = "finetune"
     c.methods = methods.default_configs()  # every method's hyperparameters (spec §8)
@@ -76,6 +77,12 @@ def get_config(arg: str | None = None):
     c.optimizer.clip_norm = 1.0
     c.optimizer.decay_convention = "all"
     c.optimizer.carry_state = False  # True: keep AdamW moments across tasks
+    # {group: factor}: a parameter group's learning rate x factor (groups: the family's).
+    c.optimizer.lr_multipliers = config_dict.ConfigDict()
+    # How each parameter trains, replacing the method's own choice: ordered (regex, label)
+    # rules over parameter paths, the first match wins, unmatched paths are frozen; labels
+    # "frozen", "full", "lora" (an adapter on a linear's kernel; adapter methods only).
+    c.trainable = config_dict.placeholder(tuple)
 
     # One flag picks the schedule; unset parameters take the spec's defaults (fomo_jax.schedules),
     # and a parameter the chosen schedule does not use is an error.

@@ -6,9 +6,10 @@
 
 `model` is a HF CLIP directory, an OpenCLIP state-dict file, a run's `model/` (or the run
 directory itself, which means its `model/`), or a run directory with `step`: the orbax
-checkpoint `<run>/checkpoints/<step>` (the folder name: the run's save count, not a train
-step), rebuilt from the run's `config.json` and evaluated with the weights its method reports
-(`Method.eval_params`), as the runner evaluates its final model. Every dataset of the config's
+checkpoint `<run>/checkpoints/<step>` (the folder name: the run's global step; the zero-shot
+start is 0 and task k ends at (k + 1) x steps per task), rebuilt from the run's `config.json`
+and evaluated with the weights its method reports (`Method.eval_params`), as the runner
+evaluates its final model. Every dataset of the config's
 benchmark is scored on its full test set with the runner's tokenizer, image size (the model's)
 and batch size. Writes `<workdir>/eval.json` (A_KA, A_ZS, GM, per-dataset scores and what was
 evaluated) and prints the table. Nothing is written next to the model.
@@ -32,10 +33,11 @@ from fomo_jax import models, sharding
 from fomo_jax import params as params_lib
 from fomo_jax.continual import runner
 from fomo_jax.continual import workdir as workdir_lib
-from fomo_jax.continual.step import ContinualState, shardings_of, trained
-from fomo_jax.models.clip import CLIP, abstract_clip
+from fomo_jax.families import clip as clip_family
+from fomo_jax.models.clip import CLIP
 from fomo_jax.tokenizer import load_tokenizer
 from fomo_jax.train import optimizer
+from fomo_jax.train.step import TrainState, shardings_of, trained
 
 MODEL_FORMS = (
     "a HF CLIP directory (config.json + model.safetensors), an OpenCLIP checkpoint file, a "
@@ -96,7 +98,7 @@ def evaluate_model(
 
 
 def _headline(record: dict) -> str:
-    return " | ".join(f"{k} {record[k]:.2f}" for k in runner.METRIC_KEYS)
+    return " | ".join(f"{k} {record[k]:.2f}" for k in clip_family.METRIC_KEYS)
 
 
 def format_eval_table(record: dict, datasets: dict) -> str:
@@ -190,15 +192,16 @@ def load_run_checkpoint(run_dir: str, step: int, **numerics) -> Loaded:
     model_config = model_config.replace(**numerics)
     method = runner.profiling_instance(run_config, model_config)
     abstract = _abstract_state(run_config, method, model_config)
-    state, progress = _restore(os.path.join(run_dir, "checkpoints"), step, abstract,
-                               sharding.make_mesh(**run_config.mesh))  # fmt: skip
-    task, step_in_task = progress["task"], progress["step"]
+    mesh = sharding.make_mesh(**run_config.mesh)
+    state, position = _restore(os.path.join(run_dir, "checkpoints"), step, abstract, mesh,
+                               method.ctx.family.rules)  # fmt: skip
+    task, step_in_task = position["task"], position["step"]
     if task == 0 and step_in_task == 0:  # the stream's start: θ0 (with the method's init)
         params = state.params
     else:  # after task t-1's end-of-task hook (step 0), or inside task t
         reported = task - 1 if step_in_task == 0 else task
         params = method.eval_params(reported, state.params, state.method_state)
-    graphdef = params_lib.split(abstract_clip(method.model_config(model_config)))[0]
+    graphdef = method.graphdef
     where = dict(task=task, step_in_task=step_in_task, method=method.name)
     logging.info("eval: checkpoint %d of %s: task %d, step %d (%s)", step, run_dir, task,
                  step_in_task, method.name)  # fmt: skip
@@ -206,31 +209,35 @@ def load_run_checkpoint(run_dir: str, step: int, **numerics) -> Loaded:
                   os.path.join(run_dir, "checkpoints", str(step)), where)  # fmt: skip
 
 
-def _abstract_state(run_config, method, model_config) -> ContinualState:
-    """Shapes of the run's `ContinualState`, built as the runner builds it (same method,
+def _abstract_state(run_config, method, model_config) -> TrainState:
+    """Shapes of the run's `TrainState`, built as the runner builds it (same method,
     optimizer chain and parameters), for restoring its checkpoints into."""
-    o = run_config.optimizer
-    tx = optimizer.adamw(b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                         clip_norm=o.clip_norm, decay_convention=o.decay_convention)  # fmt: skip
-    theta0 = params_lib.split(abstract_clip(model_config))[1]
+    tx = optimizer.build(run_config.optimizer)
+    theta0 = params_lib.split(method.ctx.family.abstract_model(model_config))[1]
 
     def fresh(theta0):
         params = method.init_params(theta0)
-        return ContinualState(np.zeros((), np.int32), params, tx.init(trained(params, method)),
-                              method.init_state(params), np.zeros(2, np.uint32))  # fmt: skip
+        return TrainState(np.zeros((), np.int32), params, tx.init(trained(params, method)),
+                          method.init_state(params), np.zeros(2, np.uint32))  # fmt: skip
 
     return jax.eval_shape(fresh, theta0)
 
 
-def _restore(directory: str, step: int, abstract: ContinualState, mesh):
-    """(state, progress) of checkpoint `step`, read without touching the directory: unlike the
+def _restore(directory: str, step: int, abstract: TrainState, mesh, rules):
+    """(state, position) of checkpoint `step`, read without touching the directory: unlike the
     runner's manager, this one neither creates nor cleans up (a live run may be saving)."""
+    if os.path.isdir(os.path.join(directory, str(step), "progress")):
+        raise ValueError(
+            f"{directory}/{step} was written by an older fomo_jax (items state + progress); "
+            "evaluate it with fomo_jax at commit c9cca82 or earlier"
+        )
     manager = ocp.CheckpointManager(
         os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(create=False),
         item_handlers={
             "state": ocp.StandardCheckpointHandler(),
-            "progress": ocp.JsonCheckpointHandler(),
+            "position": ocp.JsonCheckpointHandler(),
+            "record": ocp.JsonCheckpointHandler(),
         },
     )
     try:
@@ -238,20 +245,20 @@ def _restore(directory: str, step: int, abstract: ContinualState, mesh):
         target = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             abstract,
-            shardings_of(abstract, mesh),
+            shardings_of(abstract, mesh, rules),
         )
         restored = manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), progress=ocp.args.JsonRestore()
+                state=ocp.args.StandardRestore(target), position=ocp.args.JsonRestore()
             ),
         )
     finally:
         manager.close()
-    return restored.state, restored.progress
+    return restored.state, restored.position
 
 
-def _as_saved(abstract: ContinualState, metadata) -> ContinualState:
+def _as_saved(abstract: TrainState, metadata) -> TrainState:
     """`abstract` with every leaf's shape and dtype as saved. A state built without the run's
     data cannot know shapes sized by it (ZSCL's reference texts: at most the pool's size);
     the structure, which the restore needs, is the runner's."""

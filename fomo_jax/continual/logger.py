@@ -111,7 +111,7 @@ def _start_wandb(workdir: str, config):
 class RunLogger:
     def __init__(self, workdir: str, config, keep_lines: int, resume_at: tuple[int, int] | None):
         """`resume_at`: (first global step, first evaluation index) the resumed run will log, or
-        None for a fresh run."""
+        None for a fresh run. `config`: the run's config, for W&B (None: no W&B)."""
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.lines = keep_lines
         if os.path.exists(self.path):  # cut back in one rename: a kill here loses no line
@@ -123,7 +123,8 @@ class RunLogger:
         board = os.path.join(workdir, "tensorboard")
         self.train_board = EventFile(os.path.join(board, "train"), purge_step=purge[0])
         self.eval_board = EventFile(os.path.join(board, "eval"), purge_step=purge[1])
-        self.wandb = _start_wandb(workdir, config) if config.wandb.enabled else None
+        enabled = config is not None and config.wandb.enabled
+        self.wandb = _start_wandb(workdir, config) if enabled else None
 
     def step(self, record: dict, global_step: int) -> None:
         self.file.write(json.dumps(record) + "\n")

@@ -1,44 +1,37 @@
 """The continual runner: θ0, then for each task train, end-of-task hook, evaluate, checkpoint.
 
-Spec §7.1 (loop), §8.1 (weight bookkeeping), §10 (evaluation), §11 (checkpoints). One jitted
-step serves the whole stream (the learning rate is a host-computed input). The run is a pure
-function of its config: a checkpoint stores the train state, the method state and the run's
-progress, and the input pipeline is rebuilt from (seed, task, step), so a killed run resumes
-to exactly the result of an uninterrupted one.
+Spec §7.1 (loop), §8.1 (weight bookkeeping), §10 (evaluation), §11 (checkpoints). The runner
+sets a stream up (config check, budget, data, θ0, the method, the family's evaluator) and runs
+it as one job of the one training loop (`fomo_jax.continual.loop`), which checkpoints, resumes,
+logs and catches divergence; θ0, when made here, is itself a job of that loop (`theta0`).
+Everything model-specific comes from the model family `config.family` names
+(`fomo_jax.families`). The run is a pure function of its config, so a killed run resumes to
+exactly the result of an uninterrupted one.
 
 Work directory: `config.json`, `metrics.jsonl` (per logged step), `results.json` (`final` and
 `trajectory`, metrics only), `plots/` (A_KA-A_ZS trajectory, per-dataset heatmap, learning
-rate), `checkpoints/`.
+rate), `checkpoints/` (indexed by the global step; the zero-shot start and every task's end
+are kept), `model/` (the final model, exported by the family).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fomo_jax import budget, models, schedules, sharding
+from fomo_jax import budget, families, profiling, schedules, sharding
 from fomo_jax import evaluate as evaluate_lib
-from fomo_jax import params as params_lib
+from fomo_jax.continual import loop as loop_lib
 from fomo_jax.continual import methods, plots, theta0
+from fomo_jax.continual import checkpoints as checkpoints_lib
 from fomo_jax.continual import workdir as workdir_lib
-from fomo_jax.continual.checkpoints import Checkpoints
-from fomo_jax.continual.logger import RunLogger
-from fomo_jax.continual.step import (
-    ContinualState,
-    compile_step,
-    make_forward,
-    shardings_of,
-    trained,
-)
 from fomo_jax.data import (
     fif,
     fif_synth,
@@ -49,20 +42,54 @@ from fomo_jax.data import (
     streams,
     webdataset,
 )
-from fomo_jax.models.clip import abstract_clip
-from fomo_jax.tokenizer import load_tokenizer
+from fomo_jax.families.base import Family
 from fomo_jax.train import optimizer
-
-METRIC_KEYS = ("knowledge_accumulation", "zero_shot_retention", "geometric_mean")
 
 
 @dataclasses.dataclass
 class Data:
+    """A run's data: the benchmark's datasets, the stream's tasks, the training catalogue and
+    the pretraining pool; what a method may read of it (`families.base.Data`)."""
+
     root: str
     datasets: dict
     catalogue: mixture.Catalogue
     pool: webdataset.WebDatasetSource | records.RecordSource
     tasks: list
+    config: ml_collections.ConfigDict
+    batch_keys: tuple[str, ...]
+    tokenizer: object
+    image_size: int
+
+    def task_batches(self, task: int, batch_sizes: dict, steps: int, *, pretraining_offset=0):
+        """The batches of `task` (a pure function of (seed, task, step))."""
+        update_ids, buffer_ids = mixture.task_pools(self.catalogue, self.tasks, task)
+        return pipeline.TaskBatches(
+            catalogue=self.catalogue, update_ids=update_ids, buffer_ids=buffer_ids,
+            pretraining=self.pool if batch_sizes["pretraining"] else None,
+            batch_sizes=batch_sizes, steps=steps, seed=self.config.seed, task=task,
+            pretraining_offset=pretraining_offset, tokenizer=self.tokenizer,
+            image_size=self.image_size, num_threads=self.config.data.num_threads,
+            bad_images=self.config.data.bad_images,
+        )  # fmt: skip
+
+    def update_batches(self, task: int, batch_size: int, num_batches: int):
+        """`num_batches` batches of the update pool of `task` alone (e.g. a Fisher pass)."""
+        update_ids, _ = mixture.task_pools(self.catalogue, self.tasks, task)
+        batches = pipeline.TaskBatches(
+            catalogue=self.catalogue, update_ids=update_ids, buffer_ids=np.zeros(0, np.int64),
+            pretraining=None, batch_sizes={"update": batch_size, "buffer": 0, "pretraining": 0},
+            steps=num_batches, seed=self.config.seed, task=task, tokenizer=self.tokenizer,
+            image_size=self.image_size, num_threads=self.config.data.num_threads,
+        )  # fmt: skip
+        for batch in batches.dataset(0):
+            yield {k: batch[k] for k in self.batch_keys}
+
+    def pretraining_texts(self, count: int) -> list[str]:
+        """The first caption of each of the last `count` samples of the pretraining pool."""
+        n = min(count, len(self.pool))
+        return [pipeline.example_texts(self.pool[i])[0] for i in range(len(self.pool) - n,
+                                                                       len(self.pool))]  # fmt: skip
 
 
 def benchmark_datasets(config) -> dict:
@@ -83,8 +110,13 @@ def benchmark_datasets(config) -> dict:
     raise ValueError(f"config.data.benchmark must be 'fif_synth' or 'fif', got {d.benchmark!r}")
 
 
-def prepare_data(config) -> Data:
-    """The benchmark's datasets, the stream's tasks, the training catalogue and the pool."""
+def prepare_data(config, family: Family | None = None, model_config=None, tokenizer=None) -> Data:
+    """The benchmark's datasets, the stream's tasks, the training catalogue and the pool
+    (batches for the family's model; by default the config's family, model and tokenizer)."""
+    if family is None:
+        family = families.get(config.get("family", "clip"))
+        model_config = family.model_config(config)
+        tokenizer = family.tokenizer(config, model_config)
     d = config.data
     datasets = benchmark_datasets(config)
     info_dir = d.info_dir or fif.default_info_dir(d.root)
@@ -101,21 +133,25 @@ def prepare_data(config) -> Data:
         pool = records.RecordSource(pool_dir)
     else:  # WebDataset tar shards
         pool = webdataset.WebDatasetSource(pool_dir)
-    return Data(d.root, datasets, mixture.Catalogue(sources), pool, tasks)
+    return Data(d.root, datasets, mixture.Catalogue(sources), pool, tasks, config,
+                family.batch_keys, tokenizer, family.image_size(model_config))  # fmt: skip
 
 
-def task_budget(config, method, model_config, tx) -> dict:
+def task_budget(config, method, model_config, tx, setup_method=None) -> dict:
     """Steps per task and where they come from (spec §5): `config.steps_per_task` or
     `config.n_samples` as given, or the stream budget of `config.budget` ("paper": Table 4;
     "measured": MAFs of the compiled steps). With `config.equal_compute`, a given step count is
     full fine-tuning's, and the method gets it x MAF_finetune / MAF_method (MAFs again from
-    `config.budget`), so methods compare at equal compute on any stream length."""
+    `config.budget`), so methods compare at equal compute on any stream length.
+    `setup_method(name)`: method `name` set up for compiling its step (default:
+    `profiling_instance`)."""
+    if setup_method is None:
+        setup_method = lambda name: profiling_instance(config, model_config, name)  # noqa: E731
     mafs = {}
     if config.budget == "measured":  # MAF of this method's step relative to full FT
         if not (config.steps_per_task or config.n_samples) or config.equal_compute:
             profile, full = (
-                budget.profile_method(profiling_instance(config, model_config, name),
-                                      model_config, tx, config.batch_size)
+                profiling.profile_method(setup_method(name), model_config, tx, config.batch_size)
                 for name in (config.method, "finetune")
             )  # fmt: skip
             mafs = dict(measured_maf=budget.maf(profile, full)["maf"],
@@ -150,15 +186,17 @@ def task_budget(config, method, model_config, tx) -> dict:
                 n_samples=budget.n_samples(steps, config.batch_size), source=source)  # fmt: skip
 
 
-def profiling_instance(config, model_config, name=None) -> methods.Method:
+def profiling_instance(config, model_config, name=None, tokenizer=None) -> methods.Method:
     """Method `name` (default: the configured one) set up without data, for compiling (not
     running) its step."""
     name = name or config.method
     method = methods.get(name, config.methods.get(name))
-    graphdef = params_lib.split(abstract_clip(method.model_config(model_config)))[0]
+    family = families.get(config.get("family", "clip"))
+    if tokenizer is None:
+        tokenizer = family.tokenizer(config, model_config)
     method.setup(methods.Context(
-        config=config, workdir=None, model_config=model_config, graphdef=graphdef,
-        tokenizer=None, forward=make_forward(graphdef), steps_per_task=None,
+        config=config, family=family, model_config=model_config, tokenizer=tokenizer,
+        data=methods.NoData(), workdir="",
     ))  # fmt: skip
     return method
 
@@ -177,7 +215,9 @@ def budget_report(config, budget_info: dict, model_config) -> str:
     steps, and Table 4 only when the run uses the paper's budget on the paper's model."""
     from fomo_jax.models.convert import infer_openclip_name
 
-    model = infer_openclip_name(model_config)  # a θ0 checkpoint is named by its shapes
+    model = None
+    if hasattr(model_config, "vision") and hasattr(model_config, "text"):
+        model = infer_openclip_name(model_config)  # a θ0 checkpoint is named by its shapes
     if model is None:
         model = config.theta0.checkpoint or config.model.name
     return budget.startup_report(budget_info, model=model, budget=config.budget)
@@ -185,28 +225,9 @@ def budget_report(config, budget_info: dict, model_config) -> str:
 
 def model_and_tokenizer(config):
     """The model config (from θ0's checkpoint when one is given) and its tokenizer."""
-    if config.theta0.checkpoint:
-        model_config = models.load_pretrained(config.theta0.checkpoint).config
-    else:
-        model_config = models.get_config(config.model.name)
-        if config.model.context_length:
-            text = dataclasses.replace(model_config.text,
-                                       context_length=config.model.context_length)  # fmt: skip
-            model_config = model_config.replace(text=text)
-    model_config = model_config.replace(
-        dtype=config.model.dtype, attention_implementation=config.model.attention_implementation
-    )
-    tokenizer = load_tokenizer(config.tokenizer, context_length=model_config.text.context_length)
-    if tokenizer.vocab_size > model_config.text.vocab_size:  # else only the export would fail
-        raise ValueError(
-            f"config.tokenizer={config.tokenizer!r} has {tokenizer.vocab_size} ids, more than "
-            f"the model's text vocabulary of {model_config.text.vocab_size}"
-        )
-    return model_config, tokenizer
-
-
-def _headline(summary: dict) -> str:
-    return " | ".join(f"{k} {summary[k]:.2f}" for k in METRIC_KEYS)
+    family = families.get(config.get("family", "clip"))
+    model_config = family.model_config(config)
+    return model_config, family.tokenizer(config, model_config)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -219,18 +240,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     setup = _check_config(config)
     config_json = _config_json(config)
     results_path = os.path.join(workdir, "results.json")
+    checkpoints_lib.check_format(os.path.join(workdir, "checkpoints"))  # a run made before
     if os.path.exists(results_path):  # complete: read it, write nothing
-        return _finished(workdir, config_json)
-    with workdir_lib.locked(workdir), workdir_lib.Preemption() as preemption:
+        return _finished(workdir, config_json, setup.family)
+    with workdir_lib.locked(workdir), workdir_lib.Preemption():
         if os.path.exists(results_path):  # finished while this process waited to start
-            return _finished(workdir, config_json)
-        return _run(config, workdir, setup, config_json, preemption, started)
+            return _finished(workdir, config_json, setup.family)
+        return _run(config, workdir, setup, config_json, started)
 
 
 @dataclasses.dataclass
 class Setup:
     """What the config check computes and the run uses."""
 
+    family: Family
     method: methods.Method
     model_config: object
     tokenizer: object
@@ -242,7 +265,9 @@ class Setup:
 
 def _check_config(config) -> Setup:
     """Every configuration mistake that can be found without data stops here."""
+    family = families.get(config.get("family", "clip"))
     method = methods.get(config.method, config.methods.get(config.method))
+    method.check_family(family)
     for key in ("data.root", "tokenizer"):
         section, _, name = key.rpartition(".")
         if not (config[section] if section else config)[name]:
@@ -259,18 +284,19 @@ def _check_config(config) -> Setup:
     ratios = dict(config.mixture)
     for task in (0, 1):
         mixture.pool_batch_sizes(config.batch_size, ratios, task)
-    model_config, tokenizer = model_and_tokenizer(config)
-    profiling_instance(config, model_config)  # the method's setup checks its parameters
-    base_tx = optimizer.adamw(
-        b1=config.optimizer.b1, b2=config.optimizer.b2, eps=config.optimizer.eps,
-        weight_decay=config.optimizer.weight_decay, clip_norm=config.optimizer.clip_norm,
-        decay_convention=config.optimizer.decay_convention,
-    )  # fmt: skip
-    budget_info = task_budget(config, method, model_config, base_tx)
+    model_config = family.model_config(config)
+    tokenizer = family.tokenizer(config, model_config)
+
+    def setup_method(name):
+        return profiling_instance(config, model_config, name, tokenizer)
+
+    setup_method(config.method)  # the method's setup checks its parameters and the family
+    base_tx = optimizer.build(config.optimizer)
+    budget_info = task_budget(config, method, model_config, base_tx, setup_method)
     lr_of = schedule_of(config, budget_info["steps_per_task"])
     mesh = sharding.make_mesh(**config.mesh)
     check_batch_divides(config, mesh)
-    return Setup(method, model_config, tokenizer, base_tx, budget_info, lr_of, mesh)
+    return Setup(family, method, model_config, tokenizer, base_tx, budget_info, lr_of, mesh)
 
 
 def check_batch_divides(config, mesh) -> None:
@@ -294,28 +320,7 @@ def _config_json(config) -> str:
     return json.dumps(json.loads(recorded.to_json_best_effort()), indent=2, sort_keys=True)
 
 
-def _same_config_or_fresh(workdir: str, config_json: str) -> None:
-    """Record the config in `workdir`; a different one is refused once the directory holds a
-    run's state (a checkpoint or results), and replaced before that (a failed start)."""
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            if f.read() == config_json:
-                return
-        if _holds_state(workdir):
-            raise ValueError(f"{workdir} holds a run with a different config ({path})")
-        logging.info("%s: replacing the config of a start that made no checkpoint", path)
-    workdir_lib.write_atomic(path, config_json)
-
-
-def _holds_state(workdir: str) -> bool:
-    directory = os.path.join(workdir, "checkpoints")
-    return os.path.exists(os.path.join(workdir, "results.json")) or (
-        os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
-    )
-
-
-def _finished(workdir: str, config_json: str) -> dict:
+def _finished(workdir: str, config_json: str, family: Family) -> dict:
     path = os.path.join(workdir, "config.json")
     with open(path) as f:
         if f.read() != config_json:
@@ -323,332 +328,123 @@ def _finished(workdir: str, config_json: str) -> dict:
     logging.info("run in %s is complete; nothing to do", workdir)
     with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)
-    print(format_table(results))
+    print(format_table(results, family.metric_keys))
     return results
 
 
-def _run(config, workdir, setup: Setup, config_json, preemption, started) -> dict:
-    method, model_config, tokenizer = setup.method, setup.model_config, setup.tokenizer
-    budget_info, lr_of, mesh = setup.budget_info, setup.lr_of, setup.mesh
+def _headline(summary: dict, keys) -> str:
+    return " | ".join(f"{k} {summary[k]:.2f}" for k in keys)
+
+
+def _run(config, workdir, setup: Setup, config_json, started) -> dict:
+    family, method, model_config = setup.family, setup.method, setup.model_config
+    budget_info, lr_of, tokenizer = setup.budget_info, setup.lr_of, setup.tokenizer
     steps = budget_info["steps_per_task"]
+    keys = family.metric_keys
     logging.info("%s", budget_report(config, budget_info, model_config))
 
-    data = prepare_data(config)  # the last check: the data's paths and files
-    _same_config_or_fresh(workdir, config_json)
+    data = prepare_data(config, family, model_config, tokenizer)  # the last check: the files
+    workdir_lib.same_config_or_fresh(workdir, config_json)
     os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
-    image_size = model_config.vision.image_size
     ratios = dict(config.mixture)
 
-    theta0_params = theta0.load_or_make(
-        config, model_config, tokenizer, data.pool, config.theta0.cache_dir or data.root, mesh
-    )
-    graphdef = params_lib.split(abstract_clip(method.model_config(model_config)))[0]
-    method.setup(methods.Context(
-        config=config, workdir=workdir, model_config=model_config, graphdef=graphdef,
-        tokenizer=tokenizer, forward=make_forward(graphdef), steps_per_task=steps, data=data,
-        update_batches=functools.partial(_update_batches, config, data, tokenizer, image_size),
-    ))  # fmt: skip
-    start_params = method.init_params(theta0_params)
-    tx = setup.base_tx
-    evaluator = evaluate_lib.Evaluator(
-        data.root, data.datasets, tokenizer, image_size, batch_size=config.eval.batch_size,
-        subset_seed=config.seed,
-    )  # fmt: skip
-    step_key = np.asarray(jax.random.key_data(jax.random.key(
-        mixture.derive_seed(config.seed, "method") % 2**32)))  # fmt: skip
-
-    def fresh_state(params, method_state):
-        opt_state = tx.init(trained(params, method))
-        return ContinualState(np.zeros((), np.int32), params, opt_state, method_state, step_key)
-
-    abstract = jax.eval_shape(lambda p: fresh_state(p, method.init_state(p)), start_params)
-    state_sharding = shardings_of(abstract, mesh)
-    step_fn = compile_step(graphdef, tx, method, mesh, state_sharding)
-
-    def place(state):
-        return jax.device_put(state, state_sharding, may_alias=False)
-
+    cache_dir = config.theta0.cache_dir or data.root
+    theta0_params = theta0.load_or_make(config, family, model_config, data, cache_dir, setup.mesh)
+    method.setup(methods.Context(config=config, family=family, model_config=model_config,
+                                 tokenizer=tokenizer, data=data, workdir=workdir,
+                                 steps_per_task=steps))  # fmt: skip
+    evaluator = family.evaluator(config, data, model_config, tokenizer)
     eval_seconds = {}  # kind -> seconds of its latest evaluation in this process (for the ETA)
 
     def evaluate(params, subset: bool) -> dict:
         kind, start = "subset" if subset else "full", time.perf_counter()
-        model = params_lib.merge(graphdef, params)
-        per_dataset = evaluator.evaluate(model, subset=subset)
+        point = evaluator.evaluate(method.graphdef, params, subset=subset)
         eval_seconds[kind] = time.perf_counter() - start
         logging.info("evaluation (%s test sets) took %.1fs", kind, eval_seconds[kind])
-        return dict(evaluator.summary(per_dataset), per_dataset=per_dataset, evaluation=kind)
+        return dict(point, evaluation=kind)
 
-    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"))
-    latest = checkpoints.latest()
-    if latest is not None:
-        state, progress = checkpoints.restore(latest, abstract, state_sharding)
-        progress.setdefault("bad_images", 0)
-        logging.info("resuming from checkpoint %d: task %d, step %d", latest,
-                     progress["task"], progress["step"])  # fmt: skip
-    else:
-        state = place(fresh_state(start_params, method.init_state(start_params)))
-        zero_shot = evaluate(start_params, subset=False)
-        zero_shot_subset = evaluate(start_params, subset=True)
-        logging.info("zero-shot (full test sets): %s", _headline(zero_shot))
-        progress = dict(task=0, step=0, saves=0, metric_lines=0, zero_shot_full=zero_shot,
-                        trajectory=[zero_shot_subset], batch_sizes=[], bad_images=0)  # fmt: skip
-        checkpoints.save(0, state, progress)
+    def zero_shot(params) -> dict:
+        full = evaluate(params, subset=False)
+        logging.info("zero-shot (full test sets): %s", _headline(full, keys))
+        return dict(zero_shot_full=full, trajectory=[evaluate(params, subset=True)])
 
-    resume_at = None
-    if latest is not None:  # hide what a killed process logged after this checkpoint
-        resume_at = (progress["task"] * steps + progress["step"] + 1, progress["task"] + 1)
-    log = RunLogger(workdir, config, keep_lines=progress["metric_lines"], resume_at=resume_at)
-    if latest is None:
-        log.evaluation(zero_shot, 0)
-    loop = Loop(config, workdir, steps, step_fn, lr_of, log, checkpoints, preemption,
-                max_bad_images=int(config.data.max_bad_image_fraction * config.batch_size
-                                   * steps * config.num_tasks),
-                eval_seconds=eval_seconds)  # fmt: skip
-    try:
-        with preemption.deferred():
-            for task in range(progress["task"], config.num_tasks):
-                sizes = mixture.pool_batch_sizes(config.batch_size, ratios, task)
-                update_ids, buffer_ids = mixture.task_pools(data.catalogue, data.tasks, task)
-                offset = sum(b["pretraining"] * steps for b in progress["batch_sizes"][:task])
-                if progress["step"] == 0:  # a task starts: the method picks its training weights
-                    params = method.train_params(task, state.params, state.method_state)
-                    opt_state = (state.opt_state if config.optimizer.carry_state
-                                 else tx.init(trained(params, method)))  # fmt: skip
-                    state = place(state.replace(params=params, opt_state=opt_state))
-                batches = pipeline.TaskBatches(
-                    catalogue=data.catalogue, update_ids=update_ids, buffer_ids=buffer_ids,
-                    pretraining=data.pool if sizes["pretraining"] else None, batch_sizes=sizes,
-                    steps=steps, seed=config.seed, task=task, pretraining_offset=offset,
-                    tokenizer=tokenizer, image_size=image_size,
-                    num_threads=config.data.num_threads, bad_images=config.data.bad_images,
-                )  # fmt: skip
-                state, progress = loop.train_task(task, batches, state, progress)
-                params, method_state = method.end_of_task(task, state.params, state.method_state)
-                state = place(state.replace(params=params, method_state=method_state))
-                if not bool(_all_finite((state.params, state.method_state))):
-                    _diverged(workdir, task, steps, state, progress, checkpoints,
-                              where=f"after the end-of-task hook of {method.name}")  # fmt: skip
-                last = task == config.num_tasks - 1
-                if last or (task + 1) % config.eval.every_nth_task == 0:
-                    point = evaluate(method.eval_params(task, params, method_state), subset=True)
-                    point["task"] = task
-                    progress["trajectory"].append(point)
-                    log.evaluation(point, task + 1)
-                    logging.info("after task %d (subset): %s", task, _headline(point))
-                progress.update(task=task + 1, step=0)
-                progress["batch_sizes"] = progress["batch_sizes"][:task] + [sizes]
-                progress["saves"] += 1
-                checkpoints.save(progress["saves"], state, progress)
-                loop.stop_if_preempted(progress)
-    finally:
-        log.close()
-        checkpoints.close()
+    def after_task(task, params) -> dict:
+        point = dict(evaluate(params, subset=True), task=task)
+        logging.info("after task %d (subset): %s", task, _headline(point, keys))
+        return point
+
+    def task_batches(task, record):
+        sizes = mixture.pool_batch_sizes(config.batch_size, ratios, task)
+        offset = sum(b["pretraining"] * steps for b in record["batch_sizes"][:task])
+        return data.task_batches(task, sizes, steps, pretraining_offset=offset)
+
+    job = loop_lib.Job(
+        workdir=workdir, family=family, method=method, tx=setup.base_tx, mesh=setup.mesh,
+        steps=steps, num_tasks=config.num_tasks, lr_of=lr_of, batches=task_batches,
+        seed=mixture.derive_seed(config.seed, "method"), log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every,
+        lr_multipliers=dict(config.optimizer.get("lr_multipliers") or {}),
+        carry_optimizer_state=config.optimizer.carry_state,
+        max_bad_images=int(config.data.max_bad_image_fraction * config.batch_size * steps
+                           * config.num_tasks),
+        bad_images_note=f"config.data.max_bad_image_fraction={config.data.max_bad_image_fraction}"
+                        " of the run's samples",
+        config=config, zero_shot=zero_shot, after_task=after_task,
+        eval_every_nth_task=config.eval.every_nth_task, final_evaluation=True,
+        eval_seconds=eval_seconds,
+    )  # fmt: skip
+    state, record = loop_lib.train(job, method.init_params(theta0_params))
 
     final_params = method.eval_params(config.num_tasks - 1, state.params, state.method_state)
     final = evaluate(final_params, subset=False)
     export_config, export_params = method.export_params(jax.device_get(final_params))
-    export_graphdef = params_lib.split(abstract_clip(export_config))[0]
-    models.export_hf(params_lib.merge(export_graphdef, export_params),
-                     os.path.join(workdir, "model"), tokenizer=tokenizer)  # fmt: skip
-    results = _results(progress, final, steps, config, evaluator)
+    family.export(export_params, export_config, os.path.join(workdir, "model"), tokenizer)
+    results = _results(record, final, steps, config, evaluator, keys)
     results.update(
         budget=budget_info,
-        bad_images=dict(policy=config.data.bad_images, skipped=progress["bad_images"],
-                        limit=loop.max_bad_images),
+        bad_images=dict(policy=config.data.bad_images, skipped=record["bad_images"],
+                        limit=job.max_bad_images),
         wall_seconds_this_process=time.perf_counter() - started,
     )  # fmt: skip
     plots.write_all(results, [lr_of(k, s) for k in range(config.num_tasks) for s in range(steps)],
                     os.path.join(workdir, "plots"))  # fmt: skip
     workdir_lib.write_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=1))
-    print(format_table(results))
+    print(format_table(results, keys))
     return results
 
 
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-    """Whether every float entry of `tree` is finite."""
-    leaves = [jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)
-              if jnp.issubdtype(x.dtype, jnp.inexact)]  # fmt: skip
-    return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
-
-
-def _update_batches(config, data, tokenizer, image_size, task, batch_size, num_batches):
-    """`num_batches` batches of the update pool of `task` alone (e.g. for a Fisher pass)."""
-    update_ids, _ = mixture.task_pools(data.catalogue, data.tasks, task)
-    batches = pipeline.TaskBatches(
-        catalogue=data.catalogue, update_ids=update_ids, buffer_ids=np.zeros(0, np.int64),
-        pretraining=None, batch_sizes={"update": batch_size, "buffer": 0, "pretraining": 0},
-        steps=num_batches, seed=config.seed, task=task, tokenizer=tokenizer,
-        image_size=image_size, num_threads=config.data.num_threads,
-    )  # fmt: skip
-    for batch in batches.dataset(0):
-        yield {"images": batch["images"], "token_ids": batch["token_ids"]}
-
-
-@dataclasses.dataclass
-class Loop:
-    """The step loop of a task: logging, checkpoints, divergence, preemption, bad images."""
-
-    config: ml_collections.ConfigDict
-    workdir: str
-    steps: int
-    step_fn: object
-    lr_of: schedules.Schedule
-    log: RunLogger
-    checkpoints: Checkpoints
-    preemption: workdir_lib.Preemption
-    max_bad_images: int  # undecodable images the run may skip (data.bad_images = "skip")
-    # kind ("subset", "full") -> seconds of its latest evaluation in this process
-    eval_seconds: dict = dataclasses.field(default_factory=dict)
-
-    def train_task(self, task, batches, state, progress):
-        config, steps = self.config, self.steps
-        start_step = progress["step"]
-        window_start, data_wait, last_logged = time.perf_counter(), 0.0, start_step
-        iterator = iter(batches.dataset(start_step))
-        for step in range(start_step, steps):
-            t0 = time.perf_counter()
-            batch = next(iterator)
-            data_wait += time.perf_counter() - t0
-            self._count_bad_images(task, step, int(batch["skipped"]), progress)
-            batch = {"images": batch["images"], "token_ids": batch["token_ids"]}
-            state, metrics = self.step_fn(state, batch, self.lr_of(task, step))
-            done = step + 1
-            log_now = done % config.log_every == 0 or done == steps
-            save_now = (config.checkpoint_every and done % config.checkpoint_every == 0
-                        and done < steps)  # fmt: skip
-            preempted = self.preemption.requested
-            if log_now or save_now or preempted:  # never log or checkpoint a diverged state
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not metrics["finite"]:
-                    _diverged(self.workdir, task, done, state, progress, self.checkpoints)
-            if log_now:
-                elapsed = time.perf_counter() - window_start
-                rate = (done - last_logged) * batches.batch_size / elapsed
-                record = dict(task=task, step=done, samples_per_second=rate,
-                              data_wait_fraction=data_wait / elapsed, **metrics)  # fmt: skip
-                self.log.step(record, global_step=task * steps + done)
-                progress["metric_lines"] = self.log.lines
-                logging.info(
-                    "task %d step %d/%d | loss %.4f | lr %.2e | %.0f samples/s | data wait "
-                    "%.0f%% | ETA task %.0fs | %s%s", task, done, steps, metrics["loss"],
-                    metrics["learning_rate"], rate, 100 * data_wait / elapsed,
-                    (steps - done) * batches.batch_size / rate,
-                    self.run_progress(task, done, elapsed / (done - last_logged)),
-                    f" | {progress['bad_images']} bad images skipped"
-                    if progress["bad_images"] else "",
-                )  # fmt: skip
-                window_start, data_wait, last_logged = time.perf_counter(), 0.0, done
-            if save_now or preempted:
-                progress.update(task=task, step=done)
-                progress["saves"] += 1
-                self.checkpoints.save(progress["saves"], state, progress)
-            if preempted:
-                self.stop_if_preempted(progress)
-        return state, progress
-
-    def run_progress(self, task: int, done: int, seconds_per_step: float) -> str:
-        """The whole stream's progress and time left: "run 540/1200 steps (45%) | ETA run 3m12s".
-
-        Time left = the remaining training steps at the last log window's step time + the
-        remaining evaluations (after each evaluated task, then the final full one) at the
-        durations this process measured for their kind (a fresh run times both at zero-shot).
-        A kind not timed yet (on a resumed run, until its first evaluation) counts as 0, and
-        the ETA is then marked as a lower bound: "ETA run >3m12s"."""
-        config, total = self.config, self.steps * self.config.num_tasks
-        global_step = task * self.steps + done
-        last, every = config.num_tasks - 1, config.eval.every_nth_task
-        subsets = sum(k == last or (k + 1) % every == 0 for k in range(task, last + 1))
-        pending = {"subset": subsets, "full": 1}  # this task's evaluation is still to come
-        seconds = (total - global_step) * seconds_per_step
-        seconds += sum(n * self.eval_seconds.get(kind, 0.0) for kind, n in pending.items())
-        bound = ">" if any(kind not in self.eval_seconds for kind in pending) else ""
-        return (f"run {global_step}/{total} steps ({100 * global_step / total:.0f}%) | "
-                f"ETA run {bound}{format_duration(seconds)}")  # fmt: skip
-
-    def stop_if_preempted(self, progress):
-        """After a checkpoint: stop if SIGTERM came (the checkpoint holds the position)."""
-        if self.preemption.requested:
-            where = f"checkpoint {progress['saves']} at task {progress['task']} step "
-            where += str(progress["step"])
-            logging.warning("SIGTERM: %s; stopping", where)
-            raise workdir_lib.Preempted(f"SIGTERM: stopped after {where}")
-
-    def _count_bad_images(self, task, step, skipped, progress):
-        if not skipped:
-            return
-        progress["bad_images"] += skipped
-        if progress["bad_images"] > self.max_bad_images:
-            raise ValueError(
-                f"task {task} step {step}: {progress['bad_images']} undecodable images "
-                f"skipped, more than config.data.max_bad_image_fraction="
-                f"{self.config.data.max_bad_image_fraction} of the run's samples allows "
-                f"({self.max_bad_images}); the warnings above name the files"
-            )
-
-
-def format_duration(seconds: float) -> str:
-    """42s, 3m05s, 2h07m: minutes and seconds under an hour, hours and minutes above."""
-    seconds = max(0, round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-def _diverged(workdir, task, step, state, progress, checkpoints, where=None):
-    """Abort a diverged run, after saving its state aside for inspection (spec §7: the run
-    aborts after writing a checkpoint). The state goes to a new entry of `diverged/` (one per
-    divergence: a rerun that diverges again adds another), not to `checkpoints/`, so a rerun
-    resumes from the last good checkpoint, not from non-finite weights."""
-    aside = Checkpoints(os.path.join(workdir, "diverged"), max_to_keep=None)
-    index = (aside.latest() or 0) + 1
-    aside.save(index, state, dict(progress, task=task, step=step))
-    aside.close()
-    if where:
-        what = f"non-finite parameters or method state {where} (step {step})"
-    else:
-        what = f"non-finite loss or gradient norm at step {step}"
-    raise FloatingPointError(
-        f"task {task}: {what}. The state at this step is saved in "
-        f"{os.path.join(workdir, 'diverged', str(index))}; the last good checkpoint is "
-        f"{checkpoints.latest()} in {os.path.join(workdir, 'checkpoints')} (a rerun resumes "
-        "from it and, with the same config, diverges again: lower the learning rate or raise "
-        "the gradient clipping and start in a new workdir)."
-    )
-
-
-def _results(progress, final, steps, config, evaluator) -> dict:
-    trajectory = [progress["zero_shot_full"]] + progress["trajectory"][1:]
-    points = [{k: p[k] for k in METRIC_KEYS} | {"evaluation": p["evaluation"]} for p in trajectory]
-    curves = {k: [p[k] for p in trajectory] for k in METRIC_KEYS}
+def _results(record, final, steps, config, evaluator, keys) -> dict:
+    trajectory = [record["zero_shot_full"]] + record["trajectory"][1:]
+    points = [{k: p[k] for k in keys} | {"evaluation": p["evaluation"]} for p in trajectory]
+    curves = {k: [p[k] for p in trajectory] for k in keys}
     return {
-        "final": {k: final[k] for k in METRIC_KEYS},
+        "final": {k: final[k] for k in keys},
         "trajectory": points,
         "area_under_trajectory": {
             k: evaluate_lib.area_under_trajectory(v) for k, v in curves.items()
         },
         "per_dataset": {
-            "zero_shot_full": progress["zero_shot_full"]["per_dataset"],
-            "tasks_subset": [p["per_dataset"] for p in progress["trajectory"][1:]],
+            "zero_shot_full": record["zero_shot_full"]["per_dataset"],
+            "tasks_subset": [p["per_dataset"] for p in record["trajectory"][1:]],
             "final_full": final["per_dataset"],
         },
         "steps_per_task": steps,
         "samples_per_task": steps * config.batch_size,
-        "batch_sizes": progress["batch_sizes"],
+        "batch_sizes": record["batch_sizes"],
         "subset_indices": evaluator.subset_manifest(),
     }
 
 
-def format_table(results: dict) -> str:
+TABLE_NAMES = {"knowledge_accumulation": "A_KA", "zero_shot_retention": "A_ZS",
+               "geometric_mean": "GM"}  # fmt: skip
+
+
+def format_table(results: dict, keys=None) -> str:
+    keys = keys or tuple(results["final"])
     rows = [("zero-shot (full)", results["trajectory"][0])]
     rows += [(f"after task {i} (subset)", p) for i, p in enumerate(results["trajectory"][1:])]
     rows.append(("final (full)", results["final"]))
-    lines = [f"{'':26s} {'A_KA':>8s} {'A_ZS':>8s} {'GM':>8s}"]
+    lines = [f"{'':26s} " + " ".join(f"{TABLE_NAMES.get(k, k)[:8]:>8s}" for k in keys)]
     for name, p in rows:
-        lines.append(
-            f"{name:26s} {p['knowledge_accumulation']:8.2f} {p['zero_shot_retention']:8.2f} "
-            f"{p['geometric_mean']:8.2f}"
-        )
+        lines.append(f"{name:26s} " + " ".join(f"{p[k]:8.2f}" for k in keys))
     return "\n".join(lines)

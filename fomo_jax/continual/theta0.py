@@ -1,9 +1,12 @@
-"""θ0, the zero-shot starting point: a pretrained checkpoint, or a CLIP pretrained here once.
+"""θ0, the zero-shot starting point: a pretrained checkpoint, or a model pretrained here once.
 
-For fif_synth the "major update" is made by training the model from scratch on the pretraining
-pool (the default job's recipe) and cached next to the data, keyed by everything that decides
-it. The cache is written atomically, so a run killed while making θ0 simply makes it again and
-gets the same weights (the pretraining is a pure function of its config).
+For fif_synth the "major update" is made by training the family's model from scratch on the
+pretraining pool (warmup-cosine AdamW) and cached next to the data, keyed by everything that
+decides it. Making it is a job of the one training loop (`continual.loop`) in its own work
+directory beside the cache (`theta0-<key>.work/`: checkpoints, metrics, TensorBoard), held
+under a lock, so a run killed while θ0 is made resumes it from its last checkpoint to exactly
+the weights an uninterrupted making gives, and two runs never make the same θ0 at once. The
+cache file is written atomically; the job's checkpoints are removed once it is.
 """
 
 from __future__ import annotations
@@ -12,17 +15,19 @@ import hashlib
 import json
 import logging
 import os
-import time
+import shutil
 
 import jax
+import ml_collections
 import numpy as np
 import optax
 
-from fomo_jax import models
 from fomo_jax import params as params_lib
+from fomo_jax.continual import loop as loop_lib
+from fomo_jax.continual import methods
+from fomo_jax.continual import workdir as workdir_lib
 from fomo_jax.data import pipeline
 from fomo_jax.train import optimizer
-from fomo_jax.train.step import TrainState, compile_train_step, init_state, state_shardings
 
 
 def cache_path(directory: str, model_config, recipe: dict) -> str:
@@ -31,75 +36,89 @@ def cache_path(directory: str, model_config, recipe: dict) -> str:
     return os.path.join(directory, f"theta0-{digest}.npz")
 
 
-def pretrain(model_config, tokenizer, pool, recipe: dict, mesh, bad_images="error") -> dict:
-    """Train a fresh CLIP on the pool with warmup-cosine AdamW; returns host params.
-    `bad_images`: the pipeline's policy for undecodable images (`pipeline.TaskBatches`)."""
-    model = models.create_model(model_config, seed=recipe["seed"])
-    graphdef, params = params_lib.split(model)
-    tx = optimizer.adamw(weight_decay=recipe["weight_decay"], clip_norm=1.0)
-    shardings = state_shardings(jax.eval_shape(lambda p: TrainState.create(p, tx), params), mesh)
-    state = init_state(params, tx, shardings)
-    step_fn = compile_train_step(graphdef, tx, mesh, shardings)
-    steps, lr = recipe["steps"], recipe["lr"]
-    warmup = max(1, int(np.ceil(0.1 * steps)))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_value=lr * 1e-3)
-    batches = pipeline.pool_batches(
-        pool, batch_size=recipe["batch_size"], steps=steps, seed=recipe["seed"],
-        tokenizer=tokenizer, image_size=model_config.vision.image_size, num_threads=0,
-        bad_images=bad_images,
-    )  # fmt: skip
-    start, skipped = time.perf_counter(), 0
-    for step, batch in enumerate(batches.dataset()):
-        skipped += int(batch["skipped"])
-        batch = {"images": batch["images"], "token_ids": batch["token_ids"]}
-        state, metrics = step_fn(state, batch, float(schedule(step)))
-        if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
-            loss = float(metrics["loss"])
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"θ0 pretraining: non-finite loss at step {step + 1}")
-            rate = (step + 1) / (time.perf_counter() - start)
-            logging.info(
-                "θ0 pretraining step %d/%d | loss %.4f | ETA %.0fs",
-                step + 1,
-                steps,
-                loss,
-                (steps - step - 1) / rate,
-            )
-    if skipped:
-        logging.warning("θ0 pretraining skipped %d undecodable pool images", skipped)
-    return jax.device_get(state.params)
-
-
 def pool_fingerprint(pool) -> str:
     """The content hash of a WebDataset pool or of ArrayRecord shards."""
     manifest = pool.manifest() if callable(pool.manifest) else pool.manifest
     return manifest.get("content_hash") or manifest["content_sha256"]
 
 
-def load_or_make(config, model_config, tokenizer, pool, cache_dir: str, mesh) -> dict:
+def warmup_cosine(lr: float, steps: int):
+    """θ0's schedule: linear warmup over 10% of the steps, cosine to lr·1e-3 (host floats)."""
+    warmup = max(1, int(np.ceil(0.1 * steps)))
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_value=lr * 1e-3)
+
+
+def pretraining_job(workdir, family, model_config, tokenizer, pool, *, steps, batch_size,
+                    learning_rates, optimizer_config, seed, mesh, log_every, checkpoint_every,
+                    bad_images="error", max_bad_images=0, num_threads=0, name="pretraining",
+                    **job) -> loop_lib.Job:  # fmt: skip
+    """A one-task job of the loop: the family's model trained on the pool alone with full
+    fine-tuning (θ0 making and the pretraining job). `learning_rates`: one per step; `job`:
+    further `loop.Job` fields (evaluation hooks, W&B config, ...)."""
+    method = methods.get("finetune")
+    method.setup(methods.Context(
+        config=ml_collections.ConfigDict({"seed": seed}), family=family,
+        model_config=model_config, tokenizer=tokenizer, data=methods.NoData(), workdir=workdir,
+        steps_per_task=steps,
+    ))  # fmt: skip
+    batches = pipeline.pool_batches(
+        pool, batch_size=batch_size, steps=steps, seed=seed, tokenizer=tokenizer,
+        image_size=family.image_size(model_config), num_threads=num_threads,
+        bad_images=bad_images,
+    )  # fmt: skip
+    return loop_lib.Job(
+        workdir=workdir, family=family, method=method, tx=optimizer.build(optimizer_config),
+        mesh=mesh, steps=steps, num_tasks=1, lr_of=lambda task, step: learning_rates[step],
+        batches=lambda task, record: batches, seed=seed, log_every=log_every,
+        checkpoint_every=checkpoint_every, max_bad_images=max_bad_images,
+        bad_images_note="config.data.max_bad_image_fraction of the pool's samples", name=name,
+        **job,
+    )  # fmt: skip
+
+
+def load_or_make(config, family, model_config, data, cache_dir: str, mesh) -> dict:
     """θ0 params: from `config.theta0.checkpoint`, from the cache, or pretrained and cached."""
     if config.theta0.checkpoint:
-        model = models.load_pretrained(config.theta0.checkpoint)
-        return jax.device_get(params_lib.split(model)[1])
-    recipe = dict(
-        steps=config.theta0.steps,
-        batch_size=config.theta0.batch_size,
-        lr=config.theta0.lr,
-        weight_decay=config.theta0.weight_decay,
-        seed=config.seed,
-        pool=pool_fingerprint(pool),
-    )
+        return family.load_params(config.theta0.checkpoint, model_config)
+    t = config.theta0
+    recipe = dict(steps=t.steps, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
+                  seed=config.seed, pool=pool_fingerprint(data.pool))  # fmt: skip
     path = cache_path(cache_dir, model_config, recipe)
-    if os.path.exists(path):
-        logging.info("θ0 from cache %s", path)
-        with np.load(path) as f:
-            return params_lib.unflatten({k: f[k] for k in f.files})
-    logging.info(
-        "making θ0: %d steps of batch %d on the pool", recipe["steps"], recipe["batch_size"]
-    )
-    params = pretrain(model_config, tokenizer, pool, recipe, mesh, config.data.bad_images)
-    os.makedirs(cache_dir, exist_ok=True)
+    workdir = path.removesuffix(".npz") + ".work"
+    if not os.path.exists(path):
+        with workdir_lib.locked(workdir):
+            if not os.path.exists(path):  # else made while this process waited for the lock
+                _make(config, family, model_config, data, recipe, path, workdir, mesh)
+    logging.info("θ0 from cache %s", path)
+    with np.load(path) as f:
+        return params_lib.unflatten({k: f[k] for k in f.files})
+
+
+def _make(config, family, model_config, data, recipe, path, workdir, mesh) -> None:
+    logging.info("making θ0 in %s: %d steps of batch %d on the pool", workdir,
+                 recipe["steps"], recipe["batch_size"])  # fmt: skip
+    skip = config.data.bad_images == "skip"
+    samples = recipe["steps"] * recipe["batch_size"]
+    steps, schedule = recipe["steps"], warmup_cosine(recipe["lr"], recipe["steps"])
+    adamw = ml_collections.ConfigDict(dict(b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0,
+                                           weight_decay=recipe["weight_decay"],
+                                           decay_convention="all"))  # fmt: skip
+    job = pretraining_job(
+        workdir, family, model_config, data.tokenizer, data.pool, steps=steps,
+        batch_size=recipe["batch_size"], seed=recipe["seed"], mesh=mesh,
+        learning_rates=[float(schedule(step)) for step in range(steps)],
+        optimizer_config=adamw, log_every=max(1, steps // 10),
+        checkpoint_every=config.checkpoint_every, bad_images=config.data.bad_images,
+        max_bad_images=int(config.data.max_bad_image_fraction * samples) if skip else 0,
+        name="θ0",
+    )  # fmt: skip
+    model = family.init_model(model_config, seed=recipe["seed"])
+    state, record = loop_lib.train(job, params_lib.split(model)[1])
+    if record["bad_images"]:
+        logging.warning("θ0 pretraining skipped %d undecodable pool images", record["bad_images"])
+    params = jax.device_get(state.params)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp.npz"
     np.savez(tmp, **params_lib.flatten(params))
     os.replace(tmp, path)  # atomic: a killed run never leaves half a cache
-    return params
+    shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)

@@ -10,8 +10,10 @@
 - `Preemption`: SIGTERM (a scheduler's preemption notice) becomes a request that the training
   loop honours at its next step by checkpointing there; the run then stops with exit status
   `EXIT_PREEMPTED` (75, EX_TEMPFAIL: "try again"), and the same command resumes it. Outside
-  the loop (data preparation, making θ0, the final evaluation) nothing is lost by stopping,
-  so the signal stops the run at once with the same status.
+  the loop (data preparation, the evaluations) nothing is lost by stopping, so the signal
+  stops the run at once with the same status.
+- `same_config_or_fresh(workdir, config_json)`: a run's identity recorded in `config.json`; a
+  directory holding another run's state is refused.
 """
 
 from __future__ import annotations
@@ -115,3 +117,26 @@ class Preemption:
             yield
         finally:
             self._depth -= 1
+
+
+def holds_state(workdir: str) -> bool:
+    """Whether `workdir` holds a run's state: results or a checkpoint."""
+    directory = os.path.join(workdir, "checkpoints")
+    return os.path.exists(os.path.join(workdir, "results.json")) or (
+        os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+    )
+
+
+def same_config_or_fresh(workdir: str, config_json: str) -> None:
+    """Record the config in `workdir`; a different one is refused once the directory holds a
+    run's state (a checkpoint or results), and replaced before that (a failed start)."""
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() == config_json:
+                return
+        if holds_state(workdir):
+            raise ValueError(f"{workdir} holds a run with a different config ({path})")
+        logging.info("%s: replacing the config of a start that made no checkpoint", path)
+    os.makedirs(workdir, exist_ok=True)
+    write_atomic(path, config_json)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-# OpenAI CLIP normalisation statistics (spec/fif.md §2.6), used by every model here.
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+from fomo_jax.models.clip import CLIP_MEAN, CLIP_STD
 
 COLORS = {
     "red": (220, 30, 30),

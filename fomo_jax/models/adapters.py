@@ -1,7 +1,8 @@
-"""Parameter-efficient adapters on CLIP's transformer linears: LoRA, DoRA and VeRA (spec §8.2).
+"""Parameter-efficient adapters on a model's linears: LoRA, DoRA and VeRA (spec §8.2).
 
-A CLIP built from `CLIPConfig(..., adapter=AdapterConfig("lora", 4))` replaces every selected
-`nnx.Linear` of the transformer blocks with an `AdaptedLinear`, whose adapter parameters sit in
+A model builds its adaptable linears through `Sites` (CLIP: the transformer linears of both
+towers). A CLIP built from `CLIPConfig(..., adapter=AdapterConfig("lora", 4, targets))`
+replaces every selected `nnx.Linear` with an `AdaptedLinear`, whose adapter parameters sit in
 the params tree next to the frozen base weights::
 
     image/transformer/resblocks/3/attn/q_proj/kernel     [in, out]  base (frozen)
@@ -45,11 +46,11 @@ pair exactly once, at `adapter_shared/vera_{in}x{out}/random_{a,b}`, checkpoints
 `params_lib.merge` re-establishes the sharing. They are `nnx.Param`s; training rules keep them
 frozen through `trainable(path)` (false for them).
 
-Targets: "reference" = the reference's effective set {q, k, v, c_proj} in every block of both
-towers; "all_linear" adds out_proj and c_fc (the corrected variant); anything else is a regex that
-must fully match module paths such as `image/transformer/resblocks/3/attn/q_proj`. `blocks`
-restricts to those block indices in both towers (empty: all). Only the six linears of the
-transformer blocks can be adapted, and every adapter created has a forward path.
+Targets: a regex that must fully match module paths such as
+`image/transformer/resblocks/3/attn/q_proj`; a model family names its sets of them (CLIP's
+"reference" and "all_linear", `models.clip.ADAPTER_TARGETS`). `blocks` restricts to those
+transformer-block indices in every stack (empty: all). Only the linears a model builds through
+`Sites` can be adapted, and every adapter created has a forward path.
 """
 
 from __future__ import annotations
@@ -68,20 +69,6 @@ from flax import nnx
 from fomo_jax import params as params_lib
 
 KINDS = ("lora", "dora", "vera")
-TARGET_PRESETS = {
-    "reference": r"(image|text)/transformer/resblocks/\d+/(attn/(q|k|v)_proj|mlp/c_proj)",
-    "all_linear": (
-        r"(image|text)/transformer/resblocks/\d+/(attn/(q|k|v|out)_proj|mlp/(c_fc|c_proj))"
-    ),
-}
-LINEAR_NAMES = (
-    "attn/q_proj",
-    "attn/k_proj",
-    "attn/v_proj",
-    "attn/out_proj",
-    "mlp/c_fc",
-    "mlp/c_proj",
-)
 SHARED = "adapter_shared"  # top-level owner of VeRA's shared matrices (sorts before image/text)
 LEAVES = {
     "lora": ("lora_a", "lora_b"),
@@ -90,7 +77,7 @@ LEAVES = {
 }
 _LAYER_LEAVES = frozenset(name for names in LEAVES.values() for name in names)
 VERA_B_INIT = 0.1
-_BLOCK = re.compile(r"/resblocks/(\d+)/")
+_BLOCK = re.compile(r"/resblocks/(\d+)/")  # a transformer block's index in a module path
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -98,15 +85,16 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 class AdapterConfig:
     """Which adapter, where, and how it is initialised.
 
-    kind: "lora", "dora" or "vera". rank: r. targets: "reference" ({q,k,v,c_proj}), "all_linear"
-    ({q,k,v,out_proj,c_fc,c_proj}) or a regex fully matching module paths like
-    `text/transformer/resblocks/0/mlp/c_fc`. blocks: block indices adapted in both towers (empty:
-    all). scale: s in W + s.dW. seed: the random adapter values (A; VeRA's shared matrices).
+    kind: "lora", "dora" or "vera". rank: r. targets: a regex fully matching the module paths
+    of the adapted linears, like `text/transformer/resblocks/0/mlp/c_fc` (a model family names
+    its sets, e.g. CLIP's `models.clip.ADAPTER_TARGETS`). blocks: transformer-block indices
+    adapted in every stack (empty: all). scale: s in W + s.dW. seed: the random adapter values
+    (A; VeRA's shared matrices).
     """
 
     kind: str
     rank: int
-    targets: str = "reference"
+    targets: str
     blocks: tuple[int, ...] = ()
     scale: float = 1.0
     seed: int = 0
@@ -132,7 +120,7 @@ class AdapterConfig:
 
     @property
     def pattern(self) -> str:
-        return TARGET_PRESETS.get(self.targets, self.targets)
+        return self.targets
 
     def selects(self, module_path: str) -> bool:
         """Whether the linear at `module_path` (e.g. `image/transformer/resblocks/0/attn/q_proj`)
@@ -146,7 +134,7 @@ class AdapterConfig:
 
 
 def adapter_config(config) -> AdapterConfig:
-    """The AdapterConfig of an AdapterConfig or a CLIPConfig with an adapter."""
+    """The AdapterConfig of an AdapterConfig or a model config with an adapter."""
     adapter = getattr(config, "adapter", config)
     if not isinstance(adapter, AdapterConfig):
         raise ValueError(f"expected an AdapterConfig or a CLIPConfig with one, got {config!r}")
@@ -154,24 +142,8 @@ def adapter_config(config) -> AdapterConfig:
 
 
 def plain_config(config):
-    """The same CLIPConfig without an adapter (the structure `merge_adapters` returns)."""
+    """The same model config without an adapter (the structure `merge_adapters` returns)."""
     return config.replace(adapter=None)
-
-
-def linear_paths(config) -> list[str]:
-    """Module paths of every adaptable linear of a CLIPConfig's transformer blocks."""
-    return [
-        f"{tower}/transformer/resblocks/{i}/{name}"
-        for tower, layers in (("image", config.vision.layers), ("text", config.text.layers))
-        for i in range(layers)
-        for name in LINEAR_NAMES
-    ]
-
-
-def adapted_paths(config) -> list[str]:
-    """Module paths of the linears a CLIPConfig's adapter is put on."""
-    adapter = adapter_config(config)
-    return [p for p in linear_paths(config) if adapter.selects(p)]
 
 
 # --- path predicates (the rule a PEFT method trains by) ---------------------------------------
@@ -311,16 +283,19 @@ class AdaptedLinear(nnx.Linear):
 
 
 class Sites:
-    """Builds the linears of one CLIP: plain `nnx.Linear`s, or `AdaptedLinear`s where the
-    config's adapter selects the module path. A plain Python helper passed to constructors (never
-    stored on a module); it also collects VeRA's shared pairs for `CLIP.adapter_shared`."""
+    """Builds the adaptable linears of one model: plain `nnx.Linear`s, or `AdaptedLinear`s
+    where the config's adapter selects the module path. A plain Python helper passed to
+    constructors (never stored on a module); it also collects VeRA's shared pairs for the
+    model's `adapter_shared`."""
 
     def __init__(self, adapter: AdapterConfig | None):
         self.adapter = adapter
         self.pairs: dict[str, nnx.Dict] = {}
         self.adapted: list[str] = []
+        self.offered: list[str] = []  # every linear built here
 
     def linear(self, path: str, in_features: int, out_features: int, **kwargs) -> nnx.Linear:
+        self.offered.append(path)
         if self.adapter is None or not self.adapter.selects(path):
             return nnx.Linear(in_features, out_features, **kwargs)
         self.adapted.append(path)
@@ -336,19 +311,21 @@ class Sites:
             self.pairs[name] = nnx.Dict({k: nnx.Param(v) for k, v in values.items()})
         return self.pairs[name]
 
-    def finish(self, config) -> nnx.Dict | None:
+    def finish(self) -> nnx.Dict | None:
         """Checks the selection; returns the shared-matrix owner (VeRA) or None."""
         if self.adapter is None:
             return None
         if not self.adapted:
+            example = self.offered[0] if self.offered else "none"
             raise ValueError(
                 f"adapter targets={self.adapter.targets!r}, blocks={self.adapter.blocks} select "
-                f"no linear of this CLIP (paths look like {linear_paths(config)[0]!r})"
+                f"no linear of this model (paths look like {example!r})"
             )
-        depth = max(config.vision.layers, config.text.layers)
+        blocks = [_BLOCK.search(f"/{p}/") for p in self.offered]
+        depth = 1 + max((int(b.group(1)) for b in blocks if b), default=-1)
         if any(b >= depth for b in self.adapter.blocks):
             raise ValueError(
-                f"adapter blocks={self.adapter.blocks}: the towers have {depth} blocks"
+                f"adapter blocks={self.adapter.blocks}: the model's stacks have {depth} blocks"
             )
         return nnx.Dict(self.pairs) if self.pairs else None
 

@@ -26,6 +26,22 @@ from fomo_jax.kernels.attention import IMPLEMENTATIONS
 from fomo_jax.models import adapters as adapters_lib
 from fomo_jax.models.adapters import AdapterConfig
 
+# OpenAI CLIP normalisation statistics (spec/fif.md §2.6), used by every CLIP here.
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+# The linears of a transformer block adapters may target, and the named sets of them:
+# "reference" = the reference's effective set {q, k, v, c_proj} in every block of both towers;
+# "all_linear" adds out_proj and c_fc (the corrected variant).
+LINEAR_NAMES = ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/out_proj", "mlp/c_fc",
+                "mlp/c_proj")  # fmt: skip
+ADAPTER_TARGETS = {
+    "reference": r"(image|text)/transformer/resblocks/\d+/(attn/(q|k|v)_proj|mlp/c_proj)",
+    "all_linear": (
+        r"(image|text)/transformer/resblocks/\d+/(attn/(q|k|v|out)_proj|mlp/(c_fc|c_proj))"
+    ),
+}
+
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact erf form (LAION models)
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
@@ -373,7 +389,7 @@ class CLIP(nnx.Module):
         self.image = VisionTower(cfg, rngs=rngs, sites=sites)
         self.text = TextTower(cfg, rngs=rngs, sites=sites)
         self.logit_scale = nnx.Param(jnp.asarray(cfg.logit_scale_init, jnp.float32))
-        shared = sites.finish(cfg)
+        shared = sites.finish()
         if shared is not None:
             self.adapter_shared = shared
 
@@ -473,3 +489,22 @@ def abstract_clip(cfg: CLIPConfig) -> CLIP:
     """The CLIP structure for `cfg` without weights (for loading checkpoints into)."""
     with shape_only():
         return CLIP(cfg, rngs=nnx.Rngs(0))
+
+
+def batch_pixels(batch: dict) -> jax.Array:
+    """Normalized float pixels of a batch: uint8 `images` are normalized on the device (4x less
+    to send than floats), or the batch carries normalized float `pixels`."""
+    if "pixels" in batch:
+        return batch["pixels"]
+    images = batch["images"].astype(jnp.float32) / 255.0
+    return (images - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
+
+
+def linear_paths(cfg: CLIPConfig) -> list[str]:
+    """Module paths of every adaptable linear of the transformer blocks of both towers."""
+    return [
+        f"{tower}/transformer/resblocks/{i}/{name}"
+        for tower, layers in (("image", cfg.vision.layers), ("text", cfg.text.layers))
+        for i in range(layers)
+        for name in LINEAR_NAMES
+    ]

@@ -28,10 +28,17 @@ import safetensors
 
 from fomo_jax import params as params_lib
 from fomo_jax import tokenizer as tokenizer_lib
-from fomo_jax.data.synthetic import CLIP_MEAN, CLIP_STD
 from fomo_jax.models import variants
 from fomo_jax.models.checkpoint_io import read_state_dict, write_safetensors
-from fomo_jax.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig, abstract_clip
+from fomo_jax.models.clip import (
+    CLIP,
+    CLIP_MEAN,
+    CLIP_STD,
+    CLIPConfig,
+    TextConfig,
+    VisionConfig,
+    abstract_clip,
+)
 
 # HF names for activations -> ours.
 _HF_ACTIVATIONS = {

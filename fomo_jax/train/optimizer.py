@@ -1,4 +1,5 @@
-"""AdamW with decoupled weight decay and one global-norm clip (spec/fif.md §7.3).
+"""AdamW with decoupled weight decay and one global-norm clip (spec/fif.md §7.3): the one place
+that builds the optimizer of every job (`build`).
 
 The transformation is learning-rate free: it returns the AdamW *direction*
 u = m̂/(√v̂+ε) + λ·θ and the train step applies θ ← θ − lr·u with lr an input computed on the
@@ -43,6 +44,13 @@ def adamw(
             optax.add_decayed_weights(weight_decay, mask=lambda p: decay_mask(p, decay_convention))
         )
     return optax.chain(*parts)
+
+
+def build(config) -> optax.GradientTransformation:
+    """The AdamW of a config's `optimizer` block (keys b1, b2, eps, weight_decay, clip_norm,
+    decay_convention)."""
+    return adamw(b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay,
+                 clip_norm=config.clip_norm, decay_convention=config.decay_convention)  # fmt: skip
 
 
 def trainable_count(params) -> int:

@@ -1,19 +1,19 @@
-"""Train a CLIP from scratch on the pretraining pool of fif_synth: the default job of `run.py`
-until the continual runner lands, and the seed of its "major update" (making θ0).
+"""Train a CLIP from scratch on the pretraining pool of fif_synth (`configs/clip_synth.py`): the
+recipe of θ0's "major update", as a job of the one training loop (`continual.loop`), so it
+checkpoints, resumes bit-identically after a kill, catches divergence and logs like every job.
 
 The data is fif_synth (generated once under `config.data.root`): the model trains on its
 WebDataset pool through the grain pipeline and is evaluated zero-shot on every test split,
 which shows what θ0 knows (the evaluation-only sets) and what it does not (the adaptation sets).
 
 Writes to the work directory: `config.json`, `metrics.jsonl` (one line per logged step),
-`results.json` (first/last loss, per-dataset zero-shot scores before and after, A_KA / A_ZS,
-throughput), `plots/training.png` (loss per step and learning rate), and the trained model in
-the Hugging Face layout under `model/`.
+`tensorboard/`, `checkpoints/`, `results.json` (first/last loss, per-dataset zero-shot scores
+before and after, A_KA / A_ZS, throughput), `plots/training.png` (loss per step and learning
+rate), and the trained model in the Hugging Face layout under `model/`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -25,17 +25,14 @@ import numpy as np
 import optax
 
 from fomo_jax import evaluate as evaluate_lib
-from fomo_jax import models, sharding
+from fomo_jax import families, sharding
 from fomo_jax import params as params_lib
-from fomo_jax.data import fif_synth, pipeline, webdataset
+from fomo_jax.continual import loop as loop_lib
+from fomo_jax.continual import theta0
+from fomo_jax.continual import workdir as workdir_lib
+from fomo_jax.data import fif_synth, webdataset
 from fomo_jax.tokenizer import ByteTokenizer
 from fomo_jax.train import optimizer
-from fomo_jax.train.step import TrainState, compile_train_step, init_state, state_shardings
-
-
-def _format_eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def _plot_training(losses, learning_rates, accuracy, path):
@@ -68,19 +65,32 @@ def _plot_training(losses, learning_rates, accuracy, path):
     plt.close(fig)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+def _logged_rate(workdir: str) -> float:
+    """The median training throughput of the logged steps (resumed jobs included)."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rates = [json.loads(line)["samples_per_second"] for line in f if line.strip()]
+    return float(np.median(rates))
 
-    model_config = models.get_config(
-        config.model.name,
-        dtype=config.model.dtype,
-        attention_implementation=config.model.attention_implementation,
-    )
-    if config.model.context_length:
-        text = dataclasses.replace(model_config.text, context_length=config.model.context_length)
-        model_config = model_config.replace(text=text)
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Run (or resume, or report) the pretraining job of `config` in `workdir`."""
+    results_path = os.path.join(workdir, "results.json")
+    config_json = config.to_json_best_effort(indent=2)
+    os.makedirs(workdir, exist_ok=True)
+    with workdir_lib.locked(workdir), workdir_lib.Preemption():
+        workdir_lib.same_config_or_fresh(workdir, config_json)
+        if os.path.exists(results_path):  # complete
+            with open(results_path) as f:
+                return json.load(f)
+        return _train(config, workdir)
+
+
+def _train(config, workdir) -> dict:
+    family = families.get("clip")
+    os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+    run_config = ml_collections.ConfigDict(dict(
+        theta0=dict(checkpoint=None), model=config.model.to_dict()))  # fmt: skip
+    model_config = family.model_config(run_config)
     image_size, context = model_config.vision.image_size, model_config.text.context_length
     tokenizer = ByteTokenizer(context_length=context)
     if model_config.text.vocab_size < tokenizer.vocab_size:
@@ -88,116 +98,49 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"model {config.model.name} has a {model_config.text.vocab_size}-token vocabulary; "
             f"the byte tokenizer needs {tokenizer.vocab_size}"
         )
-
     mesh = sharding.make_mesh(**config.mesh)
-    model = models.create_model(model_config, seed=config.seed)
-    graphdef, params = params_lib.split(model)
-    tx = optimizer.adamw(
-        b1=config.optimizer.b1,
-        b2=config.optimizer.b2,
-        eps=config.optimizer.eps,
-        weight_decay=config.optimizer.weight_decay,
-        clip_norm=config.optimizer.clip_norm,
-        decay_convention=config.optimizer.decay_convention,
-    )
-    shardings = state_shardings(jax.eval_shape(lambda p: TrainState.create(p, tx), params), mesh)
-    state = init_state(params, tx, shardings)
-    step_fn = compile_train_step(graphdef, tx, mesh, shardings)
     warmup = int(np.ceil(config.optimizer.warmup_fraction * config.steps))
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0,
-        config.optimizer.lr,
-        max(warmup, 1),
-        config.steps,
+        0.0, config.optimizer.lr, max(warmup, 1), config.steps,
         end_value=config.optimizer.lr * config.optimizer.min_lr_multiplier,
-    )
+    )  # fmt: skip
     # Evaluated once on the host: the step takes the rate as an input, the plot shows it.
     learning_rates = [float(schedule(step)) for step in range(config.steps)]
 
     root = config.data.root
     fif_synth.generate(
-        root,
-        seed=config.data.seed,
-        image_size=config.data.image_size,
-        train_per_class=config.data.train_per_class,
-        test_per_class=config.data.test_per_class,
-        pool_size=config.data.pool_size,
-        samples_per_shard=config.data.samples_per_shard,
-    )
+        root, seed=config.data.seed, image_size=config.data.image_size,
+        train_per_class=config.data.train_per_class, test_per_class=config.data.test_per_class,
+        pool_size=config.data.pool_size, samples_per_shard=config.data.samples_per_shard,
+    )  # fmt: skip
     datasets = fif_synth.load_datasets(root)
     pool = webdataset.WebDatasetSource(os.path.join(root, "pretraining"))
-
     evaluator = evaluate_lib.Evaluator(root, datasets, tokenizer, image_size)  # decodes once
+    graphdef = family.graphdef(model_config)
 
-    def evaluate(state):
-        results = evaluator.evaluate(params_lib.merge(graphdef, state.params), subset=False)
+    def evaluate(params):
+        results = evaluator.evaluate(params_lib.merge(graphdef, params), subset=False)
         scores = {k: evaluate_lib.headline(v) for k, v in results.items()}
         return dict(evaluate_lib.summarize(scores, datasets), per_dataset=scores)
 
-    before = evaluate(state)
-    logging.info(
-        "model %s: %.2fM parameters; mesh %s; %d steps of batch %d",
-        config.model.name,
-        optimizer.trainable_count(params) / 1e6,
-        dict(mesh.shape),
-        config.steps,
-        config.batch_size,
-    )
-
-    data = iter(
-        pipeline.pool_batches(
-            pool, batch_size=config.batch_size, steps=config.steps, seed=config.seed,
-            tokenizer=tokenizer, image_size=image_size, num_threads=config.data.num_threads,
-        ).dataset()
+    model = family.init_model(model_config, seed=config.seed)
+    params = params_lib.split(model)[1]
+    logging.info("model %s: %.2fM parameters; mesh %s; %d steps of batch %d", config.model.name,
+                 optimizer.trainable_count(params) / 1e6, dict(mesh.shape), config.steps,
+                 config.batch_size)  # fmt: skip
+    job = theta0.pretraining_job(
+        workdir, family, model_config, tokenizer, pool, steps=config.steps,
+        batch_size=config.batch_size, learning_rates=learning_rates,
+        optimizer_config=config.optimizer, seed=config.seed, mesh=mesh,
+        log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+        num_threads=config.data.num_threads, name="", keep_losses=True,
+        zero_shot=lambda p: {"zero_shot_before": evaluate(p)}, final_evaluation=True,
     )  # fmt: skip
-    records, losses, pending = [], [], []
-    window_start, data_wait = time.perf_counter(), 0.0
     start = time.perf_counter()
-    with open(os.path.join(workdir, "metrics.jsonl"), "w") as log:
-        for step in range(config.steps):
-            t0 = time.perf_counter()
-            batch = next(data)
-            data_wait += time.perf_counter() - t0
-            batch = {"images": batch["images"], "token_ids": batch["token_ids"]}
-            state, metrics = step_fn(state, batch, learning_rates[step])
-            pending.append(metrics["loss"])  # fetched at the next log point, not every step
-            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-                fetched = [float(x) for x in jax.device_get(pending)]
-                if not np.all(np.isfinite(fetched)):
-                    bad = len(losses) + int(np.argmin(np.isfinite(fetched))) + 1
-                    raise FloatingPointError(f"non-finite loss at step {bad}")
-                losses += fetched
-                pending = []
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not metrics["finite"]:
-                    raise FloatingPointError(f"non-finite gradient at step {step + 1}")
-                now = time.perf_counter()
-                steps_in_window = (step + 1) - (records[-1]["step"] if records else 0)
-                rate = steps_in_window * config.batch_size / (now - window_start)
-                record = dict(
-                    step=step + 1,
-                    samples_per_second=rate,
-                    data_wait_fraction=data_wait / (now - window_start),
-                    **metrics,
-                )
-                records.append(record)
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                eta = (config.steps - step - 1) * config.batch_size / rate
-                logging.info(
-                    "step %d/%d | loss %.4f | lr %.2e | %.0f samples/s | data wait %.0f%% | ETA %s",
-                    step + 1,
-                    config.steps,
-                    metrics["loss"],
-                    metrics["learning_rate"],
-                    rate,
-                    100 * record["data_wait_fraction"],
-                    _format_eta(eta),
-                )
-                window_start, data_wait = time.perf_counter(), 0.0
-
+    state, record = loop_lib.train(job, params)
     wall = time.perf_counter() - start
-    after = evaluate(state)
+    after = evaluate(state.params)
+    before, losses = record["zero_shot_before"], record["losses"]
     results = {
         "steps": config.steps,
         "samples": config.steps * config.batch_size,
@@ -207,20 +150,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "zero_shot_after": after,
         "chance": evaluate_lib.chance_levels(datasets, root),
         "pool_manifest": pool.manifest(),  # which pretraining data this model saw (spec §2.7)
-        "wall_seconds": wall,
-        "samples_per_second": config.steps * config.batch_size / wall,
+        "wall_seconds": wall,  # of this process (a resumed job: its part)
+        "samples_per_second": _logged_rate(workdir),
     }
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    _plot_training(
-        losses,
-        learning_rates,
-        (before["A_ZS"], after["A_ZS"]),
-        os.path.join(workdir, "plots", "training.png"),
-    )
-    models.export_hf(
-        params_lib.merge(graphdef, jax.device_get(state.params)),
-        f"{workdir}/model",
-        tokenizer=tokenizer,
-    )
+    _plot_training(losses, learning_rates, (before["A_ZS"], after["A_ZS"]),
+                   os.path.join(workdir, "plots", "training.png"))  # fmt: skip
+    family.export(jax.device_get(state.params), model_config, os.path.join(workdir, "model"),
+                  tokenizer)  # fmt: skip
+    workdir_lib.write_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
     return results

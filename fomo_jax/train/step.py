@@ -1,68 +1,91 @@
-"""The CLIP train step: a pure `jax.jit` function of explicit state.
+"""The one train step: a pure `jax.jit` function of explicit state, for every job and family.
 
-`TrainState` holds the step counter, the parameter pytree and the optimizer state. The step
-takes (state, batch, learning_rate) and returns (new state, metrics); it is compiled once
-with explicit in/out shardings on the mesh and donates the old state's buffers.
+`TrainState` carries the step counter, the parameters, the optimizer state (over the trained
+parameters only), the continual method's state and the run's step key. The step takes
+(state, batch, learning_rate) and returns (new state, metrics): the method's loss built on the
+family's loss, the optimizer update on the parameters the method trains (frozen ones enter the
+loss as constants and are never differentiated), and the method's per-step state update. It is
+compiled once per job with explicit in/out shardings on the mesh, donates the old state's
+buffers, and takes the learning rate as an input, so schedules never recompile.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fomo_jax import params as params_lib
 from fomo_jax import sharding
-from fomo_jax.data.synthetic import CLIP_MEAN, CLIP_STD
-from fomo_jax.train.losses import clip_loss
-
-# {"images": u8 [B, H, W, 3] or "pixels": f32 [B, H, W, 3] (normalized), "token_ids": i32 [B, L]}
-Batch = dict[str, jax.Array]
-
-
-def batch_pixels(batch: Batch) -> jax.Array:
-    """Normalized float pixels: uint8 `images` are normalized on the device (4x less to send)."""
-    if "pixels" in batch:
-        return batch["pixels"]
-    images = batch["images"].astype(jnp.float32) / 255.0
-    return (images - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
 
 
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
     params: Any
-    opt_state: Any
-
-    @classmethod
-    def create(cls, params, tx: optax.GradientTransformation) -> TrainState:
-        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    opt_state: Any  # over the trained parameters only
+    method_state: Any
+    key: jax.Array  # the run's step key data (folded with the step count)
 
 
-def make_loss_fn(graphdef) -> Callable:
-    """(params, batch) -> (loss, metrics) for the model structure `graphdef`."""
+@dataclasses.dataclass
+class StepInfo:
+    """Inputs of `Method.step_update` besides the state and the updated weights."""
 
-    def loss_fn(params, batch: Batch):
-        model = params_lib.merge(graphdef, params)
-        image_emb, text_emb, _ = model(batch_pixels(batch), batch["token_ids"])
-        return clip_loss(image_emb, text_emb, model.logit_scale[...])
+    step: jax.Array  # global step counter (before this step)
+    batch: dict
+    grads: Any  # gradients of the trained parameters (before clipping)
+    learning_rate: jax.Array
+    outputs: dict  # the `outputs` returned by `Method.loss`
+    key: jax.Array
 
-    return loss_fn
+
+def trained(params, method):
+    """The trained part of `params` (what the optimizer state is built on)."""
+    return params_lib.partition(params, method.trainable)[0]
 
 
-def apply_gradients(params, opt_state, grads, loss, learning_rate, tx):
-    """The optimizer update `p - lr * u` and the step's common metrics.
+def fresh_state(params, method, tx, key_data) -> TrainState:
+    """The state before the first step: `method`'s initial state and a new optimizer state."""
+    return TrainState(np.zeros((), np.int32), params, tx.init(trained(params, method)),
+                      method.init_state(params), key_data)  # fmt: skip
 
-    Returns (params, opt_state, metrics); shared by this step and the continual step.
-    """
+
+def step_key(seed: int) -> np.ndarray:
+    """The key data of a run's steps (a stream of `jax.random.key`s folded with the step)."""
+    return np.asarray(jax.random.key_data(jax.random.key(seed % 2**32)))
+
+
+def lr_multipliers(train_params, group_of, multipliers: dict) -> Any:
+    """Per trained leaf the learning-rate multiplier of its group (`config.optimizer.
+    lr_multipliers`, {group: factor}); None where there is none (the plain rate)."""
+    unknown = set(multipliers) - {group_of(p) for p in params_lib.flatten(train_params)}
+    if unknown:
+        raise ValueError(f"config.optimizer.lr_multipliers names groups {sorted(unknown)} with "
+                         "no trained parameter")  # fmt: skip
+    flat = {p: multipliers.get(group_of(p)) for p in params_lib.flatten(train_params)}
+    return params_lib.unflatten({p: None if m in (None, 1) else float(m) for p, m in flat.items()})
+
+
+def apply_gradients(params, opt_state, grads, loss, learning_rate, tx, multipliers=None):
+    """The optimizer update `p - lr * m * u` (m: the leaf's learning-rate multiplier, when set)
+    and the step's common metrics. Returns (params, opt_state, metrics)."""
     updates, opt_state = tx.update(grads, opt_state, params)
     lr = jnp.asarray(learning_rate, jnp.float32)
-    params = jax.tree_util.tree_map(lambda p, u: p - lr * u, params, updates)
+    if multipliers is None:
+        params = jax.tree_util.tree_map(lambda p, u: p - lr * u, params, updates)
+    else:
+        flat_m = params_lib.flatten(multipliers)
+        flat = {k: v - (lr if flat_m.get(k) is None else lr * flat_m[k]) * u
+                for (k, v), u in zip(params_lib.flatten(params).items(),
+                                     jax.tree_util.tree_leaves(updates), strict=True)}  # fmt: skip
+        params = params_lib.unflatten(flat)
     grad_norm = optax.tree.norm(grads)
     metrics = dict(
         loss=loss,
@@ -73,31 +96,38 @@ def apply_gradients(params, opt_state, grads, loss, learning_rate, tx):
     return params, opt_state, metrics
 
 
-def train_step(state: TrainState, batch: Batch, learning_rate, *, loss_fn, tx):
-    """One AdamW step; `learning_rate` is a traced scalar, so schedules never recompile."""
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
-    params, opt_state, step_metrics = apply_gradients(
-        state.params, state.opt_state, grads, loss, learning_rate, tx
+def step_fn(state: TrainState, batch, learning_rate, *, loss_fn, tx, method, family,
+            multipliers=None):  # fmt: skip
+    train, frozen = params_lib.partition(state.params, method.trainable)
+    key = jax.random.fold_in(state.key, state.step)
+
+    def total_loss(train):
+        params = params_lib.combine(train, frozen)
+        loss, metrics, outputs = method.loss(params, state.method_state, batch, loss_fn, key)
+        return loss, (metrics, outputs)
+
+    (loss, (metrics, outputs)), grads = jax.value_and_grad(total_loss, has_aux=True)(train)
+    train, opt_state, step_metrics = apply_gradients(
+        train, state.opt_state, grads, loss, learning_rate, tx, multipliers
     )
-    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-    return new, dict(metrics, **step_metrics, logit_scale=params["logit_scale"])
+    params = params_lib.combine(train, frozen)
+    info = StepInfo(state.step, batch, grads, step_metrics["learning_rate"], outputs, key)
+    method_state, method_metrics = method.step_update(state.method_state, params, info)
+    new = TrainState(state.step + 1, params, opt_state, method_state, state.key)
+    metrics = dict(metrics, **method_metrics, **step_metrics, **family.step_metrics(params))
+    return new, metrics
 
 
-def init_state(params, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
-    """A TrainState placed on the mesh, always as a copy.
-
-    The step donates its input state; without the copy `device_put` may alias the arrays of
-    the model the params came from, and that model would be deleted by the first step.
-    """
-    return jax.device_put(TrainState.create(params, tx), shardings, may_alias=False)
-
-
-def state_shardings(state: TrainState, mesh, rules=sharding.CLIP_RULES) -> TrainState:
-    """Shardings for a (possibly abstract) TrainState: the rules on params and optimizer state."""
+def shardings_of(state: TrainState, mesh, rules: sharding.Rules) -> TrainState:
+    """Shardings for a (possibly abstract) TrainState: the rules on params, optimizer state and
+    method state (pytrees shaped like the params follow them), scalars replicated."""
+    tree = functools.partial(sharding.tree_shardings, mesh=mesh, rules=rules)
     return TrainState(
         step=sharding.replicated(mesh),
-        params=sharding.tree_shardings(state.params, mesh, rules),
-        opt_state=sharding.tree_shardings(state.opt_state, mesh, rules),
+        params=tree(state.params),
+        opt_state=tree(state.opt_state),
+        method_state=tree(state.method_state),
+        key=sharding.replicated(mesh),
     )
 
 
@@ -111,7 +141,15 @@ def jit_step(step, mesh, state_sharding):
     )
 
 
-def compile_train_step(graphdef, tx, mesh, state_sharding: TrainState):
-    """The jitted CLIP step for the model structure `graphdef`."""
-    step = functools.partial(train_step, loss_fn=make_loss_fn(graphdef), tx=tx)
-    return jit_step(step, mesh, state_sharding)
+def compile_step(family, graphdef, tx, method, mesh, state_sharding: TrainState,
+                 multipliers=None):  # fmt: skip
+    """The jitted step of `method` on the family's model structure `graphdef`."""
+    fn = functools.partial(step_fn, loss_fn=family.loss(graphdef), tx=tx, method=method,
+                           family=family, multipliers=multipliers)  # fmt: skip
+    return jit_step(fn, mesh, state_sharding)
+
+
+def place(state: TrainState, state_sharding: TrainState) -> TrainState:
+    """`state` on the mesh, always as a copy: the step donates its input state, and without
+    the copy `device_put` may alias arrays that the caller still holds (e.g. θ0)."""
+    return jax.device_put(state, state_sharding, may_alias=False)

@@ -9,8 +9,9 @@ from matplotlib import image as mpimg
 
 from fomo_jax.configs import fif_synth as fif_synth_config
 from fomo_jax.continual import compare, runner
+from fomo_jax.families import clip
 
-KEYS = runner.METRIC_KEYS
+KEYS = clip.METRIC_KEYS
 SCHEDULES = ("warmup_cosine", "constant")
 
 

@@ -7,8 +7,9 @@ import pytest
 from fomo_jax import models
 from fomo_jax.configs import fif_synth as fif_synth_config
 from fomo_jax.continual import eval_job, runner
+from fomo_jax.families import clip
 
-KEYS = runner.METRIC_KEYS
+KEYS = clip.METRIC_KEYS
 # A reload is another computation (a safetensors round trip, another compiled graph): equal
 # up to float noise, not bit for bit, hence the 0.05 points.
 TOLERANCE = 0.05

@@ -15,7 +15,10 @@ import pytest
 from fomo_jax import models
 from fomo_jax import params as params_lib
 from fomo_jax.configs import fif_synth
-from fomo_jax.continual import merge_methods, methods, runner
+from fomo_jax.continual import methods, runner
+from fomo_jax.continual.methods import merge as merge_methods
+from fomo_jax.families import clip
+from fomo_jax.models import get_config
 
 TASKS = 4
 
@@ -36,8 +39,9 @@ def _flat64(tree):
 def _setup(name, tmp_path, **overrides):
     method = methods.get(name, overrides or None)
     method.setup(methods.Context(
-        config=fif_synth.get_config("smoke"), workdir=str(tmp_path), model_config=None,
-        graphdef=None, tokenizer=None, forward=None, steps_per_task=1,
+        config=fif_synth.get_config("smoke"), family=clip.FAMILY,
+        model_config=get_config("tiny"), tokenizer=None, data=methods.NoData(),
+        workdir=str(tmp_path), steps_per_task=1,
     ))  # fmt: skip
     return method
 

@@ -13,13 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fomo_jax import budget
 from fomo_jax import params as params_lib
+from fomo_jax import profiling
 from fomo_jax.configs import fif_synth
 from fomo_jax.continual import methods, runner
-from fomo_jax.continual.step import ContinualState, make_forward, step_fn, trained
 from fomo_jax.models.clip import abstract_clip
 from fomo_jax.train import optimizer
+from fomo_jax.train.step import TrainState, step_fn, trained
 
 STEPS = 3
 
@@ -47,7 +47,7 @@ def setup_method(name, cfg, **overrides):
     config.method = name
     config.methods[name] = overrides
     method = runner.profiling_instance(config, cfg)  # set up without data
-    return method, method.ctx.graphdef
+    return method, method.graphdef
 
 
 def run(name, micro, **overrides):
@@ -56,12 +56,13 @@ def run(name, micro, **overrides):
     method, graphdef = setup_method(name, cfg, **overrides)
     tx = optimizer.adamw(weight_decay=0.2)
     params = method.init_params(theta0)
-    state = ContinualState(
+    state = TrainState(
         jnp.zeros((), jnp.int32), params, tx.init(trained(params, method)),
         method.init_state(params), jax.random.key_data(jax.random.key(0)),
     )  # fmt: skip
-    step = jax.jit(lambda s, b: step_fn(s, b, 1e-2, forward=make_forward(graphdef), tx=tx,
-                                        method=method))  # fmt: skip
+    family = method.ctx.family
+    step = jax.jit(lambda s, b: step_fn(s, b, 1e-2, loss_fn=family.loss(graphdef), tx=tx,
+                                        method=method, family=family))  # fmt: skip
     trajectory = []
     for batch in batches:
         state, metrics = step(state, batch)
@@ -117,7 +118,7 @@ def test_frozen_parameters_are_not_differentiated(micro):
     flops = {}
     for name in ("finetune", "locked_image", "lnfit"):
         method, _ = setup_method(name, cfg)
-        flops[name] = budget.profile_method(method, cfg, tx, 8)["flops"]
+        flops[name] = profiling.profile_method(method, cfg, tx, 8)["flops"]
     assert flops["locked_image"] < 0.8 * flops["finetune"]
     # LNFit still backpropagates through every layer but computes no weight gradients.
     assert flops["lnfit"] < 0.9 * flops["finetune"]
@@ -158,7 +159,7 @@ def test_adapters_train_while_base_weights_stay_bitwise_equal(name, micro):
     export_config, export_params = method.export_params(trajectory[-1])
     assert export_config.adapter is None
     plain = params_lib.merge(params_lib.split(abstract_clip(export_config))[0], export_params)
-    adapted = params_lib.merge(method.ctx.graphdef, trajectory[-1])
+    adapted = params_lib.merge(method.graphdef, trajectory[-1])
     pixels = jnp.asarray(batches[0]["images"], jnp.float32) / 255.0
     outputs = adapted(pixels, batches[0]["token_ids"])[:2], plain(pixels, batches[0]["token_ids"])
     for a, b in zip(*outputs, strict=False):

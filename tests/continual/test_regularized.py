@@ -17,11 +17,12 @@ import pytest
 
 from fomo_jax import params as params_lib
 from fomo_jax.configs import fif_synth as fif_synth_config
-from fomo_jax.continual import methods, regularized, runner  # noqa: F401 (registers)
-from fomo_jax.continual.step import ContinualState, make_forward, step_fn
+from fomo_jax.continual import methods, runner
 from fomo_jax.data import mixture
-from fomo_jax.data.synthetic import CLIP_MEAN, CLIP_STD
+from fomo_jax.families import clip
+from fomo_jax.models.clip import CLIP_MEAN, CLIP_STD
 from fomo_jax.train import optimizer
+from fomo_jax.train.step import TrainState, step_fn
 
 B = 8
 CLIP_NORM = 0.05  # small enough that every step of the SI test is clipped
@@ -106,27 +107,28 @@ class Harness:
         self.method = methods.get(name, overrides or None)
         self.calls = []
 
-        def batches(task, batch_size, num_batches):
-            self.calls.append((task, batch_size, num_batches))
-            yield from update_batches[:num_batches]
+        calls = self.calls
+
+        class Data(methods.NoData):
+            def update_batches(self, task, batch_size, num_batches):
+                calls.append((task, batch_size, num_batches))
+                yield from update_batches[:num_batches]
 
         self.method.setup(methods.Context(
-            config=micro_config(), workdir=None, model_config=cfg, graphdef=graphdef,
-            tokenizer=None, forward=make_forward(graphdef), steps_per_task=4,
-            update_batches=batches,
+            config=micro_config(), family=clip.FAMILY, model_config=cfg, tokenizer=None,
+            data=Data(), workdir="", steps_per_task=4,
         ))  # fmt: skip
         self.tx = optimizer.adamw(clip_norm=CLIP_NORM)
-        self.step = jax.jit(
-            functools.partial(
-                step_fn, forward=self.method.ctx.forward, tx=self.tx, method=self.method
-            )  # fmt: skip
-        )
+        self.step = jax.jit(functools.partial(
+            step_fn, loss_fn=clip.FAMILY.loss(graphdef), tx=self.tx, method=self.method,
+            family=clip.FAMILY,
+        ))  # fmt: skip
 
     def state(self, params, method_state=None):
         if method_state is None:
             method_state = self.method.init_state(params)
         key = jax.random.key_data(jax.random.key(0))
-        return ContinualState(jnp.int32(0), params, self.tx.init(params), method_state, key)
+        return TrainState(jnp.int32(0), params, self.tx.init(params), method_state, key)
 
 
 # ------------------------------------------------------------------------------------- EWC

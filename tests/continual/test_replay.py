@@ -18,13 +18,15 @@ import pytest
 from fomo_jax import params as params_lib
 from fomo_jax import sharding
 from fomo_jax.configs import fif_synth as fif_synth_config
-from fomo_jax.continual import methods, replay, runner  # noqa: F401 (registers)
+from fomo_jax.continual import methods, runner
 from fomo_jax.continual.checkpoints import Checkpoints
-from fomo_jax.continual.step import ContinualState, make_forward, shardings_of, step_fn
+from fomo_jax.continual.methods import replay
 from fomo_jax.data import mixture
+from fomo_jax.families import clip
 from fomo_jax.tokenizer import load_tokenizer
 from fomo_jax.train import optimizer
 from fomo_jax.train.losses import clip_loss
+from fomo_jax.train.step import TrainState, shardings_of, step_fn
 
 B = 8
 MIXTURE = {"pretraining": 0.25, "update": 0.5, "buffer": 0.25}  # n_p = 3 at task 0, then 2
@@ -75,7 +77,7 @@ def micro(tiny_model):
     cfg = tiny_model.config
     graphdef, theta0 = params_lib.split(tiny_model)
     theta0 = jax.device_get(theta0)
-    forward = make_forward(graphdef)
+    forward = clip.forward(graphdef)
     embed = jax.jit(lambda p, b: forward(p, b)[:2])  # the reference's own forward (batch of 8)
     return cfg, graphdef, theta0, forward, embed
 
@@ -88,18 +90,19 @@ class Harness:
         self.theta0 = theta0
         self.method = methods.get(name, overrides or None)
         self.method.setup(methods.Context(
-            config=micro_config(), workdir=None, model_config=cfg, graphdef=graphdef,
+            config=micro_config(), family=clip.FAMILY, model_config=cfg,
             tokenizer=load_tokenizer("bytes", context_length=cfg.text.context_length),
-            forward=forward, steps_per_task=steps_per_task, data=data,
+            data=data or methods.NoData(), workdir="", steps_per_task=steps_per_task,
         ))  # fmt: skip
         self.tx = optimizer.adamw()
-        self.step = jax.jit(
-            functools.partial(step_fn, forward=forward, tx=self.tx, method=self.method)
-        )
+        self.step = jax.jit(functools.partial(
+            step_fn, loss_fn=clip.FAMILY.loss(graphdef), tx=self.tx, method=self.method,
+            family=clip.FAMILY,
+        ))  # fmt: skip
 
     def state(self, params, method_state):
         key = jax.random.key_data(jax.random.key(0))
-        return ContinualState(jnp.int32(0), params, self.tx.init(params), method_state, key)
+        return TrainState(jnp.int32(0), params, self.tx.init(params), method_state, key)
 
 
 # ------------------------------------------------------------------------------- the losses
@@ -207,8 +210,10 @@ def harnesses(micro):
 
 def filled_buffer(cfg, rng, seen):
     """A capacity-8 buffer whose first `seen` slots hold random samples and features."""
-    sizes = cfg.vision.image_size, cfg.text.context_length, cfg.embed_dim
-    buffer = jax.device_get(replay.empty_buffer(B, *sizes))
+    size, length = cfg.vision.image_size, cfg.text.context_length
+    sample = {"images": jax.ShapeDtypeStruct((size, size, 3), np.uint8),
+              "token_ids": jax.ShapeDtypeStruct((length,), np.int32)}  # fmt: skip
+    buffer = jax.device_get(replay.empty_buffer(B, sample, cfg.embed_dim))
     buffer = {k: np.array(v) for k, v in buffer.items()}
     sample = random_batch(rng, cfg, n=seen)
     buffer["images"][:seen], buffer["token_ids"][:seen] = sample["images"], sample["token_ids"]
@@ -291,10 +296,12 @@ def test_buffer_round_trips_through_checkpoints(harnesses, micro, tmp_path):
     mesh = sharding.make_mesh()
     abstract = jax.eval_shape(lambda s: s, state)
     checkpoints = Checkpoints(str(tmp_path / "checkpoints"))
-    checkpoints.save(1, state, {"task": 0})
-    restored, progress = checkpoints.restore(1, abstract, shardings_of(abstract, mesh))
+    checkpoints.save(1, state, {"task": 0, "step": 1}, {"note": "record"})
+    restored, position, record = checkpoints.restore(
+        1, abstract, shardings_of(abstract, mesh, sharding.CLIP_RULES)
+    )
     checkpoints.close()
-    assert progress == {"task": 0}
+    assert position == {"task": 0, "step": 1} and record == {"note": "record"}
     want = jax.device_get(state.method_state["buffer"])
     got = jax.device_get(restored.method_state["buffer"])
     for key in want:
@@ -311,7 +318,18 @@ CAPTIONS = [f"a synthetic caption number {i}" for i in range(20)]
 
 @pytest.fixture(scope="module")
 def zscl(micro):
-    data = type("Data", (), {"pool": [{"text": t, "image": b""} for t in CAPTIONS]})()
+    pool = [{"text": t, "image": b""} for t in CAPTIONS]
+    data = runner.Data(
+        root="",
+        datasets={},
+        catalogue=None,
+        pool=pool,
+        tasks=[],
+        config=None,
+        batch_keys=(),
+        tokenizer=None,
+        image_size=0,
+    )  # only the pool is read
     return Harness("zscl", micro, data=data, num_reference_texts=B, we_freq=2)
 
 

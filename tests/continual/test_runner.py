@@ -85,7 +85,7 @@ def test_kill_and_resume_is_bitwise_identical(data_root, uninterrupted, tmp_path
     process = subprocess.Popen(_command(data_root, workdir), cwd=runtime.REPO_ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 300
-    while not (workdir / "checkpoints" / "2").exists():  # the second mid-task checkpoint
+    while not (workdir / "checkpoints" / "4").exists():  # the second mid-task checkpoint
         assert process.poll() is None and time.time() < deadline, "run ended before the kill"
         time.sleep(0.02)
     # The live run holds the work directory's lock, and says who holds it.
@@ -213,27 +213,28 @@ from fomo_jax import models, sharding
 from fomo_jax import params as params_lib
 from fomo_jax.continual.checkpoints import Checkpoints
 from fomo_jax.data import mixture
-from fomo_jax.continual.step import ContinualState, shardings_of
+from fomo_jax.train.step import TrainState, shardings_of
 from fomo_jax.models.clip import abstract_clip
+rules = sharding.CLIP_RULES
 from fomo_jax.train import optimizer
 cfg = models.get_config("tiny")
 cfg = cfg.replace(text=dataclasses.replace(cfg.text, context_length=48))
 params = params_lib.split(abstract_clip(cfg))[1]
 tx = optimizer.adamw()
 key = jax.random.key_data(jax.random.key(0))
-abstract = jax.eval_shape(lambda p: ContinualState(np.int32(0), p, tx.init(p), {}, key), params)
+abstract = jax.eval_shape(lambda p: TrainState(np.int32(0), p, tx.init(p), {}, key), params)
 ckpt = Checkpoints(sys.argv[1] + "/checkpoints")
 index = ckpt.latest()
 one = sharding.make_mesh(devices=jax.devices()[:1])
 four = sharding.make_mesh(data=2, model=2)
-single, _ = ckpt.restore(index, abstract, shardings_of(abstract, one))
-spread, progress = ckpt.restore(index, abstract, shardings_of(abstract, four))
+single, _, _ = ckpt.restore(index, abstract, shardings_of(abstract, one, rules))
+spread, position, _ = ckpt.restore(index, abstract, shardings_of(abstract, four, rules))
 leaf = spread.params["image"]["transformer"]["resblocks"][0]["mlp"]["c_fc"]["kernel"]
 assert len(leaf.sharding.device_set) == 4, leaf.sharding
 a = params_lib.flatten(jax.device_get(spread.params))
 b = params_lib.flatten(jax.device_get(single.params))
 assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-print("restored", len(a), "leaves on", len(jax.devices()), "devices; task", progress["task"])
+print("restored", len(a), "leaves on", len(jax.devices()), "devices; task", position["task"])
 """
 
 
@@ -247,24 +248,15 @@ def test_checkpoint_restores_onto_another_mesh(uninterrupted):
     assert "on 4 devices; task 2" in result.stdout
 
 
-class _FrozenImageTower(methods.Method):
-    """A method through the interface: the image tower is frozen by the trainable rule."""
-
-    name = "frozen_image"
-
-    def trainable(self, path):
-        return not path.startswith("image/")
-
-
-def test_trainable_rule_freezes_parameters(data_root, tmp_path, monkeypatch):
+def test_trainable_rules_freeze_parameters(data_root, tmp_path):
+    """`config.trainable`: ordered (regex, label) rules replace the method's own choice."""
     import numpy as np
 
     from fomo_jax import models
     from fomo_jax import params as params_lib
 
-    monkeypatch.setitem(methods.METHODS, "frozen_image", _FrozenImageTower)
-    config = _smoke(data_root, method="frozen_image")
-    config.methods["frozen_image"] = {}
+    config = _smoke(data_root)
+    config.trainable = ((r"^image/", "frozen"), (r".", "full"))
     runner.run(config, str(tmp_path / "frozen"))
     reference = _smoke(data_root)
     runner.run(reference, str(tmp_path / "plain"))
@@ -348,19 +340,22 @@ def test_steps_per_task_from_the_budget(data_root):
     config = _smoke(data_root, steps_per_task=None, num_tasks=20)
     model_config, _ = runner.model_and_tokenizer(config)
     method = methods.get("finetune")
-    info = runner.task_budget(config, method, model_config, optimizer.adamw())
+
+    def budget(config):
+        return runner.task_budget(config, method, model_config, optimizer.adamw())
+
+    info = budget(config)
     assert info["steps_per_task"] == 1420 and info["source"] == "Table 4"  # the paper's budget
     config.budget = "measured"  # fine-tuning measured against itself: the same 28,400 / T
-    info = runner.task_budget(config, method, model_config, optimizer.adamw())
+    info = budget(config)
     assert info["steps_per_task"] == 1420 and info["maf"] == info["full_maf"]
     config.n_samples = 1600
-    assert (
-        runner.task_budget(config, method, model_config, optimizer.adamw())["steps_per_task"] == 100
-    )
+    assert budget(config)["steps_per_task"] == 100
 
 
 def test_equal_compute_scales_the_given_steps_by_the_maf_ratio(data_root):
-    from fomo_jax import budget
+    from fomo_jax import profiling
+    from fomo_jax.families import clip
     from fomo_jax.train import optimizer
 
     tx = optimizer.adamw()
@@ -391,11 +386,13 @@ def test_equal_compute_scales_the_given_steps_by_the_maf_ratio(data_root):
     # batch size of tasks >= 1, on top of a step that costs what fine-tuning's does.
     config.method = "ewc"
     ewc = runner.profiling_instance(config, model_config)
-    profile = budget.profile_method(ewc, model_config, tx, config.batch_size)
-    full = budget.profile_method(runner.profiling_instance(config, model_config, "finetune"),
+    profile = profiling.profile_method(ewc, model_config, tx, config.batch_size)
+    full = profiling.profile_method(runner.profiling_instance(config, model_config, "finetune"),
                                  model_config, tx, config.batch_size)  # fmt: skip
     batch = mixture.pool_batch_sizes(config.batch_size, dict(config.mixture), 1)["update"]
-    assert profile["extra_flops"] == 98 * budget.grad_pass_flops(model_config, batch)
+    assert profile["extra_flops"] == 98 * profiling.grad_pass_flops(
+        clip.FAMILY, model_config, batch
+    )
     assert profile["flops"] == profile["step_flops"] + profile["extra_flops"]
     assert abs(profile["step_flops"] / full["flops"] - 1) < 0.05
     assert steps("ewc")["steps_per_task"] < 200 * full["flops"] / profile["extra_flops"]
@@ -490,12 +487,12 @@ def _restored(directory, index=None):
     ckpt = Checkpoints(str(directory))
     restored = ckpt.manager.restore(
         ckpt.latest() if index is None else index,
-        args=ocp.args.Composite(state=ocp.args.StandardRestore(), progress=ocp.args.JsonRestore()),
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(), position=ocp.args.JsonRestore()),
     )
     ckpt.close()
     leaves = jax.tree_util.tree_leaves(restored.state["params"])
     finite = all(np.isfinite(np.asarray(x)).all() for x in leaves)
-    return (restored.progress["task"], restored.progress["step"]), finite
+    return (restored.position["task"], restored.position["step"]), finite
 
 
 class _BreaksAtTaskEnd(methods.Method):
@@ -649,7 +646,7 @@ def test_sigterm_checkpoints_the_step_and_skipped_images_resume_exactly(corrupte
         process = subprocess.Popen(_skip_command(root, workdir), cwd=runtime.REPO_ROOT,
                                    stdout=subprocess.DEVNULL, stderr=stderr)  # fmt: skip
     deadline = time.time() + 300
-    while not (workdir / "checkpoints" / "1").exists():  # the first mid-task checkpoint
+    while not (workdir / "checkpoints" / "2").exists():  # the first mid-task checkpoint
         assert process.poll() is None and time.time() < deadline, "run ended before SIGTERM"
         time.sleep(0.02)
     process.send_signal(signal.SIGTERM)
@@ -677,10 +674,14 @@ def test_sigterm_checkpoints_the_step_and_skipped_images_resume_exactly(corrupte
 
 
 def test_run_progress_counts_remaining_steps_and_evaluations():
-    import ml_collections
+    from fomo_jax.continual import loop as loop_lib
 
-    config = ml_collections.ConfigDict({"num_tasks": 4, "eval": {"every_nth_task": 2}})
-    loop = runner.Loop(config, None, 100, None, None, None, None, None, 0)
+    job = loop_lib.Job(workdir="", family=None, method=None, tx=None, mesh=None, steps=100,
+                       num_tasks=4, lr_of=None, batches=None, seed=0, log_every=1,
+                       after_task=lambda task, params: {}, eval_every_nth_task=2,
+                       final_evaluation=True)  # fmt: skip
+    loop = loop_lib._Loop(job, None, None, None)
+    loop.eval_seconds = job.eval_seconds
     # Task 1, step 60: 160 of 400 steps done; 240 left at 0.5 s = 120 s. Subset evaluations
     # still to come after tasks 1 and 3 (every 2nd task, and the last): 2 x 10 s; the final
     # full evaluation: 100 s. 240 s in all.
@@ -692,7 +693,7 @@ def test_run_progress_counts_remaining_steps_and_evaluations():
     # Not timed yet (a resumed run before its first evaluation): a lower bound, steps only.
     loop.eval_seconds.clear()
     assert loop.run_progress(1, 60, 0.5) == "run 160/400 steps (40%) | ETA run >2m00s"
-    assert [runner.format_duration(s) for s in (0.4, 42, 185, 3599.6, 7620)] == [
+    assert [loop_lib.format_duration(s) for s in (0.4, 42, 185, 3599.6, 7620)] == [
         "0s", "42s", "3m05s", "1h00m", "2h07m"
     ]  # fmt: skip
 

@@ -15,8 +15,9 @@ from flax import nnx
 from fomo_jax import models
 from fomo_jax import params as params_lib
 from fomo_jax.models import adapters
+from fomo_jax.models import clip as clip_lib
 from fomo_jax.models.adapters import AdapterConfig
-from fomo_jax.models.clip import abstract_clip
+from fomo_jax.models.clip import ADAPTER_TARGETS, abstract_clip
 from fomo_jax.models.convert import model_from_params
 
 KINDS = ("lora", "dora", "vera")
@@ -34,7 +35,11 @@ BLOCK_LINEARS = (
 
 
 def _cfg(kind, **adapter):
-    return TINY.replace(adapter=AdapterConfig(kind, adapter.pop("rank", RANK), **adapter))
+    """TINY with an adapter; `targets` may name one of CLIP's sets ("reference" default)."""
+    targets = adapter.pop("targets", "reference")
+    targets = ADAPTER_TARGETS.get(targets, targets)
+    rank = adapter.pop("rank", RANK)
+    return TINY.replace(adapter=AdapterConfig(kind, rank, targets, **adapter))
 
 
 def _params(cfg, seed=0):
@@ -192,7 +197,7 @@ def _dense_dora_kernel(kernel, a, b, m, s, stop):
 
 
 def test_dora_layer_gradient_is_the_stop_gradient_one():
-    sites = adapters.Sites(AdapterConfig("dora", RANK, scale=0.7))
+    sites = adapters.Sites(AdapterConfig("dora", RANK, ADAPTER_TARGETS["reference"], scale=0.7))
     layer = sites.linear("image/transformer/resblocks/0/attn/q_proj", 24, 16, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
     layer.lora_b[...] = jnp.asarray(rng.normal(size=(RANK, 16)), jnp.float32)
@@ -296,7 +301,8 @@ def _expected_modules(names, towers=("image", "text"), blocks=(0, 1)):
 def test_targets_and_blocks(targets, blocks, expected):
     for kind in KINDS:
         cfg = _cfg(kind, targets=targets, blocks=blocks)
-        assert set(adapters.adapted_paths(cfg)) == expected
+        adapter = cfg.adapter
+        assert {p for p in clip_lib.linear_paths(cfg) if adapter.selects(p)} == expected
         _, params = params_lib.split(abstract_clip(cfg))
         flat = params_lib.flatten(params)
         assert _adapted_modules(flat) == expected, kind
@@ -320,9 +326,9 @@ def _flat(model):
 
 def test_bad_adapter_configs_are_refused():
     with pytest.raises(ValueError, match="kind"):
-        AdapterConfig("ia3", 4)
+        AdapterConfig("ia3", 4, ".*")
     with pytest.raises(ValueError, match="rank"):
-        AdapterConfig("lora", 0)
+        AdapterConfig("lora", 0, ".*")
     with pytest.raises(ValueError, match="regex"):
         AdapterConfig("lora", 4, targets="(")
     with pytest.raises(ValueError, match="select no linear"):

@@ -208,7 +208,7 @@ def test_export_refuses_what_it_cannot_write(clip_export, tmp_path):
     with pytest.raises(TypeError, match="save_pretrained"):
         models.export_hf(small, tmp_path, tokenizer="bytes")
     adapted = models.create_model(
-        models.get_config("tiny", adapter=models.AdapterConfig(kind="lora", rank=2))
+        models.get_config("tiny", adapter=models.AdapterConfig("lora", 2, ".*q_proj"))
     )
     for export in (models.export_hf, models.export_openclip):
         with pytest.raises(ValueError, match="lora adapters.*merge_adapters"):

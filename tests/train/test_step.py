@@ -6,16 +6,11 @@ import pytest
 
 from fomo_jax import models, sharding
 from fomo_jax import params as params_lib
+from fomo_jax.continual.loop import finetuning
 from fomo_jax.data import synthetic
+from fomo_jax.families import clip
 from fomo_jax.tokenizer import ByteTokenizer
 from fomo_jax.train import optimizer
-from fomo_jax.train.step import (
-    TrainState,
-    compile_train_step,
-    init_state,
-    make_loss_fn,
-    state_shardings,
-)
 
 
 def _batch(model, size=16, seed=0):
@@ -33,13 +28,12 @@ def setup(tiny_model):
     graphdef, params = params_lib.split(tiny_model)
     tx = optimizer.adamw()
     mesh = sharding.make_mesh()
-    shardings = state_shardings(jax.eval_shape(lambda p: TrainState.create(p, tx), params), mesh)
-    return graphdef, params, tx, shardings, compile_train_step(graphdef, tx, mesh, shardings)
+    return graphdef, params, tx, mesh, finetuning(graphdef, tx, mesh, params)[0]
 
 
 def _fresh_state(setup):
-    _, params, tx, shardings, _ = setup
-    return init_state(params, tx, shardings)
+    graphdef, params, tx, mesh, _ = setup
+    return finetuning(graphdef, tx, mesh, params)[1]
 
 
 def test_learns_a_fixed_batch_and_never_retraces(setup, tiny_model):
@@ -81,8 +75,8 @@ def test_bfloat16_compute_matches_float32_loss(tiny_model):
         models.create_model(tiny_model.config.replace(dtype="bfloat16"))
     )
     batch = _batch(tiny_model, seed=1)
-    f32 = jax.jit(make_loss_fn(graphdef))(params, batch)[0]
-    bf16 = jax.jit(make_loss_fn(bf16_graphdef))(params, batch)[0]
+    f32 = jax.jit(clip.FAMILY.loss(graphdef))(params, batch, None)[0]
+    bf16 = jax.jit(clip.FAMILY.loss(bf16_graphdef))(params, batch, None)[0]
     assert bf16.dtype == np.float32
     np.testing.assert_allclose(float(bf16), float(f32), rtol=2e-2)
     assert float(bf16) != float(f32)

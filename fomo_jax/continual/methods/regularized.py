@@ -1,18 +1,18 @@
 """Regularization methods: online EWC and Synaptic Intelligence (spec §8.2).
 
-Both train every parameter of both towers (and `logit_scale`) with the CLIP loss plus a
+Both train every parameter with the model family's loss (CLIP: the contrastive loss) plus a
 quadratic penalty that pulls the weights towards an anchor, weighted per parameter by an
 importance estimate. The importances and anchors are pytrees shaped like the parameters and
 live in the method state, so the runner shards them with the parameter rules, the jitted step
 evaluates the penalty on device, and checkpoints save them.
 
 - `ewc` (online EWC): at the end of task k, θ* ← θ and F ← γ·F + F_new, with F_new the mean of
-  squared batch-mean gradients of the CLIP loss over `fisher_batches` batches of the task's
-  update pool, computed at the model's learnable temperature exp(logit_scale) ([FIX]: the
-  reference uses 1/logit_scale). Loss L_CLIP + (λ/2)·Σ F ⊙ (θ − θ*)²; F = 0 during task 0.
+  squared batch-mean gradients of the family's loss over `fisher_batches` batches of the task's
+  update pool (CLIP: at the model's learnable temperature exp(logit_scale); [FIX]: the
+  reference uses 1/logit_scale). Loss L + (λ/2)·Σ F ⊙ (θ − θ*)²; F = 0 during task 0.
 - `si` (Synaptic Intelligence, Mammoth's form): after every step ω += η_t·g², g the gradient
   after the global-norm clip (steps whose gradient is not finite add nothing); at the end of a
-  task Ω += ω / ((θ − θ_prev)² + ξ), θ_prev ← θ, ω ← 0. Loss L_CLIP + c·Σ Ω ⊙ (θ − θ_prev)².
+  task Ω += ω / ((θ − θ_prev)² + ξ), θ_prev ← θ, ω ← 0. Loss L + c·Σ Ω ⊙ (θ − θ_prev)².
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import optax
 from ml_collections import config_dict
 
-from fomo_jax.continual.methods import Method, register
+from fomo_jax import profiling
+from fomo_jax.continual.methods.base import Method, register
 from fomo_jax.data import mixture
-from fomo_jax.train.losses import clip_loss
 
 
 def weighted_squared_distance(weights, params, anchor):
@@ -44,15 +44,13 @@ def zeros_like_tree(tree):
     return jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
 
 
-def _clip_loss_of(forward, params, batch):
-    image, text, logit_scale = forward(params, batch)
-    return clip_loss(image, text, logit_scale)[0]
+_FISHER_KEY = jax.random.key(0)  # the loss's key in the Fisher pass (CLIP's loss ignores it)
 
 
-@functools.partial(jax.jit, static_argnames="forward", donate_argnums=0)
-def _accumulate_squared_grads(total, params, batch, *, forward):
-    """total + (∇θ L_CLIP(batch))² (the gradient of the batch-mean loss)."""
-    grads = jax.grad(functools.partial(_clip_loss_of, forward))(params, batch)
+@functools.partial(jax.jit, static_argnames="loss_fn", donate_argnums=0)
+def _accumulate_squared_grads(total, params, batch, *, loss_fn):
+    """total + (∇θ L(batch))² (the gradient of the batch-mean loss)."""
+    grads = jax.grad(lambda p: loss_fn(p, batch, _FISHER_KEY)[0])(params)
     return jax.tree_util.tree_map(lambda t, g: t + jnp.square(g.astype(jnp.float32)), total, grads)
 
 
@@ -64,7 +62,7 @@ def _online_fisher(fisher, total, count, gamma):
 
 @register
 class EWC(Method):
-    """Online EWC: L_CLIP + (λ/2)·Σ F ⊙ (θ − θ*)² (spec §8.2)."""
+    """Online EWC: L + (λ/2)·Σ F ⊙ (θ − θ*)² (spec §8.2)."""
 
     name = "ewc"
     defaults = {
@@ -80,6 +78,7 @@ class EWC(Method):
         super().setup(ctx)
         if int(self.config.fisher_batches) < 1:
             raise ValueError(f"ewc fisher_batches must be >= 1, got {self.config.fisher_batches}")
+        self.loss_fn = ctx.family.loss(self.graphdef)
 
     def init_state(self, params):
         return {"fisher": zeros_like_tree(params), "anchor": params}
@@ -94,21 +93,19 @@ class EWC(Method):
     def extra_step_flops(self, model_config) -> float:
         """A task's Fisher pass (`fisher_batches` forward+backward passes at the update-pool
         batch size of tasks >= 1), charged per step as the paper does (spec §5.2)."""
-        from fomo_jax import budget
-
         batch_size = self.fisher_batch_size(1)
-        return int(self.config.fisher_batches) * budget.grad_pass_flops(model_config, batch_size)
+        flops = profiling.grad_pass_flops(self.ctx.family, model_config, batch_size)
+        return int(self.config.fisher_batches) * flops
 
     def fisher(self, task: int, params):
         """F_new of `task`: the mean over `fisher_batches` update-pool batches of the squared
-        gradient of the batch-mean CLIP loss (at the model's temperature)."""
+        gradient of the batch-mean loss of the family (CLIP: at the model's temperature)."""
         total, count = zeros_like_tree(params), 0
-        batches = self.ctx.update_batches(
+        batches = self.ctx.data.update_batches(
             task, self.fisher_batch_size(task), int(self.config.fisher_batches)
         )
         for batch in batches:
-            batch = {k: batch[k] for k in ("images", "pixels", "token_ids") if k in batch}
-            total = _accumulate_squared_grads(total, params, batch, forward=self.ctx.forward)
+            total = _accumulate_squared_grads(total, params, batch, loss_fn=self.loss_fn)
             count += 1
         if not count:
             raise ValueError(f"ewc: the update pool of task {task} gave no batches")
@@ -121,14 +118,14 @@ class EWC(Method):
         )
         return params, {"fisher": fisher, "anchor": params}
 
-    def loss(self, params, state, batch, forward, key):
-        clip, metrics, outputs = super().loss(params, state, batch, forward, key)
+    def loss(self, params, state, batch, loss_fn, key):
+        base, metrics, outputs = super().loss(params, state, batch, loss_fn, key)
         penalty = (
             0.5
             * self.config.ewc_lambda
             * weighted_squared_distance(state["fisher"], params, state["anchor"])
         )
-        return clip + penalty, dict(metrics, clip_loss=clip, ewc_penalty=penalty), outputs
+        return base + penalty, dict(metrics, clip_loss=base, ewc_penalty=penalty), outputs
 
 
 @jax.jit
@@ -150,7 +147,7 @@ def _si_consolidate(state, params, xi):
 
 @register
 class SI(Method):
-    """Synaptic Intelligence: L_CLIP + c·Σ Ω ⊙ (θ − θ_prev)² (spec §8.2)."""
+    """Synaptic Intelligence: L + c·Σ Ω ⊙ (θ − θ_prev)² (spec §8.2)."""
 
     name = "si"
     defaults = {"c": 0.5, "xi": 1.0}
@@ -159,12 +156,12 @@ class SI(Method):
         zeros = zeros_like_tree(params)
         return {"omega": zeros, "importance": zeros_like_tree(params), "previous": params}
 
-    def loss(self, params, state, batch, forward, key):
-        clip, metrics, outputs = super().loss(params, state, batch, forward, key)
+    def loss(self, params, state, batch, loss_fn, key):
+        base, metrics, outputs = super().loss(params, state, batch, loss_fn, key)
         penalty = self.config.c * weighted_squared_distance(
             state["importance"], params, state["previous"]
         )
-        return clip + penalty, dict(metrics, clip_loss=clip, si_penalty=penalty), outputs
+        return base + penalty, dict(metrics, clip_loss=base, si_penalty=penalty), outputs
 
     def clip_factor(self, norm):
         """min(1, clip_norm / ‖g‖): the optimizer's global-norm clip (1 without a clip)."""

@@ -39,9 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_dict
 
-from fomo_jax.continual.methods import Method, register
-from fomo_jax.continual.regularized import weighted_squared_distance
-from fomo_jax.data import mixture, pipeline
+from fomo_jax.continual.methods.base import Method, register
+from fomo_jax.continual.methods.regularized import weighted_squared_distance
+from fomo_jax.data import mixture
+from fomo_jax.families import clip as clip_family
 from fomo_jax.train.losses import clip_loss, l2_normalize
 
 _MASKED = -1e9  # logit of a masked entry: exp underflows to 0, and stays finite for gradients
@@ -85,11 +86,12 @@ def masked_similarity_mse(s_new, s_old, mask):
 # --------------------------------------------------------------------------- the reservoir
 
 
-def empty_buffer(capacity: int, image_size: int, context_length: int, embed_dim: int) -> dict:
-    """A reservoir of `capacity` (image, token ids, image feature, text feature) samples."""
-    return {
-        "images": jnp.zeros((capacity, image_size, image_size, 3), jnp.uint8),
-        "token_ids": jnp.zeros((capacity, context_length), jnp.int32),
+def empty_buffer(capacity: int, sample: dict, embed_dim: int) -> dict:
+    """A reservoir of `capacity` samples: every key of a training batch (`sample`: one row's
+    shape and dtype per key, e.g. uint8 `images` and int32 `token_ids`) and the image and
+    text features the model gave it."""
+    buffer = {k: jnp.zeros((capacity, *s.shape), s.dtype) for k, s in sample.items()}
+    return buffer | {
         "image_features": jnp.zeros((capacity, embed_dim), jnp.float32),
         "text_features": jnp.zeros((capacity, embed_dim), jnp.float32),
         "seen": jnp.zeros((), jnp.int32),
@@ -139,6 +141,7 @@ def _image_inputs(batch) -> dict:
 class _Replay(Method):
     """The reservoir and the losses of ER / DER / DER++; subclasses set the weights."""
 
+    families = ("clip",)  # the buffer stores CLIP features; the losses are CLIP's
     defaults = {
         "buffer_size": 500,
         # None: the global batch size, capped by the buffer size (spec §8.5).
@@ -154,20 +157,19 @@ class _Replay(Method):
             raise ValueError(f"{self.name} buffer_size must be >= 1, got {self.capacity}")
         size = self.config.replay_batch_size or ctx.config.batch_size
         self.replay_size = min(int(size), self.capacity)
+        self.forward = clip_family.forward(self.graphdef)
         model_config = self.model_config(ctx.model_config)
-        self.shapes = dict(
-            image_size=model_config.vision.image_size,
-            context_length=model_config.text.context_length,
-            embed_dim=model_config.embed_dim,
-        )
+        batch = ctx.family.abstract_batch(model_config, 1)
+        self.sample = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in batch.items()}
+        self.embed_dim = model_config.embed_dim
 
     def init_state(self, params):
-        return {"buffer": empty_buffer(self.capacity, **self.shapes)}
+        return {"buffer": empty_buffer(self.capacity, self.sample, self.embed_dim)}
 
     def _weight(self, key):
         return float(self.config[key]) if key else 0.0
 
-    def loss(self, params, state, batch, forward, key):
+    def loss(self, params, state, batch, loss_fn, key):
         if "images" not in batch:
             raise ValueError(f"{self.name} stores uint8 images: the batch needs 'images'")
         buffer = state["buffer"]
@@ -176,11 +178,8 @@ class _Replay(Method):
         indices, valid = replay_indices(
             buffer["seen"], self.capacity, self.replay_size, jax.random.fold_in(key, 1)
         )
-        joint = {
-            "images": jnp.concatenate([batch["images"], buffer["images"][indices]]),
-            "token_ids": jnp.concatenate([batch["token_ids"], buffer["token_ids"][indices]]),
-        }
-        image, text, logit_scale = forward(params, joint)
+        joint = {k: jnp.concatenate([batch[k], buffer[k][indices]]) for k in self.sample}
+        image, text, logit_scale = self.forward(params, joint)
         n = batch["token_ids"].shape[0]
         main, metrics = clip_loss(image[:n], text[:n], logit_scale)
         loss = main
@@ -202,9 +201,7 @@ class _Replay(Method):
         return loss, metrics, outputs
 
     def step_update(self, state, params, info):
-        items = {
-            "images": info.batch["images"],
-            "token_ids": info.batch["token_ids"],
+        items = {k: info.batch[k] for k in self.sample} | {
             "image_features": info.outputs["image_features"],
             "text_features": info.outputs["text_features"],
         }
@@ -278,6 +275,7 @@ class ZSCL(Method):
     tower on the pretraining slice + L2 anchor to the task's start, with weight ensembling."""
 
     name = "zscl"
+    families = ("clip",)  # distils through CLIP's zero-shot classifier of reference captions
     defaults = {
         # Reference captions: the last `num_reference_texts` captions of the pretraining pool
         # (the spec's 15,840 CC3M captions are far more than our scale needs), or a JSON list
@@ -313,6 +311,7 @@ class ZSCL(Method):
         # while the step is compiled once, so the zero-shot tower sees a static tail of the
         # largest n_p and a mask selects the current task's n_p (`n_pretraining` in the state).
         self.max_pretraining = max(self.pretraining_size(0), self.pretraining_size(1))
+        self.forward = clip_family.forward(self.graphdef)
         self._reference = None
 
     def pretraining_size(self, task: int) -> int:
@@ -328,11 +327,7 @@ class ZSCL(Method):
             if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
                 raise ValueError(f"{self.config.reference_texts}: expected a JSON list of strings")
         else:
-            pool = self.ctx.data.pool
-            count = min(int(self.config.num_reference_texts), len(pool))
-            texts = [
-                pipeline.example_texts(pool[i])[0] for i in range(len(pool) - count, len(pool))
-            ]
+            texts = self.ctx.data.pretraining_texts(int(self.config.num_reference_texts))
         if not texts:
             raise ValueError("zscl: no reference texts")
         return texts
@@ -341,7 +336,7 @@ class ZSCL(Method):
         """ĝ: normalised text embeddings of `texts` by the text tower of `params`."""
         ids = np.asarray(self.ctx.tokenizer(texts), np.int32)
         size = min(int(self.config.text_batch_size), len(ids))
-        encode = jax.jit(lambda p, t: l2_normalize(self.ctx.forward(p, {"token_ids": t})[1]))
+        encode = jax.jit(lambda p, t: l2_normalize(self.forward(p, {"token_ids": t})[1]))
         chunks = []
         for start in range(0, len(ids), size):
             chunk = ids[start : start + size]
@@ -351,11 +346,8 @@ class ZSCL(Method):
 
     def init_state(self, params):
         # The zero-shot text tower embeds the reference texts once (cached: the runner builds
-        # the initial state more than once).
-        if self.ctx.data is None:  # compiling the step for its budget: only shapes matter
-            count = int(self.config.num_reference_texts)
-            reference = jnp.zeros((count, self.ctx.model_config.embed_dim), jnp.float32)
-        elif self._reference is None:
+        # the initial state more than once, abstractly first, under `jax.eval_shape`).
+        if self._reference is None:
             reference = self.embed_texts(params, self.reference_texts())
             if not isinstance(reference, jax.core.Tracer):
                 self._reference = reference
@@ -371,7 +363,8 @@ class ZSCL(Method):
             "n_pretraining": jnp.asarray(self.pretraining_size(0), jnp.int32),
         }
 
-    def loss(self, params, state, batch, forward, key):
+    def loss(self, params, state, batch, loss_fn, key):
+        forward = self.forward
         image, text, logit_scale = forward(params, batch)
         b = batch["token_ids"].shape[0]
         n_p = state["n_pretraining"]

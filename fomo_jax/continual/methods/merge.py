@@ -1,10 +1,11 @@
-"""Merge-based continual methods (spec §8.1-8.4): ZS-, FT- and EMA-Merge, offline merge and
-the double-merge grid, built on `fomo_jax.merging`.
+"""Weight-averaging and merge-based continual methods (spec §8.1-8.5): the online EMA, ZS-, FT-
+and EMA-Merge, offline merge and the double-merge grid, built on `fomo_jax.merging`.
 
-f(·) is the configured merge function applied per tower (the image tower; the text tower
-with `logit_scale`), always anchored at θ0, so a global TIES trim is per tower as in the
-reference. Each tower may have its own function (`merge_image`, `merge_text`), and LiNeS
-depth scaling can be applied to any task-vector merge (`lines.enabled`).
+f(·) is the configured merge function applied per parameter group of the model family (CLIP:
+the image tower; the text tower with `logit_scale`), always anchored at θ0, so a global TIES
+trim is per group as in the reference's per-tower merges. A group may have its own function
+(`merge_<group>`, e.g. `merge_image`, `merge_text`), and LiNeS depth scaling can be applied to
+any task-vector merge (`lines.enabled`).
 
 Running merges (m_k, u_k, e_k) live in the method state, which checkpoints save. Merges of
 all task endpoints (offline merge, the double merge's a_k) read the endpoints from
@@ -24,7 +25,7 @@ from ml_collections import config_dict
 
 from fomo_jax import merging
 from fomo_jax import params as params_lib
-from fomo_jax.continual.methods import Method, register
+from fomo_jax.continual.methods.base import Method, register
 from fomo_jax.data.mixture import derive_seed
 
 # Keyword arguments of the merge functions a config may set (unset: the function's default).
@@ -33,7 +34,6 @@ MERGE_KWARGS = {
     "top_prune_fraction": float, "merge": str, "trim": str, "threshold": int,
     "tall_lambda": float, "eps": float,
 }  # fmt: skip
-TOWERS = ("image", "text")
 
 
 def merge_config(name: str | None = "interpolation") -> config_dict.ConfigDict:
@@ -48,21 +48,20 @@ def lines_config() -> config_dict.ConfigDict:
     return config_dict.ConfigDict({"enabled": False, "alpha": 0.5, "beta": 0.5, "shape": "linear"})
 
 
-def tower_of(path: str) -> str:
-    return "image" if path.startswith("image/") else "text"
-
-
 PRUNING = ("ties", "dare_ties", "breadcrumbs")  # take the method's default prune fraction
 
 
 class Merger:
-    """f(·) of spec §8.1 for a method's config: per tower, anchored at θ0."""
+    """f(·) of spec §8.1 for a method's config: per parameter group of `family`, anchored at
+    θ0. A group's `merge_<group>` block, when the method has one and it names a function,
+    replaces `merge` for that group."""
 
-    def __init__(self, config, seed: int, *, prune_fraction: float):
-        self.seed = seed
+    def __init__(self, config, seed: int, *, prune_fraction: float, family):
+        self.seed, self.group_of = seed, family.group_of
         self.specs = {}
-        for tower in TOWERS:
-            spec = config[f"merge_{tower}"] if config[f"merge_{tower}"].name else config.merge
+        for group in family.groups:
+            own = config.get(f"merge_{group}")
+            spec = own if own is not None and own.name else config.merge
             name = merging.canonical_name(spec.name)
             kwargs = {k: spec[k] for k in MERGE_KWARGS if spec[k] is not None}
             if name in PRUNING:
@@ -70,25 +69,24 @@ class Merger:
             if config.lines.enabled and name in merging.LINES_MERGES:
                 kwargs["lines"] = dict(alpha=config.lines.alpha, beta=config.lines.beta,
                                        shape=config.lines.shape)  # fmt: skip
-            self.specs[tower] = (name, kwargs)
+            self.specs[group] = (name, kwargs)
 
-    def _towers(self, base, purpose, weighting):
-        """(tower θ0, selector, name, kwargs, key) per tower."""
-        for tower in TOWERS:
-            select = lambda path, tower=tower: tower_of(path) == tower  # noqa: E731
-            name, kwargs = self.specs[tower]
+    def _groups(self, base, purpose, weighting):
+        """(group's θ0, selector, name, kwargs, key) per group."""
+        for group, (name, kwargs) in self.specs.items():
+            select = lambda path, group=group: self.group_of(path) == group  # noqa: E731
             if weighting is not None and name == "interpolation" and "weights" not in kwargs:
                 kwargs = dict(kwargs, weighting=weighting)
             key = None
             if name in merging.NEEDS_KEY:
-                key = jax.random.key(derive_seed(self.seed, *map(str, purpose), tower) % 2**32)
+                key = jax.random.key(derive_seed(self.seed, *map(str, purpose), group) % 2**32)
             yield params_lib.partition(base, select)[0], select, name, kwargs, key
 
     def __call__(self, base, trees, *, purpose=(), weighting=None):
-        """The merge of `trees` (full CLIP params) anchored at `base`; `purpose` (e.g.
+        """The merge of `trees` (full params) anchored at `base`; `purpose` (e.g.
         ("zs_merge", task)) seeds randomized merges; `weighting` is interpolation's (§8.3)."""
         merged = []
-        for b, select, name, kwargs, key in self._towers(base, purpose, weighting):
+        for b, select, name, kwargs, key in self._groups(base, purpose, weighting):
             ts = [params_lib.partition(t, select)[0] for t in trees]
             merged.append(merging.merge(name, b, ts, key=key, **kwargs))
         return params_lib.combine(*merged)
@@ -97,7 +95,7 @@ class Merger:
         """The merge of n trees read leaf by leaf (`read(i, path)`): streamed where the merge
         function allows it, else loaded whole."""
         merged = []
-        for b, _, name, kwargs, key in self._towers(base, purpose, weighting):
+        for b, _, name, kwargs, key in self._groups(base, purpose, weighting):
             if name in merging.STREAMED:
                 merged.append(merging.streamed(name, b, read, n, **kwargs))
                 continue
@@ -130,6 +128,28 @@ class TaskEndpoints:
         return merging.npy_reader([self.path(t) for t in tasks])
 
 
+@register
+class OnlineEMA(Method):
+    """θ_ema ← d·θ_ema + (1 − d)·θ after every step; evaluated and trained from (spec §8.5)."""
+
+    name = "ema_online"
+    defaults = {"decay": 0.999}
+
+    def init_state(self, params):
+        return {"ema": params}
+
+    def step_update(self, state, params, info):
+        d = self.config.decay
+        ema = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
+        return {"ema": ema}, {}
+
+    def end_of_task(self, task, params, state):
+        return state["ema"], state
+
+    def eval_params(self, task, params, state):
+        return state["ema"]
+
+
 class _MergeMethod(Method):
     prune_fraction = 0.7  # TIES-family default of the per-task merge methods (spec §9)
     defaults = {
@@ -141,7 +161,8 @@ class _MergeMethod(Method):
 
     def setup(self, ctx):
         super().setup(ctx)
-        self.f = Merger(self.config, ctx.config.seed, prune_fraction=self.prune_fraction)
+        self.f = Merger(self.config, ctx.config.seed, prune_fraction=self.prune_fraction,
+                        family=ctx.family)  # fmt: skip
 
     def init_state(self, params):
         return {"theta0": params}
@@ -226,7 +247,7 @@ class OfflineMerge(_MergeMethod):
 
     def setup(self, ctx):
         super().setup(ctx)
-        self.endpoints = TaskEndpoints(ctx.workdir or "")  # no workdir: profiling only
+        self.endpoints = TaskEndpoints(ctx.workdir)
         merging.interpolation_weights(2, self.config.weighting)  # a bad name fails here
 
     def init_state(self, params):
@@ -283,7 +304,7 @@ class DoubleMerge(_MergeMethod):
 
     def setup(self, ctx):
         super().setup(ctx)
-        self.endpoints = TaskEndpoints(ctx.workdir or "")  # no workdir: profiling only
+        self.endpoints = TaskEndpoints(ctx.workdir)
 
     def init_state(self, params):
         return {"theta0": params, "unrolled": params, "all": params}
