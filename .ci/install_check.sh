@@ -10,7 +10,11 @@
 # Checks that eval reproduces the run's final A_KA / A_ZS within 0.05 points, that nothing was
 # written inside site-packages nor into the clone (outputs and data go under the current
 # folder, caches into the user's cache directory), and prints the install's time and size.
-# Exits non-zero on any failure. Usage: bash .ci/install_check.sh  (KEEP=1 keeps the temp dir)
+# Last, every notebook of colab/ is executed with nbclient from the root of the clone, install
+# cell (`pip install .`) included, in this same throwaway venv (nbclient and ipykernel added
+# from the package index), never in the test environment; each must finish within 10 minutes.
+# Exits non-zero on any failure. Usage: bash .ci/install_check.sh  (KEEP=1 keeps the temp dir;
+# NOTEBOOKS=0 skips the notebooks)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -59,7 +63,7 @@ unset FOMO_JAX_CACHE_DIR
 step "fomo-jax --help"
 fomo-jax --help >"$TMP/help.txt" || fail "fomo-jax --help exited non-zero"
 grep -q "usage: fomo-jax COMMAND" "$TMP/help.txt" || fail "fomo-jax --help: no usage line"
-for command in run eval sweep compare merge plot-schedule; do
+for command in run eval sweep compare merge prepare plot-schedule; do
   fomo-jax "$command" --help >/dev/null || fail "fomo-jax $command --help exited non-zero"
 done
 
@@ -107,4 +111,32 @@ echo "  compilation cache in the user's cache directory: $(du -sh "$CACHE/fomo_j
 step "the core install"
 echo "  pip install: ${install_seconds} s wall ($("$VENV/bin/python" --version))"
 echo "  venv: $(du -sh "$VENV" | cut -f1); site-packages: $(du -sh "$SITE" | cut -f1)"
+
+if [[ "${NOTEBOOKS:-1}" == 1 ]]; then
+  step "the notebooks (nbclient, from the root of $SRC, install cell included)"
+  "$VENV/bin/python" -m pip install --quiet nbclient ipykernel
+  cd "$SRC"
+  for notebook in colab/*.ipynb; do
+    start=$(date +%s)
+    "$VENV/bin/python" - "$notebook" <<'EOF' || fail "$notebook did not run through"
+import sys
+
+import nbformat
+from nbclient import NotebookClient
+
+path = sys.argv[1]
+notebook = nbformat.read(path, as_version=4)
+client = NotebookClient(
+    notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": "."}}
+)
+try:
+    client.execute()
+except Exception as error:  # the failing cell's source and output are in the message
+    sys.exit(f"{path}: {error}")
+EOF
+    seconds=$(( $(date +%s) - start ))
+    echo "  $notebook: ${seconds} s"
+    (( seconds <= 600 )) || fail "$notebook took ${seconds} s, more than 10 minutes"
+  done
+fi
 echo "install_check: OK"

@@ -16,6 +16,7 @@ packaged configs: {configs}
   fomo-jax run --config=fif_synth:smoke --workdir=W        # seconds, for checks
   fomo-jax eval --config=fif_synth:smoke --model=W/model   # any model on the config's test sets
   fomo-jax compare runs/a runs/b --out=runs/a_vs_b
+  fomo-jax prepare --data_root=/data/fif                   # images -> record shards, once
 """
 
 from __future__ import annotations
@@ -316,6 +317,104 @@ def parse_kwargs(text: str) -> dict:
     return kwargs
 
 
+# --- prepare ----------------------------------------------------------------------------------
+
+
+def _define_prepare(fv, argv):
+    def define(kind, name, default, about):
+        return getattr(flags, f"DEFINE_{kind}")(name, default, about, flag_values=fv)
+
+    data_root = define(
+        "string",
+        "data_root",
+        None,
+        "A benchmark's data root (the released FiF layout, or fif_synth): its splits' images "
+        "go into <out>/00_records/, where runs read them.",
+    )
+    tfds = define("string", "tfds", None, "A prepared TFDS dataset's name (needs --out).")
+    image_folder = define("string", "image_folder", None, "A folder <class>/<image> (needs --out).")
+    out = define(
+        "string",
+        "out",
+        None,
+        "Output folder. With --data_root: a data root (default: the data root itself; another "
+        "folder gets the info JSONs, streams and a link to the pool and replaces the data root "
+        "in --config.data.root). Otherwise: the shards' folder (e.g. for "
+        "--config.data.pretraining_pool).",
+    )
+    datasets = define("list", "datasets", None, "--data_root: only these datasets.")
+    info_dir = define("string", "info_dir", None, "--data_root: info JSONs (default 00_info).")
+    classnames_dir = define(
+        "string", "classnames_dir", None, "--data_root: class lists (default: info_dir)."
+    )
+    split = define("string", "split", "train", "--tfds: the split (any TFDS split spec).")
+    tfds_dir = define("string", "tfds_data_dir", None, "--tfds: TFDS's data_dir.")
+    image_key = define("string", "image_key", "image", "--tfds: the image feature.")
+    label_key = define("string", "label_key", "label", "--tfds: the label feature ('' none).")
+    text_key = define("string", "text_key", None, "--tfds: a text feature to use as caption.")
+    template = define(
+        "string",
+        "template",
+        "A photo of a {}.",
+        "--tfds / --image_folder: the caption made from a class name when there is no text.",
+    )
+    image_size = define(
+        "integer", "image_size", 224, "Shorter side of the stored images (0: as they are)."
+    )
+    quality = define("integer", "quality", 95, "JPEG quality of the stored images.")
+    per_shard = define("integer", "records_per_shard", None, "Records per shard (1000).")
+    workers = define("integer", "workers", None, "Encoding threads (default: CPU count).")
+    skip_bad = define(
+        "bool", "skip_bad", False, "Leave out missing or undecodable images (listed)."
+    )
+
+    def main(args):
+        _no_positional(args)
+        given = [f for f in (data_root, tfds, image_folder) if f.value]
+        if len(given) != 1:
+            sys.exit(f"{args[0]}: give exactly one of --data_root, --tfds, --image_folder")
+        from fomo_jax.data import prepare, records
+
+        options = dict(
+            image_size=image_size.value or None,
+            quality=quality.value,
+            records_per_shard=per_shard.value,
+            num_workers=workers.value,
+            skip_bad=skip_bad.value,
+        )
+        if data_root.value:
+            done = prepare.prepare_benchmark(
+                data_root.value,
+                out.value,
+                datasets=datasets.value,
+                info_dir=info_dir.value,
+                classnames_dir=classnames_dir.value,
+                progress=print,
+                **options,
+            )
+            root = out.value or data_root.value
+            print(f"prepared {len(done)} splits; runs read them with --config.data.root={root}")
+            return
+        if not out.value:
+            sys.exit(f"{args[0]}: --tfds and --image_folder need --out")
+        if tfds.value:
+            source = records.from_tfds(
+                tfds.value,
+                split.value,
+                tfds_dir.value,
+                image_key=image_key.value,
+                label_key=label_key.value or None,
+                text_key=text_key.value,
+                template=template.value,
+            )
+        else:
+            source = prepare.from_image_folder(image_folder.value, template=template.value)
+        result = records.convert(source, out.value, **options)
+        print(f"{result.manifest['num_records']} records -> {out.value}")
+
+    return main
+
+
 # --- plot-schedule ----------------------------------------------------------------------------
 
 
@@ -363,6 +462,13 @@ COMMANDS = {
         "fomo-jax merge --base=THETA0 --models=A,B --method=ties --kwargs=prune_fraction=0.2 "
         "--out=DIR",
         _define_merge,
+    ),
+    "prepare": Command(
+        "Write a benchmark's images (or a TFDS dataset, an image folder) as record shards.",
+        "fomo-jax prepare --data_root=DIR [--out=DIR] [--datasets=A,B] | --tfds=NAME --out=DIR "
+        "| --image_folder=DIR --out=DIR\n\nRuns read a split's images from its shards under "
+        "<data root>/00_records/ when they exist; rerun to resume.",
+        _define_prepare,
     ),
     "plot-schedule": Command(
         "Plot learning-rate schedules over a stream.",

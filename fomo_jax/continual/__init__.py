@@ -1,1 +1,3 @@
-"""The continual runner: tasks, methods, evaluation, budget and exact resume (spec §7-8, §10-11)."""
+"""The one training loop (`loop`) and what runs through it: the continual runner (`runner`),
+θ0 making (`theta0`), the methods (`methods/`), checkpoints, logging, evaluation jobs and
+sweeps (spec §7-8, §10-11)."""

@@ -28,9 +28,9 @@ import numpy as np
 
 from fomo_jax import budget, families, profiling, schedules, sharding
 from fomo_jax import evaluate as evaluate_lib
+from fomo_jax.continual import checkpoints as checkpoints_lib
 from fomo_jax.continual import loop as loop_lib
 from fomo_jax.continual import methods, plots, theta0
-from fomo_jax.continual import checkpoints as checkpoints_lib
 from fomo_jax.continual import workdir as workdir_lib
 from fomo_jax.data import (
     fif,
@@ -87,9 +87,9 @@ class Data:
 
     def pretraining_texts(self, count: int) -> list[str]:
         """The first caption of each of the last `count` samples of the pretraining pool."""
-        n = min(count, len(self.pool))
-        return [pipeline.example_texts(self.pool[i])[0] for i in range(len(self.pool) - n,
-                                                                       len(self.pool))]  # fmt: skip
+        size = len(self.pool)
+        return [pipeline.example_texts(self.pool[i])[0]
+                for i in range(size - min(count, size), size)]  # fmt: skip
 
 
 def benchmark_datasets(config) -> dict:
@@ -272,6 +272,7 @@ def _check_config(config) -> Setup:
         section, _, name = key.rpartition(".")
         if not (config[section] if section else config)[name]:
             raise ValueError(f"config.{key} is required (see {config.data.benchmark} configs)")
+    check_theta0(config)
     if config.data.bad_images not in ("error", "skip"):
         raise ValueError(
             f"config.data.bad_images={config.data.bad_images!r}; expected 'error' or 'skip'"
@@ -297,6 +298,30 @@ def _check_config(config) -> Setup:
     mesh = sharding.make_mesh(**config.mesh)
     check_batch_divides(config, mesh)
     return Setup(family, method, model_config, tokenizer, base_tx, budget_info, lr_of, mesh)
+
+
+def check_theta0(config) -> None:
+    """Stop a run that would silently start from a θ0 made here instead of a checkpoint.
+
+    A config with `theta0.make` (`configs/fif.py`) needs `theta0.checkpoint`, or
+    `theta0.make=True` to pretrain θ0 from scratch on the pool, not both. Configs without the
+    key (fif_synth) make θ0 whenever no checkpoint is given, as they always did.
+    """
+    theta0 = config.get("theta0")
+    if theta0 is None or "make" not in theta0:
+        return
+    if theta0.make and theta0.checkpoint:
+        raise ValueError(
+            f"config.theta0.checkpoint={theta0.checkpoint!r} and config.theta0.make=True: θ0 is "
+            "either that checkpoint or made here, not both; drop one of them"
+        )
+    if not theta0.make and not theta0.checkpoint:
+        raise ValueError(
+            "config.theta0.checkpoint is required: the benchmark starts from a pretrained CLIP "
+            "(--config.theta0.checkpoint=PATH, an OpenCLIP file or a HF CLIP directory, e.g. "
+            "OpenCLIP ViT-B-16 laion2b_s34b_b88k). To pretrain θ0 from scratch on the "
+            "pretraining pool instead, set --config.theta0.make=True"
+        )
 
 
 def check_batch_divides(config, mesh) -> None:

@@ -4,6 +4,12 @@ An info JSON per split maps an image path (relative to `<data_root>/<NAME>/`) to
 `classname`, `target` and caption fields. `load_split` turns one into a list of `Record`s with
 the candidate training texts already chosen by the caption policy, so that the rest of the
 pipeline never looks at the JSON again.
+
+Prepared splits: when `fomo-jax prepare` (`fomo_jax.data.prepare`) has written a split's images
+as ArrayRecord shards into `<data_root>/00_records/<info JSON name>/`, `load_split` still reads
+the info JSON (targets, class names and captions as above) but takes the images from the shards
+(a `ShardSplit`), so nothing opens the individual image files: every reader of splits (training
+pools, evaluation) gets them without a change.
 """
 
 from __future__ import annotations
@@ -18,11 +24,17 @@ import numpy as np
 from fomo_jax.data import registry
 
 INFO_SUBDIR = "00_info"  # where the reference keeps its info JSONs (data_lib/00_info)
+RECORDS_SUBDIR = "00_records"  # prepared shards of the splits (`fomo-jax prepare`)
+RECORDS_MANIFEST = "manifest.json"  # records.MANIFEST: written last, so its presence = complete
 
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-    """One image of a split. `captions` are the candidate texts, verbatim, in JSON order."""
+    """One image of a split. `captions` are the candidate texts, verbatim, in JSON order.
+
+    `image_path` is the image file; in a split read from prepared shards (`ShardSplit`),
+    `image_bytes` holds the encoded image and the file need not exist. `image` is what to
+    decode (`transforms.decode_rgb` takes either)."""
 
     image_path: str
     target: int
@@ -31,13 +43,23 @@ class Record:
     dataset: str  # registry key
     key: str  # the image's key in the info JSON
     caption_source: str  # "default_caption", "synthetic_merged_caption" or "primer"
+    image_bytes: bytes | None = None
+
+    @property
+    def image(self) -> str | bytes:
+        return self.image_path if self.image_bytes is None else self.image_bytes
 
     def __getitem__(self, field: str):  # records also read like dicts: record["captions"]
         return getattr(self, field)
 
 
+SPLIT_FIELDS = ("dataset", "split", "info_path", "skipped", "fallbacks")
+
+
 class Split(list):
     """The records of one split, plus what the reader noticed while building it."""
+
+    records_dir: str | None = None  # the prepared shards the images come from (ShardSplit)
 
     def __init__(self, records, *, dataset, split, info_path, skipped=(), fallbacks=0):
         super().__init__(records)
@@ -50,6 +72,71 @@ class Split(list):
     @property
     def targets(self) -> np.ndarray:
         return np.array([r.target for r in self], np.int64)
+
+
+class ShardSplit(Split):
+    """A split whose images come from prepared ArrayRecord shards (`fomo-jax prepare`).
+
+    The list holds the records of the info JSON without their images, so `len`, `targets` and
+    comparisons read nothing; indexing and iteration return each record with `image_bytes` set
+    to its encoded image, read from the shards then. Record i of the split is record i of the
+    shards: the shards keep the info JSON's order and the stored key is checked on every read.
+    """
+
+    def __init__(self, records, source, **split_fields):
+        super().__init__(records, **split_fields)
+        self.source = source  # a records.RecordSource
+        self.records_dir = source.path
+        stale = f"prepared shards {source.path} do not match {self.info_path}"
+        if len(source) != len(self):
+            raise ValueError(
+                f"{stale}: {len(source)} records for {len(self)} images (run fomo-jax prepare "
+                "again)"
+            )
+        if not np.array_equal(source.targets, self.targets):
+            raise ValueError(f"{stale}: the targets differ (run fomo-jax prepare again)")
+
+    @property
+    def targets(self) -> np.ndarray:
+        return np.array([r.target for r in list.__iter__(self)], np.int64)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]
+        position = range(len(self))[index]  # negative indices too; IndexError past the end
+        record = list.__getitem__(self, position)
+        stored = self.source[position]
+        if stored["key"] != record.key:
+            raise ValueError(
+                f"prepared shards {self.records_dir}: record {position} holds {stored['key']!r}, "
+                f"{self.info_path} has {record.key!r} there (run fomo-jax prepare again)"
+            )
+        return dataclasses.replace(record, image_bytes=stored["image"])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __reduce__(self):  # pickled without the images (pickle would iterate, reading them)
+        fields = {name: getattr(self, name) for name in SPLIT_FIELDS}
+        return _unpickle_shard_split, (list(list.__iter__(self)), self.source, fields)
+
+
+def _unpickle_shard_split(records, source, fields) -> ShardSplit:
+    return ShardSplit(records, source, **fields)
+
+
+def records_dir(data_root: str, info: registry.DatasetInfo, split: str) -> str:
+    """`<data_root>/00_records/<NAME>_<split>[_224]`: where the prepared shards of a split go
+    (named after the info JSON they were made from) and where `load_split` looks for them."""
+    stem = os.path.splitext(info.info_filename(split))[0]
+    return os.path.join(data_root, RECORDS_SUBDIR, stem)
+
+
+def _left_out(shards: str) -> dict[str, str]:
+    """{info-JSON key: reason} of the entries a preparation left out (unreadable images)."""
+    with open(os.path.join(shards, RECORDS_MANIFEST)) as f:
+        manifest = json.load(f)
+    return {entry["key"]: entry["reason"] for entry in manifest["skipped"]}
 
 
 def default_info_dir(data_root: str) -> str:
@@ -103,8 +190,13 @@ def load_split(
     check_images: bool = True,
     skip_missing: bool = False,
     datasets: dict[str, registry.DatasetInfo] | None = None,
+    use_records: bool = True,
 ) -> Split:
     """Records of a logical split ("train"/"test") of a dataset in the released layout.
+
+    With prepared shards of the split under `records_dir(data_root, ...)` (and `use_records`),
+    the images come from them (a `ShardSplit`): no image file is opened or checked, and an entry
+    the preparation left out counts as a missing image.
 
     Args:
       data_root: folder holding `<NAME>/` image folders.
@@ -116,11 +208,16 @@ def load_split(
       check_images: stop (or skip) on records whose image file is missing.
       skip_missing: leave out records with a missing image and list them in `Split.skipped`.
       datasets: a registry other than the 63 benchmark datasets (e.g. fif_synth's).
+      use_records: read the images from the split's prepared shards when there are some
+        (False: always from the image files, as `fomo-jax prepare` itself does).
     """
     info = registry.get(dataset, datasets)
     info_dir = info_dir or default_info_dir(data_root)
     path = os.path.join(info_dir, info.info_filename(split))
     entries = read_info_json(path)
+    shards = records_dir(data_root, info, split)
+    prepared = use_records and os.path.isfile(os.path.join(shards, RECORDS_MANIFEST))
+    left_out = _left_out(shards) if prepared else {}
 
     names = None
     names_path = registry.classnames_path(info, classnames_dir or info_dir)
@@ -144,16 +241,26 @@ def load_split(
                 )
         captions, source = captions_of(entry, info, where)
         image_path = os.path.join(data_root, info.name, key)
-        if check_images and not os.path.exists(image_path):
+        missing = None
+        if key in left_out:
+            missing = f"image left out of the prepared shards {shards}: {left_out[key]}"
+        elif check_images and not prepared and not os.path.exists(image_path):
+            missing = f"image file missing: {image_path}"
+        if missing is not None:
             if not skip_missing:
-                raise FileNotFoundError(f"{where}: image file missing: {image_path}")
+                raise FileNotFoundError(f"{where}: {missing}")
             skipped.append((key, "missing image"))
             continue
         fallbacks += source == "primer"
         records.append(Record(image_path, target, classname, captions, info.key, key, source))
-    return Split(
-        records, dataset=info.key, split=split, info_path=path, skipped=skipped, fallbacks=fallbacks
+    fields = dict(
+        dataset=info.key, split=split, info_path=path, skipped=skipped, fallbacks=fallbacks
     )
+    if prepared:
+        from fomo_jax.data.records import RecordSource  # records imports this module
+
+        return ShardSplit(records, RecordSource(shards), **fields)
+    return Split(records, **fields)
 
 
 def choose_caption(captions: Sequence[str], rng: np.random.Generator | None) -> str:

@@ -267,7 +267,8 @@ class EvalImages:
 
 
 class SplitSource:
-    """A `fif.Split` as a random-access source of {"image": path, "captions", "target", ...}."""
+    """A `fif.Split` as a random-access source of {"image": path or encoded bytes, "captions",
+    "target", ...}."""
 
     def __init__(self, split: fif.Split):
         self.split = split
@@ -280,7 +281,7 @@ class SplitSource:
     def __getitem__(self, index: int) -> dict:
         r = self.split[index]
         return {
-            "image": r.image_path,
+            "image": r.image,
             "captions": r.captions,
             "target": r.target,
             "classname": r.classname,

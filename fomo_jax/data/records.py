@@ -127,7 +127,7 @@ class Source:
 
 def _fif_example(index: int, record: fif.Record) -> Example:
     return Example(
-        image=record.image_path,
+        image=record.image,
         captions=list(record.captions),
         target=record.target,
         classname=record.classname,
