@@ -129,9 +129,21 @@ def _define_run(fv, argv):
     workdir = flags.DEFINE_string(
         "workdir", None, "Where outputs go (default: runs/<config name> here).", flag_values=fv
     )
+    coordinator = flags.DEFINE_string(
+        "coordinator_address", None, "host:port of process 0 in a multi-process run (with "
+        "--num_processes and --process_id); unset: TPU pods and SLURM are detected, else one "
+        "process", flag_values=fv,
+    )  # fmt: skip
+    processes = flags.DEFINE_integer("num_processes", None, "Processes of the run.",
+                                     flag_values=fv)  # fmt: skip
+    process = flags.DEFINE_integer("process_id", None, "This process's index (0: the writer).",
+                                   flag_values=fv)  # fmt: skip
 
     def main(args):
         _no_positional(args)
+        from fomo_jax import distributed
+
+        distributed.initialize(coordinator.value, processes.value, process.value)
         run_job(config.value, workdir.value or default_workdir(config_name(fv)))
 
     return main

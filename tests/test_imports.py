@@ -122,3 +122,18 @@ def test_every_module_imports_in_dependency_order_in_a_fresh_interpreter():
     result = subprocess.run([sys.executable, "-c", code], cwd=runtime.REPO_ROOT,
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_importing_and_configuring_starts_no_jax_backend():
+    """`jax.distributed.initialize` must come before any backend: importing fomo_jax, its
+    command line and its configs must not start one (a module-level `jax.random.key` would)."""
+    code = (
+        "from jax._src import xla_bridge\n"
+        "import fomo_jax.cli, fomo_jax.continual.runner, fomo_jax.train.pretrain\n"
+        "from fomo_jax.configs import fif, fif_synth, clip_synth\n"
+        "fif.get_config(); fif_synth.get_config('smoke'); clip_synth.get_config()\n"
+        "assert not xla_bridge._backends, xla_bridge._backends\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=runtime.REPO_ROOT,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]

@@ -98,6 +98,9 @@ def get_config(arg: str | None = None):
     c.eval = config_dict.ConfigDict({"batch_size": 256, "every_nth_task": 1})
 
     c.mesh = config_dict.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+    # A checkpoint written on another mesh (other processes or devices) is refused unless set:
+    # resuming there is the same computation up to the order of reductions, not bitwise.
+    c.resume_on_new_mesh = False
 
     c.wandb = config_dict.ConfigDict({"enabled": False, "project": "fomo_jax"})
     c.wandb.name = config_dict.placeholder(str)  # default: the work directory's name

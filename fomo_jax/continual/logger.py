@@ -109,11 +109,17 @@ def _start_wandb(workdir: str, config):
 
 
 class RunLogger:
-    def __init__(self, workdir: str, config, keep_lines: int, resume_at: tuple[int, int] | None):
+    def __init__(self, workdir: str, config, keep_lines: int, resume_at: tuple[int, int] | None,
+                 write: bool = True):  # fmt: skip
         """`resume_at`: (first global step, first evaluation index) the resumed run will log, or
-        None for a fresh run. `config`: the run's config, for W&B (None: no W&B)."""
+        None for a fresh run. `config`: the run's config, for W&B (None: no W&B). `write`:
+        False on the processes of a multi-process run that are not its writer (lines are
+        counted, nothing is written)."""
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.lines = keep_lines
+        self.write = write
+        if not write:
+            return
         if os.path.exists(self.path):  # cut back in one rename: a kill here loses no line
             with open(self.path) as f:
                 kept = f.readlines()[:keep_lines]
@@ -127,6 +133,9 @@ class RunLogger:
         self.wandb = _start_wandb(workdir, config) if enabled else None
 
     def step(self, record: dict, global_step: int) -> None:
+        if not self.write:
+            self.lines += 1
+            return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         self.lines += 1
@@ -137,6 +146,8 @@ class RunLogger:
 
     def evaluation(self, point: dict, index: int) -> None:
         """One evaluation point (index 0 = zero-shot, k + 1 = after task k)."""
+        if not self.write:
+            return
         scalars = {f"eval/{k}": v for k, v in point.items() if isinstance(v, float)}
         for name, entry in point.get("per_dataset", {}).items():
             for metric, value in entry.items():
@@ -146,6 +157,8 @@ class RunLogger:
             self.wandb.log(dict(scalars, evaluation_index=index))
 
     def close(self) -> None:
+        if not self.write:
+            return
         self.file.close()
         self.train_board.close()
         self.eval_board.close()

@@ -11,6 +11,14 @@ progress lines (samples/s, data wait, ETA), stops on a non-finite loss or state 
 aside (`diverged/`), turns SIGTERM into a checkpoint at the current step, and counts skipped
 undecodable images. A killed job rerun with the same arguments resumes from its last checkpoint
 to exactly the result of an uninterrupted one.
+
+Several processes (`fomo_jax.distributed`): every process runs the loop on its share of each
+global batch (`Job.batches` yields the process's rows; the loop assembles the global arrays),
+checkpoints are written together (orbax), process 0 alone writes the logs, and the method's
+task-level hooks and the evaluations see full host copies of the weights. A checkpoint records
+the mesh it was written on; resuming on another one (a different number of processes or
+devices, another mesh shape) needs `Job.resume_on_new_mesh`, and is then exact up to the
+reductions' order (bitwise on the same mesh only).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from fomo_jax import distributed, sharding
 from fomo_jax.continual import workdir as workdir_lib
 from fomo_jax.continual.checkpoints import Checkpoints
 from fomo_jax.continual.logger import RunLogger
@@ -66,6 +75,7 @@ class Job:
     after_task: Callable[[int, Params], dict | None] | None = None
     eval_every_nth_task: int = 1
     final_evaluation: bool = False  # whether the caller evaluates after the loop (ETA)
+    resume_on_new_mesh: bool = False  # restore a checkpoint written on another mesh
     # kind ("subset", "full") -> seconds of its latest evaluation in this process (the ETA)
     eval_seconds: dict = dataclasses.field(default_factory=dict)
 
@@ -86,15 +96,22 @@ def train(job: Job, start_params: Params):
     def place(state):
         return step_lib.place(state, state_sharding)
 
+    host = distributed.to_host if distributed.multiprocess() else (lambda tree: tree)
+    mesh_record = dict(processes=jax.process_count(), devices=jax.device_count(),
+                       shape=dict(job.mesh.shape))  # fmt: skip
     checkpoints = Checkpoints(os.path.join(job.workdir, "checkpoints"), keep_every=steps)
     latest = checkpoints.latest()
     if latest is not None:
+        _check_mesh(job, checkpoints.directory, latest, checkpoints.read_record(latest),
+                    mesh_record)  # fmt: skip
         state, position, record = checkpoints.restore(latest, abstract, state_sharding)
+        record["mesh"] = mesh_record
         logging.info("%sresuming from checkpoint %d: task %d, step %d", _prefix(job), latest,
                      position["task"], position["step"])  # fmt: skip
     else:
         state = place(step_lib.fresh_state(start_params, method, tx, key))
-        record = dict(metric_lines=0, batch_sizes=[], bad_images=0, trajectory=[])
+        record = dict(metric_lines=0, batch_sizes=[], bad_images=0, trajectory=[],
+                      mesh=mesh_record)  # fmt: skip
         if job.keep_losses:
             record["losses"] = []
         if job.zero_shot is not None:
@@ -106,22 +123,24 @@ def train(job: Job, start_params: Params):
     if latest is not None:  # hide what a killed process logged after this checkpoint
         resume_at = (position["task"] * steps + position["step"] + 1, position["task"] + 1)
     log = RunLogger(job.workdir, job.config, keep_lines=record["metric_lines"],
-                    resume_at=resume_at)  # fmt: skip
+                    resume_at=resume_at, write=distributed.primary())  # fmt: skip
     if latest is None and "zero_shot_full" in record:
         log.evaluation(record["zero_shot_full"], 0)
-    loop = _Loop(job, step_fn, log, checkpoints)
+    loop = _Loop(job, step_fn, log, checkpoints, sharding.batch_sharding(job.mesh))
     try:
         with workdir_lib.Preemption() as preemption, preemption.deferred():
             loop.preemption = preemption
             for task in range(position["task"], job.num_tasks):
                 batches = job.batches(task, record)
                 if position["step"] == 0:  # a task starts: the method picks its training weights
-                    params = method.train_params(task, state.params, state.method_state)
+                    params = method.train_params(task, host(state.params),
+                                                 host(state.method_state))  # fmt: skip
                     opt_state = (state.opt_state if job.carry_optimizer_state
                                  else tx.init(step_lib.trained(params, method)))  # fmt: skip
                     state = place(state.replace(params=params, opt_state=opt_state))
                 state = loop.train_task(task, batches, state, position, record)
-                params, method_state = method.end_of_task(task, state.params, state.method_state)
+                params, method_state = method.end_of_task(task, host(state.params),
+                                                          host(state.method_state))  # fmt: skip
                 state = place(state.replace(params=params, method_state=method_state))
                 if not bool(_all_finite((state.params, state.method_state))):
                     loop.diverged(task, steps, state, position, record,
@@ -142,6 +161,22 @@ def train(job: Job, start_params: Params):
     return state, record
 
 
+def _check_mesh(job: Job, directory: str, index: int, saved: dict, current: dict) -> None:
+    """A checkpoint written on another mesh is restored only when the job asks for it."""
+    before = saved.get("mesh")
+    if before is None or before == current or job.resume_on_new_mesh:
+        if before not in (None, current):
+            logging.warning("%sresuming checkpoint %d, written on %s, on %s: the result is the "
+                            "same computation up to the order of its reductions, not bitwise",
+                            _prefix(job), index, before, current)  # fmt: skip
+        return
+    raise ValueError(
+        f"{directory}/{index} was written on {before} and this run has {current}; restoring it "
+        "on another mesh changes the order of reductions (the result is no longer bitwise the "
+        "uninterrupted run's): set config.resume_on_new_mesh=True to resume it anyway"
+    )
+
+
 def _prefix(job: Job) -> str:
     return f"{job.name}: " if job.name else ""
 
@@ -157,8 +192,10 @@ def _all_finite(tree) -> jax.Array:
 class _Loop:
     """The step loop of a task: logging, checkpoints, divergence, preemption, bad images."""
 
-    def __init__(self, job: Job, step_fn, log: RunLogger, checkpoints: Checkpoints):
+    def __init__(self, job: Job, step_fn, log: RunLogger, checkpoints: Checkpoints,
+                 batch_sharding=None):  # fmt: skip
         self.job, self.step_fn, self.log, self.checkpoints = job, step_fn, log, checkpoints
+        self.batch_sharding = batch_sharding
         self.preemption = None
         self.pending_losses = []  # device scalars not yet in record["losses"]
 
@@ -182,8 +219,10 @@ class _Loop:
             t0 = time.perf_counter()
             batch = next(iterator)
             data_wait += time.perf_counter() - t0
-            self._count_bad_images(task, step, int(batch["skipped"]), record)
+            skipped = distributed.sum_over_processes(int(batch["skipped"]))
+            self._count_bad_images(task, step, skipped, record)
             batch = {k: batch[k] for k in job.family.batch_keys}
+            batch = distributed.global_batch(batch, self.batch_sharding)
             state, metrics = self.step_fn(state, batch, job.lr_of(task, step))
             if job.keep_losses:
                 self.pending_losses.append(metrics["loss"])

@@ -16,6 +16,7 @@ are kept), `model/` (the final model, exported by the family).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -26,7 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from fomo_jax import budget, families, profiling, schedules, sharding
+from fomo_jax import budget, distributed, families, profiling, schedules, sharding
 from fomo_jax import evaluate as evaluate_lib
 from fomo_jax.continual import checkpoints as checkpoints_lib
 from fomo_jax.continual import loop as loop_lib
@@ -60,6 +61,7 @@ class Data:
     batch_keys: tuple[str, ...]
     tokenizer: object
     image_size: int
+    rows: object = None  # this process's rows of each global batch (None: all; one process)
 
     def task_batches(self, task: int, batch_sizes: dict, steps: int, *, pretraining_offset=0):
         """The batches of `task` (a pure function of (seed, task, step))."""
@@ -70,11 +72,12 @@ class Data:
             batch_sizes=batch_sizes, steps=steps, seed=self.config.seed, task=task,
             pretraining_offset=pretraining_offset, tokenizer=self.tokenizer,
             image_size=self.image_size, num_threads=self.config.data.num_threads,
-            bad_images=self.config.data.bad_images,
+            bad_images=self.config.data.bad_images, rows=self.rows,
         )  # fmt: skip
 
     def update_batches(self, task: int, batch_size: int, num_batches: int):
-        """`num_batches` batches of the update pool of `task` alone (e.g. a Fisher pass)."""
+        """`num_batches` batches of the update pool of `task` alone (e.g. a Fisher pass), whole on
+        every process (host-side work)."""
         update_ids, _ = mixture.task_pools(self.catalogue, self.tasks, task)
         batches = pipeline.TaskBatches(
             catalogue=self.catalogue, update_ids=update_ids, buffer_ids=np.zeros(0, np.int64),
@@ -97,11 +100,12 @@ def benchmark_datasets(config) -> dict:
     it is deterministic): the datasets a run trains on and evaluates."""
     d = config.data
     if d.benchmark == "fif_synth":
-        fif_synth.generate(
-            d.root, seed=d.synth_seed, image_size=d.image_size, pool_size=d.pool_size,
-            train_per_class=d.train_per_class, test_per_class=d.test_per_class,
-            samples_per_shard=d.samples_per_shard,
-        )  # fmt: skip
+        with distributed.primary_first("fif_synth generated"):  # one writer; then it exists
+            fif_synth.generate(
+                d.root, seed=d.synth_seed, image_size=d.image_size, pool_size=d.pool_size,
+                train_per_class=d.train_per_class, test_per_class=d.test_per_class,
+                samples_per_shard=d.samples_per_shard,
+            )  # fmt: skip
         return fif_synth.load_datasets(d.root)
     if d.benchmark == "fif":
         if not os.path.isdir(d.root):
@@ -110,9 +114,11 @@ def benchmark_datasets(config) -> dict:
     raise ValueError(f"config.data.benchmark must be 'fif_synth' or 'fif', got {d.benchmark!r}")
 
 
-def prepare_data(config, family: Family | None = None, model_config=None, tokenizer=None) -> Data:
+def prepare_data(config, family: Family | None = None, model_config=None, tokenizer=None,
+                 mesh=None) -> Data:  # fmt: skip
     """The benchmark's datasets, the stream's tasks, the training catalogue and the pool
-    (batches for the family's model; by default the config's family, model and tokenizer)."""
+    (batches for the family's model; by default the config's family, model and tokenizer).
+    With several processes, each loads only its rows of the global batches on `mesh`."""
     if family is None:
         family = families.get(config.get("family", "clip"))
         model_config = family.model_config(config)
@@ -133,8 +139,13 @@ def prepare_data(config, family: Family | None = None, model_config=None, tokeni
         pool = records.RecordSource(pool_dir)
     else:  # WebDataset tar shards
         pool = webdataset.WebDatasetSource(pool_dir)
+    rows = None
+    if distributed.multiprocess():
+        rows = distributed.local_rows(sharding.batch_sharding(mesh), config.batch_size)
+        logging.info("process %d loads rows %d-%d of every global batch of %d",
+                     jax.process_index(), rows[0], rows[-1], config.batch_size)  # fmt: skip
     return Data(d.root, datasets, mixture.Catalogue(sources), pool, tasks, config,
-                family.batch_keys, tokenizer, family.image_size(model_config))  # fmt: skip
+                family.batch_keys, tokenizer, family.image_size(model_config), rows)  # fmt: skip
 
 
 def task_budget(config, method, model_config, tx, setup_method=None) -> dict:
@@ -243,7 +254,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpoints_lib.check_format(os.path.join(workdir, "checkpoints"))  # a run made before
     if os.path.exists(results_path):  # complete: read it, write nothing
         return _finished(workdir, config_json, setup.family)
-    with workdir_lib.locked(workdir), workdir_lib.Preemption():
+    # One writer holds the lock (process 0 of a multi-process run).
+    lock = workdir_lib.locked(workdir) if distributed.primary() else contextlib.nullcontext()
+    with lock, workdir_lib.Preemption():
+        distributed.barrier("workdir locked")
         if os.path.exists(results_path):  # finished while this process waited to start
             return _finished(workdir, config_json, setup.family)
         return _run(config, workdir, setup, config_json, started)
@@ -339,9 +353,14 @@ def check_batch_divides(config, mesh) -> None:
 
 def _config_json(config) -> str:
     """The run's identity: its config with only its own method's block (other methods'
-    hyperparameters, and methods added to the library later, do not change it)."""
+    hyperparameters, and methods added to the library later, do not change it), without where
+    it runs (`mesh`, `resume_on_new_mesh`: a checkpoint records its mesh, and the loop refuses
+    another one unless asked)."""
     recorded = ml_collections.ConfigDict(config.to_dict())
     recorded.methods = {config.method: config.methods.get(config.method, {})}
+    for key in ("mesh", "resume_on_new_mesh"):
+        if key in recorded:
+            del recorded[key]
     return json.dumps(json.loads(recorded.to_json_best_effort()), indent=2, sort_keys=True)
 
 
@@ -368,9 +387,11 @@ def _run(config, workdir, setup: Setup, config_json, started) -> dict:
     keys = family.metric_keys
     logging.info("%s", budget_report(config, budget_info, model_config))
 
-    data = prepare_data(config, family, model_config, tokenizer)  # the last check: the files
-    workdir_lib.same_config_or_fresh(workdir, config_json)
-    os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+    data = prepare_data(config, family, model_config, tokenizer, setup.mesh)  # the last check
+    with distributed.primary_first("config recorded"):
+        if distributed.primary():
+            workdir_lib.same_config_or_fresh(workdir, config_json)
+            os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
     ratios = dict(config.mixture)
 
     cache_dir = config.theta0.cache_dir or data.root
@@ -416,12 +437,19 @@ def _run(config, workdir, setup: Setup, config_json, started) -> dict:
                         " of the run's samples",
         config=config, zero_shot=zero_shot, after_task=after_task,
         eval_every_nth_task=config.eval.every_nth_task, final_evaluation=True,
-        eval_seconds=eval_seconds,
+        eval_seconds=eval_seconds, resume_on_new_mesh=config.get("resume_on_new_mesh", False),
     )  # fmt: skip
     state, record = loop_lib.train(job, method.init_params(theta0_params))
 
-    final_params = method.eval_params(config.num_tasks - 1, state.params, state.method_state)
+    params, method_state = state.params, state.method_state
+    if distributed.multiprocess():  # the weights sharded across hosts: a full copy on each
+        params, method_state = distributed.to_host((params, method_state))
+    final_params = method.eval_params(config.num_tasks - 1, params, method_state)
     final = evaluate(final_params, subset=False)
+    if not distributed.primary():  # the others wait for the writer's files
+        distributed.barrier("results written")
+        with open(os.path.join(workdir, "results.json")) as f:
+            return json.load(f)
     export_config, export_params = method.export_params(jax.device_get(final_params))
     family.export(export_params, export_config, os.path.join(workdir, "model"), tokenizer)
     results = _results(record, final, steps, config, evaluator, keys)
@@ -434,6 +462,7 @@ def _run(config, workdir, setup: Setup, config_json, started) -> dict:
     plots.write_all(results, [lr_of(k, s) for k in range(config.num_tasks) for s in range(steps)],
                     os.path.join(workdir, "plots"))  # fmt: skip
     workdir_lib.write_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=1))
+    distributed.barrier("results written")
     print(format_table(results, keys))
     return results
 

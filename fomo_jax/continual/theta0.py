@@ -11,17 +11,18 @@ cache file is written atomically; the job's checkpoints are removed once it is.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
 
-import jax
 import ml_collections
 import numpy as np
 import optax
 
+from fomo_jax import distributed, sharding
 from fomo_jax import params as params_lib
 from fomo_jax.continual import loop as loop_lib
 from fomo_jax.continual import methods
@@ -61,10 +62,13 @@ def pretraining_job(workdir, family, model_config, tokenizer, pool, *, steps, ba
         model_config=model_config, tokenizer=tokenizer, data=methods.NoData(), workdir=workdir,
         steps_per_task=steps,
     ))  # fmt: skip
+    rows = None  # with several processes, each loads its rows of every global batch
+    if distributed.multiprocess():
+        rows = distributed.local_rows(sharding.batch_sharding(mesh), batch_size)
     batches = pipeline.pool_batches(
         pool, batch_size=batch_size, steps=steps, seed=seed, tokenizer=tokenizer,
         image_size=family.image_size(model_config), num_threads=num_threads,
-        bad_images=bad_images,
+        bad_images=bad_images, rows=rows,
     )  # fmt: skip
     return loop_lib.Job(
         workdir=workdir, family=family, method=method, tx=optimizer.build(optimizer_config),
@@ -85,10 +89,14 @@ def load_or_make(config, family, model_config, data, cache_dir: str, mesh) -> di
                   seed=config.seed, pool=pool_fingerprint(data.pool))  # fmt: skip
     path = cache_path(cache_dir, model_config, recipe)
     workdir = path.removesuffix(".npz") + ".work"
+    distributed.barrier("theta0 looked up")  # every process sees the cache as it was
     if not os.path.exists(path):
-        with workdir_lib.locked(workdir):
+        # Process 0 holds the lock; every process trains (the job is multi-process).
+        lock = workdir_lib.locked(workdir) if distributed.primary() else contextlib.nullcontext()
+        with lock:
             if not os.path.exists(path):  # else made while this process waited for the lock
                 _make(config, family, model_config, data, recipe, path, workdir, mesh)
+        distributed.barrier("theta0 written")
     logging.info("θ0 from cache %s", path)
     with np.load(path) as f:
         return params_lib.unflatten({k: f[k] for k in f.files})
@@ -116,7 +124,9 @@ def _make(config, family, model_config, data, recipe, path, workdir, mesh) -> No
     state, record = loop_lib.train(job, params_lib.split(model)[1])
     if record["bad_images"]:
         logging.warning("θ0 pretraining skipped %d undecodable pool images", record["bad_images"])
-    params = jax.device_get(state.params)
+    params = distributed.to_host(state.params)
+    if not distributed.primary():  # one writer
+        return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp.npz"
     np.savez(tmp, **params_lib.flatten(params))

@@ -68,6 +68,9 @@ class TaskBatches:
         "skip": replace the sample by a draw from the same pool that is a pure function of
         (seed, task, position, attempt), so a resumed run draws the same replacement; each
         batch's `skipped` counts the replaced samples.
+      rows: the rows of every global batch to load (a process of a multi-host run loads only
+        its devices' share, `distributed.local_rows`); default all. Every example is the same
+        pure function of its global position either way.
     """
 
     def __init__(
@@ -87,12 +90,14 @@ class TaskBatches:
         num_threads: int | None = None,
         prefetch: int = 2,
         bad_images: str = "error",
+        rows: np.ndarray | None = None,
     ):
         if bad_images not in ("error", "skip"):
             raise ValueError(f"bad_images={bad_images!r}; expected 'error' or 'skip'")
         self.bad_images = bad_images
         self.sizes = {k: int(batch_sizes[k]) for k in mixture.BATCH_ORDER}
-        self.batch_size = sum(self.sizes.values())
+        self.batch_size = sum(self.sizes.values())  # of the global batch
+        self.rows = None if rows is None else np.asarray(rows, np.int64)
         self.steps = steps
         self.seed, self.task = seed, task
         if self.sizes["pretraining"] and pretraining is None:
@@ -182,26 +187,48 @@ class TaskBatches:
         }
 
     def elements(self) -> grain.MapDataset:
-        """Random-access augmented examples; index j is slot j % B of step j // B."""
-        return (
+        """Random-access augmented examples; index j is slot j % B of step j // B (with
+        `rows`: slot rows[j % n] of step j // n, seeded as that global position)."""
+        every = (
             grain.MapDataset.range(self.steps * self.batch_size)
             .map(self._load)
             .random_map(self._augment, seed=mixture.derive_seed(self.seed, self.task, "augment"))
         )
+        if self.rows is None:
+            return every
+        n, rows = len(self.rows), self.rows
+        return grain.MapDataset.range(self.steps * n).map(
+            lambda j: every[(j // n) * self.batch_size + int(rows[j % n])]
+        )
+
+    @property
+    def local_batch_size(self) -> int:
+        """Rows per batch this pipeline yields (the global batch size unless `rows`)."""
+        return self.batch_size if self.rows is None else len(self.rows)
 
     def dataset(self, start_step: int = 0) -> grain.IterDataset:
         """Batches from `start_step` on. Slicing keeps each element's index, hence its
         random seed, so a pipeline started at step s continues an uninterrupted one exactly."""
         if not 0 <= start_step <= self.steps:
             raise ValueError(f"start_step {start_step} outside 0..{self.steps}")
-        elements = self.elements()[start_step * self.batch_size :]
+        n = self.local_batch_size
+        elements = self.elements()[start_step * n :]
         return elements.to_iter_dataset(self.read_options).batch(
-            self.batch_size, drop_remainder=True, batch_fn=self._collate
+            n, drop_remainder=True, batch_fn=self._collate
         )
 
 
 def pool_batches(
-    pool, *, batch_size, steps, seed, tokenizer, image_size, num_threads=None, bad_images="error"
+    pool,
+    *,
+    batch_size,
+    steps,
+    seed,
+    tokenizer,
+    image_size,
+    num_threads=None,
+    bad_images="error",
+    rows=None,
 ):
     """Batches from the pretraining pool alone (making θ0): a task with only that pool."""
     return TaskBatches(
@@ -217,6 +244,7 @@ def pool_batches(
         image_size=image_size,
         num_threads=num_threads,
         bad_images=bad_images,
+        rows=rows,
     )
 
 

@@ -14,6 +14,7 @@ rate), and the trained model in the Hugging Face layout under `model/`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,8 +25,8 @@ import ml_collections
 import numpy as np
 import optax
 
+from fomo_jax import distributed, families, sharding
 from fomo_jax import evaluate as evaluate_lib
-from fomo_jax import families, sharding
 from fomo_jax import params as params_lib
 from fomo_jax.continual import loop as loop_lib
 from fomo_jax.continual import theta0
@@ -77,8 +78,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     results_path = os.path.join(workdir, "results.json")
     config_json = config.to_json_best_effort(indent=2)
     os.makedirs(workdir, exist_ok=True)
-    with workdir_lib.locked(workdir), workdir_lib.Preemption():
-        workdir_lib.same_config_or_fresh(workdir, config_json)
+    # One writer (process 0 of a multi-process run) holds the lock and writes the files.
+    lock = workdir_lib.locked(workdir) if distributed.primary() else contextlib.nullcontext()
+    with lock, workdir_lib.Preemption():
+        with distributed.primary_first("config recorded"):
+            if distributed.primary():
+                workdir_lib.same_config_or_fresh(workdir, config_json)
         if os.path.exists(results_path):  # complete
             with open(results_path) as f:
                 return json.load(f)
@@ -108,11 +113,13 @@ def _train(config, workdir) -> dict:
     learning_rates = [float(schedule(step)) for step in range(config.steps)]
 
     root = config.data.root
-    fif_synth.generate(
-        root, seed=config.data.seed, image_size=config.data.image_size,
-        train_per_class=config.data.train_per_class, test_per_class=config.data.test_per_class,
-        pool_size=config.data.pool_size, samples_per_shard=config.data.samples_per_shard,
-    )  # fmt: skip
+    with distributed.primary_first("fif_synth generated"):
+        fif_synth.generate(
+            root, seed=config.data.seed, image_size=config.data.image_size,
+            train_per_class=config.data.train_per_class,
+            test_per_class=config.data.test_per_class, pool_size=config.data.pool_size,
+            samples_per_shard=config.data.samples_per_shard,
+        )  # fmt: skip
     datasets = fif_synth.load_datasets(root)
     pool = webdataset.WebDatasetSource(os.path.join(root, "pretraining"))
     evaluator = evaluate_lib.Evaluator(root, datasets, tokenizer, image_size)  # decodes once
@@ -139,7 +146,14 @@ def _train(config, workdir) -> dict:
     start = time.perf_counter()
     state, record = loop_lib.train(job, params)
     wall = time.perf_counter() - start
-    after = evaluate(state.params)
+    params = state.params
+    if distributed.multiprocess():  # sharded across hosts: a full copy on each
+        params = distributed.to_host(params)
+    after = evaluate(params)
+    if not distributed.primary():  # the writer writes; the others read its results
+        distributed.barrier("results written")
+        with open(os.path.join(workdir, "results.json")) as f:
+            return json.load(f)
     before, losses = record["zero_shot_before"], record["losses"]
     results = {
         "steps": config.steps,
@@ -155,7 +169,8 @@ def _train(config, workdir) -> dict:
     }
     _plot_training(losses, learning_rates, (before["A_ZS"], after["A_ZS"]),
                    os.path.join(workdir, "plots", "training.png"))  # fmt: skip
-    family.export(jax.device_get(state.params), model_config, os.path.join(workdir, "model"),
+    family.export(jax.device_get(params), model_config, os.path.join(workdir, "model"),
                   tokenizer)  # fmt: skip
     workdir_lib.write_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
+    distributed.barrier("results written")
     return results

@@ -30,7 +30,7 @@ def world(synth_root):
     return dict(catalogue=catalogue, tasks=tasks, pool=pool)
 
 
-def make(world, task=1, seed=0, steps=4, offset=0, num_threads=2, sizes=SIZES):
+def make(world, task=1, seed=0, steps=4, offset=0, num_threads=2, sizes=SIZES, rows=None):
     update, buffer = mixture.task_pools(world["catalogue"], world["tasks"], task)
     return pipeline.TaskBatches(
         catalogue=world["catalogue"],
@@ -45,7 +45,23 @@ def make(world, task=1, seed=0, steps=4, offset=0, num_threads=2, sizes=SIZES):
         tokenizer=ByteTokenizer(48),
         image_size=16,
         num_threads=num_threads,
+        rows=rows,
     )
+
+
+def test_a_process_share_is_its_rows_of_the_global_batch(world):
+    """What each process of a multi-host run loads: exactly its rows of every global batch
+    (same augmentation and captions), also when it starts mid-task."""
+    full = list(make(world, steps=3).dataset())
+    size = len(full[0]["token_ids"])
+    halves = [np.arange(0, size // 2), np.arange(size // 2, size)]
+    for rows in halves:
+        for start in (0, 1):
+            share = list(make(world, steps=3, rows=rows).dataset(start_step=start))
+            assert len(share) == 3 - start
+            for whole, part in zip(full[start:], share, strict=True):
+                np.testing.assert_array_equal(part["images"], whole["images"][rows])
+                np.testing.assert_array_equal(part["token_ids"], whole["token_ids"][rows])
 
 
 def test_batch_layout_and_pool_membership(world):

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from ml_collections import config_dict
 
-from fomo_jax import merging
+from fomo_jax import distributed, merging
 from fomo_jax import params as params_lib
 from fomo_jax.continual.methods.base import Method, register
 from fomo_jax.data.mixture import derive_seed
@@ -117,11 +117,15 @@ class TaskEndpoints:
         return os.path.join(self.directory, f"task_{task:04d}")
 
     def add(self, task: int, params) -> None:
-        tmp = self.path(task) + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        merging.save_npy(jax.device_get(params), tmp)
-        shutil.rmtree(self.path(task), ignore_errors=True)  # a resumed task rewrites its own
-        os.replace(tmp, self.path(task))
+        """Write θ_task (by process 0 of a multi-process run; the others wait for it)."""
+        with distributed.primary_first(f"task endpoint {task}"):
+            if not distributed.primary():
+                return
+            tmp = self.path(task) + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            merging.save_npy(jax.device_get(params), tmp)
+            shutil.rmtree(self.path(task), ignore_errors=True)  # a resumed task rewrites its own
+            os.replace(tmp, self.path(task))
 
     def reader(self, tasks: list[int]):
         """read(i, path) -> the leaf at `path` of the i-th of `tasks`."""

@@ -44,13 +44,11 @@ def zeros_like_tree(tree):
     return jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
 
 
-_FISHER_KEY = jax.random.key(0)  # the loss's key in the Fisher pass (CLIP's loss ignores it)
-
-
 @functools.partial(jax.jit, static_argnames="loss_fn", donate_argnums=0)
 def _accumulate_squared_grads(total, params, batch, *, loss_fn):
     """total + (∇θ L(batch))² (the gradient of the batch-mean loss)."""
-    grads = jax.grad(lambda p: loss_fn(p, batch, _FISHER_KEY)[0])(params)
+    key = jax.random.key(0)  # the loss's key in the Fisher pass (CLIP's loss ignores it)
+    grads = jax.grad(lambda p: loss_fn(p, batch, key)[0])(params)
     return jax.tree_util.tree_map(lambda t, g: t + jnp.square(g.astype(jnp.float32)), total, grads)
 
 
