@@ -192,7 +192,7 @@ def load_run_checkpoint(run_dir: str, step: int, **numerics) -> Loaded:
     model_config = model_config.replace(**numerics)
     method = runner.profiling_instance(run_config, model_config)
     abstract = _abstract_state(run_config, method, model_config)
-    mesh = sharding.make_mesh(**run_config.mesh)
+    mesh = sharding.make_mesh()  # any mesh: config.json does not record the run's (orbax reshards)
     state, position = _restore(os.path.join(run_dir, "checkpoints"), step, abstract, mesh,
                                method.ctx.family.rules)  # fmt: skip
     task, step_in_task = position["task"], position["step"]
