@@ -18,6 +18,7 @@ from flax import nnx
 
 from fomo_jax import params as params_lib
 from fomo_jax import sharding
+from fomo_jax.families import clip
 from fomo_jax.train import step as step_lib
 
 
@@ -27,12 +28,6 @@ def _abstract(tree):
 
 def _bytes(tree) -> int:
     return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
-def _clip():
-    from fomo_jax.families import clip
-
-    return clip.FAMILY
 
 
 def _model_of(model_config, family) -> nnx.Module:
@@ -79,7 +74,7 @@ def profile_train_step(model_config, tx, batch_size: int, *, mesh=None, input_fo
     """
     from fomo_jax.continual.methods import Method
 
-    family = family or _clip()
+    family = family or clip.FAMILY
     model = _model_of(model_config, family)
     graphdef, params = params_lib.split(model)
     method = Method()  # full fine-tuning: every hook the identity, every parameter trained

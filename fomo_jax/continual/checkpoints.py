@@ -75,13 +75,6 @@ class Checkpoints:
         )
         self.manager.wait_until_finished()
 
-    def read_record(self, index: int) -> dict:
-        """The record of checkpoint `index` alone (no arrays read)."""
-        restored = self.manager.restore(
-            index, args=ocp.args.Composite(record=ocp.args.JsonRestore())
-        )
-        return restored.record
-
     def restore(self, index: int, abstract_state, shardings):
         """(state placed with `shardings`, position, record) of checkpoint `index`."""
         target = jax.tree_util.tree_map(

@@ -102,9 +102,8 @@ def train(job: Job, start_params: Params):
     checkpoints = Checkpoints(os.path.join(job.workdir, "checkpoints"), keep_every=steps)
     latest = checkpoints.latest()
     if latest is not None:
-        _check_mesh(job, checkpoints.directory, latest, checkpoints.read_record(latest),
-                    mesh_record)  # fmt: skip
         state, position, record = checkpoints.restore(latest, abstract, state_sharding)
+        _check_mesh(job, checkpoints.directory, latest, record, mesh_record)
         record["mesh"] = mesh_record
         logging.info("%sresuming from checkpoint %d: task %d, step %d", _prefix(job), latest,
                      position["task"], position["step"])  # fmt: skip
@@ -219,7 +218,9 @@ class _Loop:
             t0 = time.perf_counter()
             batch = next(iterator)
             data_wait += time.perf_counter() - t0
-            skipped = distributed.sum_over_processes(int(batch["skipped"]))
+            skipped = int(batch["skipped"])
+            if job.max_bad_images:  # "skip" policy: the processes agree on the run's count
+                skipped = distributed.sum_over_processes(skipped)
             self._count_bad_images(task, step, skipped, record)
             batch = {k: batch[k] for k in job.family.batch_keys}
             batch = distributed.global_batch(batch, self.batch_sharding)

@@ -388,10 +388,10 @@ def _run(config, workdir, setup: Setup, config_json, started) -> dict:
     logging.info("%s", budget_report(config, budget_info, model_config))
 
     data = prepare_data(config, family, model_config, tokenizer, setup.mesh)  # the last check
-    with distributed.primary_first("config recorded"):
-        if distributed.primary():
-            workdir_lib.same_config_or_fresh(workdir, config_json)
-            os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+    if distributed.primary():
+        workdir_lib.same_config_or_fresh(workdir, config_json)
+        os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+    distributed.barrier("config recorded")
     ratios = dict(config.mixture)
 
     cache_dir = config.theta0.cache_dir or data.root

@@ -81,9 +81,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # One writer (process 0 of a multi-process run) holds the lock and writes the files.
     lock = workdir_lib.locked(workdir) if distributed.primary() else contextlib.nullcontext()
     with lock, workdir_lib.Preemption():
-        with distributed.primary_first("config recorded"):
-            if distributed.primary():
-                workdir_lib.same_config_or_fresh(workdir, config_json)
+        if distributed.primary():
+            workdir_lib.same_config_or_fresh(workdir, config_json)
+        distributed.barrier("config recorded")
         if os.path.exists(results_path):  # complete
             with open(results_path) as f:
                 return json.load(f)

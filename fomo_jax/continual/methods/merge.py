@@ -118,14 +118,13 @@ class TaskEndpoints:
 
     def add(self, task: int, params) -> None:
         """Write θ_task (by process 0 of a multi-process run; the others wait for it)."""
-        with distributed.primary_first(f"task endpoint {task}"):
-            if not distributed.primary():
-                return
+        if distributed.primary():
             tmp = self.path(task) + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             merging.save_npy(jax.device_get(params), tmp)
             shutil.rmtree(self.path(task), ignore_errors=True)  # a resumed task rewrites its own
             os.replace(tmp, self.path(task))
+        distributed.barrier(f"task endpoint {task}")
 
     def reader(self, tasks: list[int]):
         """read(i, path) -> the leaf at `path` of the i-th of `tasks`."""
