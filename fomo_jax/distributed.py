@@ -13,6 +13,7 @@ plain single-process behaviour, so nothing changes for a run on one host.
   process; `jax.device_get` cannot read shards that live on another host.
 - `local_rows(sharding, size)`: the rows of a global batch this process's devices hold, so
   each process loads and decodes only its share; `global_batch` assembles the global arrays.
+- `preemption_sync_point(step)`: SIGTERM on any process -> every process stops at one step.
 """
 
 from __future__ import annotations
@@ -92,11 +93,24 @@ def to_host(tree):
     return jax.tree_util.tree_map(one, tree)
 
 
+def broadcast_from_primary(value: bool) -> bool:
+    """Process 0's `value` on every process (a collective), so that all take one branch."""
+    if not multiprocess():
+        return value
+    return bool(multihost_utils.broadcast_one_to_all(np.bool_(value)))
+
+
 def sum_over_processes(count: int) -> int:
     """The sum of `count` over the processes (a collective: every process must call it)."""
     if not multiprocess():
         return count
     return int(np.sum(multihost_utils.process_allgather(np.int64(count))))
+
+
+def preemption_sync_point(step: int) -> bool:
+    """Whether the processes agreed to stop at `step` after a SIGTERM reached any of them (JAX's
+    preemption sync point; every process must call it at every step, with the same steps)."""
+    return multihost_utils.reached_preemption_sync_point(step)
 
 
 def local_rows(sharding, size: int) -> np.ndarray:

@@ -11,6 +11,14 @@ evaluation subset of every dataset (spec §10.4), embeds all datasets in one pas
 batches and reuses the embeddings of a tower whose weights did not change (spec §12 item 19).
 `evaluate_datasets` / `summarize` give the same numbers as flat {dataset: score} dicts.
 
+Decoded test images can live on disk instead of in host memory (`cache_dir`: the 63 real test
+sets are ~100 GiB at 224 px): each set becomes one `.npy` file, decoded once (each process of a
+multi-process run decodes its share of the rows) and read back a batch at a time
+(`DiskImages`), so a host holds one batch of images, not the test sets. With a `mesh`, every
+batch of `batch_size` rows is split over the mesh's batch axes: each process reads and feeds
+only its rows, the towers run on the run's sharded weights, and the embeddings come back to
+every process (they are small), which all compute the same scores.
+
 Progress goes to the log at INFO: one line per test set as it is decoded (big sets also as
 they go), and for every group of rows embedded (test images, class prompts, captions) a line
 at about every tenth of the rows, naming the dataset reached, and a closing line with the
@@ -19,8 +27,12 @@ time taken. Lines are at least `PROGRESS_MIN_ROWS` rows apart, so small passes s
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
+import json
 import logging
 import os
 import time
@@ -30,9 +42,10 @@ import jax
 import numpy as np
 from flax import nnx
 
+from fomo_jax import distributed, sharding
 from fomo_jax import params as params_lib
 from fomo_jax.data import fif, pipeline, registry
-from fomo_jax.models.clip import batch_pixels
+from fomo_jax.models.clip import batch_pixels, text_width
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -283,13 +296,128 @@ def decode_images(split, image_size: int, batch_size: int = 256, out=None, progr
     if out is None:
         out = np.empty((len(split), image_size, image_size, 3), np.uint8)
     position = 0
-    for batch in pipeline.EvalImages(pipeline.SplitSource(split), image_size, batch_size):
-        valid = batch["images"][batch["valid"]]
+    for valid in _decoded_batches(pipeline.SplitSource(split), image_size, batch_size):
         out[position : position + len(valid)] = valid
         position += len(valid)
         if progress is not None:
             progress(position)
     return out
+
+
+def _decoded_batches(source, image_size: int, batch_size: int):
+    for batch in pipeline.EvalImages(source, image_size, batch_size):
+        yield batch["images"][batch["valid"]]
+
+
+class _Rows:
+    """Rows [start, stop) of a random-access source."""
+
+    def __init__(self, source, start: int, stop: int):
+        self.source, self.start, self.stop = source, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: int):
+        return self.source[self.start + index]
+
+
+class DiskImages:
+    """Decoded images in a `.npy` file, read from it on every indexing (no mapping is kept):
+    indexing with row indices (or a slice) returns those rows as a new array, one read per run
+    of consecutive rows, so host memory holds what a batch needs and the kernel's page cache,
+    which it may drop, holds the rest."""
+
+    def __init__(self, path: str):
+        header = np.load(path, mmap_mode="r")
+        self.path, self.shape, self.dtype = path, header.shape, header.dtype
+        self.offset = header.offset
+        self.row_bytes = int(np.prod(self.shape[1:])) * header.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows, np.int64)
+        out = np.empty((len(rows), *self.shape[1:]), self.dtype)
+        if not len(rows):
+            return out
+        if rows.min() < 0 or rows.max() >= len(self):
+            raise IndexError(f"rows {rows.min()}..{rows.max()} of {self.path} ({len(self)} rows)")
+        flat = out.reshape(len(rows), -1).view(np.uint8)
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1  # runs of consecutive rows: one read
+        with open(self.path, "rb", buffering=0) as f:
+            for first, last in zip(np.r_[0, breaks], np.r_[breaks, len(rows)], strict=True):
+                size = (last - first) * self.row_bytes
+                f.seek(self.offset + int(rows[first]) * self.row_bytes)
+                got = f.readinto(memoryview(flat[first:last].reshape(-1)))
+                if got != size:
+                    raise OSError(f"{self.path}: read {got} of {size} bytes at row {rows[first]}")
+        return out
+
+
+def cached_images(split, key: str, image_size: int, cache_dir: str, batch_size: int = 256):
+    """The test-transformed images of `split` as `DiskImages` in `cache_dir`, decoded on the
+    first call and reused after (a resumed run, or other runs sharing the folder).
+
+    The file's name carries a digest of what it holds (dataset, image size, number of
+    images, the split's info JSON and its modification time), and a `.done` file marks it
+    complete. Several processes: process 0 decides and holds the folder's lock for that file;
+    each process decodes and writes its contiguous share of the rows; all wait for the mark.
+    """
+    identity = dict(dataset=key, images=len(split), image_size=image_size,
+                    info=os.path.abspath(split.info_path) if split.info_path else None,
+                    records=split.records_dir)  # fmt: skip
+    if split.info_path and os.path.exists(split.info_path):
+        identity["info_mtime_ns"] = os.stat(split.info_path).st_mtime_ns
+    digest = hashlib.blake2b(json.dumps(identity, sort_keys=True).encode(), digest_size=6)
+    path = os.path.join(cache_dir, f"{key}_{image_size}px_{digest.hexdigest()}.npy")
+    done = path + ".done"
+    lock = contextlib.nullcontext()
+    if distributed.primary():
+        os.makedirs(cache_dir, exist_ok=True)
+        lock = _file_lock(path + ".lock")
+    with lock:
+        if distributed.broadcast_from_primary(os.path.exists(done)):
+            logging.info("test set %s: decoded images read from %s", key, path)
+            return DiskImages(path)
+        shape = (len(split), image_size, image_size, 3)
+        if distributed.primary():  # the file at its full size (sparse until written)
+            np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape).flush()
+        distributed.barrier(f"{path} created")
+        images = DiskImages(path)
+        count, index = jax.process_count(), jax.process_index()
+        start, stop = len(split) * index // count, len(split) * (index + 1) // count
+        if count > 1:
+            logging.info("test set %s: process %d decodes rows %d-%d of %d", key, index, start,
+                         stop - 1, len(split))  # fmt: skip
+        progress = Progress(f"decoding the {key} test images", stop - start, closing=False)
+        position = start
+        with open(path, "r+b") as f:
+            source = _Rows(pipeline.SplitSource(split), start, stop)
+            for valid in _decoded_batches(source, image_size, batch_size):
+                f.seek(images.offset + position * images.row_bytes)
+                f.write(np.ascontiguousarray(valid).data)
+                position += len(valid)
+                progress(position - start)
+            f.flush()
+            os.fsync(f.fileno())
+        distributed.barrier(f"{path} decoded")
+        if distributed.primary():
+            with open(done, "w") as f:
+                json.dump(identity, f)
+        distributed.barrier(f"{path} done")
+        return images
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another run decoding the same set: wait for it
+        yield
+    finally:
+        os.close(fd)
 
 
 def subset_targets(info: registry.DatasetInfo, targets) -> np.ndarray:
@@ -318,15 +446,11 @@ def load_eval_set(
     info = registry.get(key, datasets)
     info_dir = info_dir or fif.default_info_dir(root)
     split = fif.load_split(root, key, "test", info_dir, datasets=datasets)
-    out = None
-    if cache_dir is not None:  # memory-mapped: the 63 full test sets exceed most hosts' RAM
-        os.makedirs(cache_dir, exist_ok=True)
-        path = os.path.join(cache_dir, f"{info.key}_{image_size}.npy")
-        shape = (len(split), image_size, image_size, 3)
-        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
-    # Big sets report while they decode; the caller logs the closing line of each set.
-    progress = Progress(f"decoding the {info.key} test images", len(split), closing=False)
-    images = decode_images(split, image_size, batch_size, out, progress)
+    if cache_dir is not None:  # on disk: the 63 full test sets exceed most hosts' RAM
+        images = cached_images(split, info.key, image_size, cache_dir, batch_size)
+    else:  # big sets report while they decode; the caller logs the closing line of each set
+        progress = Progress(f"decoding the {info.key} test images", len(split), closing=False)
+        images = decode_images(split, image_size, batch_size, progress=progress)
     if info.is_retrieval:
         texts = [c for r in split for c in r.captions]
         owner = np.repeat(np.arange(len(split)), [len(r.captions) for r in split])
@@ -385,33 +509,89 @@ class _TowerCache:
 _to_pixels = jax.jit(lambda images: batch_pixels({"images": images}))
 
 
-def embed_rows(encode: Callable, segments, batch_size: int, progress=None) -> list[np.ndarray]:
+class Placement:
+    """How the rows of every evaluation batch are spread over a mesh: split over its batch
+    axes (data x fsdp); this process feeds `rows` of each batch and gets all the outputs."""
+
+    def __init__(self, mesh, batch_size: int):
+        self.sharding = sharding.batch_sharding(mesh)
+        ways = int(np.prod([mesh.shape[a] for a in sharding.BATCH]))
+        if batch_size % ways:
+            raise ValueError(f"eval.batch_size={batch_size} does not split over the mesh's batch "
+                             f"axes (data x fsdp = {ways} devices)")  # fmt: skip
+        self.rows = distributed.local_rows(self.sharding, batch_size)
+        if distributed.multiprocess():
+            logging.info("evaluation: process %d feeds rows %d-%d of every batch of %d",
+                         jax.process_index(), self.rows[0], self.rows[-1], batch_size)  # fmt: skip
+
+    def put(self, local: np.ndarray) -> jax.Array:
+        """The global batch whose rows `self.rows` are `local`."""
+        if distributed.multiprocess():
+            return jax.make_array_from_process_local_data(self.sharding, local)
+        return jax.device_put(local, self.sharding)
+
+    def place(self, model, rules):
+        """`model` with its weights on the mesh by `rules` (in place when already there)."""
+        graphdef, state = nnx.split(model)
+        placed = sharding.shard(nnx.to_pure_dict(state), self.sharding.mesh, rules)
+        nnx.replace_by_pure_dict(state, placed)
+        return nnx.merge(graphdef, state)
+
+
+def _batch_rows(segments, seg, row, positions) -> np.ndarray:
+    """Rows `positions` of a batch whose row i < len(row) is `segments[seg[i]][0][row[i]]`
+    and whose later rows are zeros (padding); only those rows are read."""
+    real = positions[positions < len(row)]
+    template = segments[int(seg[0])][0]
+    parts = [segments[s][0][row[real][seg[real] == s]] for s in np.unique(seg[real])]
+    pad = np.zeros((len(positions) - len(real), *template.shape[1:]), template.dtype)
+    return np.concatenate([*parts, pad])
+
+
+IN_FLIGHT = 2  # evaluation batches dispatched ahead of the one being fetched
+
+
+def embed_rows(encode: Callable, segments, batch_size: int, progress=None, *,
+               placement: Placement | None = None, cut=None) -> list[np.ndarray]:  # fmt: skip
     """L2-normalized float32 embeddings of `array[indices]` for each (array, indices) segment.
 
     The segments run back to back through batches of exactly `batch_size` rows (the last one
-    zero padded), so datasets share batches and every call has the same shape. Batches are
-    dispatched before any result is fetched, letting the host gather while the device works.
-    `progress(rows embedded so far)` is called as results arrive (see `Progress`): fetching is
-    where the device's work is waited for, so that is where time is spent.
+    zero padded), so datasets share batches and every call has the same shape. Up to
+    `IN_FLIGHT` batches are dispatched ahead of the one being fetched, letting the host gather
+    while the device works without holding every batch's inputs at once (a pending call keeps
+    its inputs alive on the device). `progress(rows embedded so far)` is called as results
+    arrive (see `Progress`): fetching is where the device's work is waited for.
+
+    With a `placement`, this process reads only its rows of each batch and the outputs are
+    gathered from every process. `cut(whole batch) -> columns` trims a batch's second axis
+    (text: `text_width`), computed from every row so that all processes agree.
     """
     lengths = [len(indices) for _, indices in segments]
     owner = np.repeat(np.arange(len(segments)), lengths)
     rows = np.concatenate([np.asarray(i, np.int64) for _, i in segments] or [np.zeros(0, int)])
-    outputs = []
-    for start in range(0, len(rows), batch_size):
-        seg, row = owner[start : start + batch_size], rows[start : start + batch_size]
-        parts = [segments[s][0][row[seg == s]] for s in np.unique(seg)]
-        batch = np.concatenate(parts)
-        pad = np.zeros((batch_size - len(batch), *batch.shape[1:]), batch.dtype)
-        outputs.append((encode(np.concatenate([batch, pad])), len(batch)))
-    if not outputs:
-        return [np.zeros((0, 0), np.float32) for _ in segments]
-    fetched, done = [], 0
-    for out, n in outputs:
-        fetched.append(np.asarray(out, np.float32)[:n])
+    mine = np.arange(batch_size) if placement is None else placement.rows
+    pending, fetched, done = collections.deque(), [], 0
+
+    def fetch():
+        nonlocal done
+        out, n = pending.popleft()
+        fetched.append(np.asarray(distributed.to_host(out), np.float32)[:n])
         done += n
         if progress is not None:
             progress(done)
+
+    for start in range(0, len(rows), batch_size):
+        seg, row = owner[start : start + batch_size], rows[start : start + batch_size]
+        batch = _batch_rows(segments, seg, row, mine)
+        if cut is not None:
+            batch = batch[:, : cut(_batch_rows(segments, seg, row, np.arange(len(row))))]
+        pending.append((encode(batch if placement is None else placement.put(batch)), len(row)))
+        if len(pending) > IN_FLIGHT:
+            fetch()
+    while pending:
+        fetch()
+    if not fetched:
+        return [np.zeros((0, 0), np.float32) for _ in segments]
     emb = np.concatenate(fetched)
     return np.split(_unit(emb), np.cumsum(lengths)[:-1])
 
@@ -443,7 +623,9 @@ class Evaluator:
       info_dir: folder of the info JSONs (default `<root>/00_info`, else `root`).
       batch_size: rows per tower call; every call has this shape (one compilation).
       subset_seed: the experiment seed the fixed subsets derive from.
-      cache_dir: when set, decoded images are memory-mapped `.npy` files there.
+      cache_dir: when set, decoded images are `.npy` files there, read a batch at a time.
+      mesh: when set, every batch is split over the mesh's batch axes (each process reads and
+        feeds its rows) and the weights are placed on it by `rules` (the family's).
     """
 
     def __init__(
@@ -457,6 +639,8 @@ class Evaluator:
         batch_size=256,
         subset_seed=0,
         cache_dir=None,
+        mesh=None,
+        rules=sharding.CLIP_RULES,
     ):
         load = dict(info_dir=info_dir, batch_size=batch_size, seed=subset_seed, cache_dir=cache_dir)
         sets = []
@@ -468,17 +652,20 @@ class Evaluator:
                          number, len(datasets), s.key, len(s.images), len(s.tokens),
                          "captions" if s.retrieval else "class prompts",
                          time.perf_counter() - start)  # fmt: skip
-        self._setup(sets, datasets, batch_size)
+        self._setup(sets, datasets, batch_size, mesh, rules)
 
     @classmethod
-    def from_sets(cls, sets: Sequence[EvalSet], datasets: dict, batch_size: int = 256):
+    def from_sets(cls, sets: Sequence[EvalSet], datasets: dict, batch_size: int = 256, *,
+                  mesh=None, rules=sharding.CLIP_RULES):  # fmt: skip
         """An evaluator over prepared `EvalSet`s (e.g. built from arrays in tests)."""
         evaluator = cls.__new__(cls)
-        evaluator._setup(list(sets), datasets, batch_size)
+        evaluator._setup(list(sets), datasets, batch_size, mesh, rules)
         return evaluator
 
-    def _setup(self, sets, datasets, batch_size):
+    def _setup(self, sets, datasets, batch_size, mesh, rules):
         self.sets, self.datasets, self.batch_size = sets, datasets, batch_size
+        self.placement = None if mesh is None else Placement(mesh, batch_size)
+        self.rules = rules
         self._image_cache, self._text_cache = _TowerCache(), _TowerCache()
 
     def subset_manifest(self) -> dict:
@@ -490,12 +677,14 @@ class Evaluator:
         what = f"embedding test images ({'subset' if subset else 'full'})"
         progress = _group_progress(what, self.sets, segments)
         encode = lambda x: model.encode_image(_to_pixels(x))  # noqa: E731
-        return embed_rows(encode, segments, self.batch_size, progress)
+        return embed_rows(encode, segments, self.batch_size, progress, placement=self.placement)
 
     def _text_group(self, model, sets, rows, what: str) -> dict:
         segments = [(s.tokens, r) for s, r in zip(sets, rows, strict=True)]
         progress = _group_progress(what, sets, segments)
-        embeddings = embed_rows(model.encode_text, segments, self.batch_size, progress)
+        cut = None if self.placement is None else text_width  # encode_text cuts host batches
+        embeddings = embed_rows(model.encode_text, segments, self.batch_size, progress,
+                                placement=self.placement, cut=cut)  # fmt: skip
         return {s.key: e for s, e in zip(sets, embeddings, strict=True)}
 
     def evaluate(self, model, *, subset: bool) -> dict:
@@ -504,7 +693,9 @@ class Evaluator:
         Class prompts and captions are embedded in separate batch sequences, so a class
         embedding never depends on whether the subset or the full set is evaluated.
         """
-        image_fp, text_fp = tower_fingerprints(model)
+        image_fp, text_fp = tower_fingerprints(model)  # before placing: host-readable weights
+        if self.placement is not None:
+            model = self.placement.place(model, self.rules)
         scope = "subset" if subset else "full"
         images = self._image_cache.get(image_fp, scope, lambda: self._image_group(model, subset))
         classifiers = [s for s in self.sets if not s.retrieval]

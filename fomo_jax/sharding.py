@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -58,8 +59,18 @@ LM_RULES: Rules = (
 )
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, model: int = 1, devices=None) -> jax.sharding.Mesh:
-    """A (data, fsdp, model) mesh with Auto axis types; data=-1 takes the remaining devices."""
+def make_mesh(data: int = -1, fsdp: int = 1, model: int = 1, devices=None, *,
+              dcn_data: int = -1) -> jax.sharding.Mesh:  # fmt: skip
+    """A (data, fsdp, model) mesh with Auto axis types; data=-1 takes the remaining devices.
+
+    Hosts and slices: `dcn_data` > 1 splits the data axis over that many granules (TPU slices
+    when the devices span several, else processes) joined by the slow network, and lays fsdp
+    and model out inside each granule (`mesh_utils.create_hybrid_device_mesh`); only the
+    gradient all-reduce of data parallelism then crosses the slow links. -1 (the default)
+    is the number of TPU slices when there are several, else 1: one granule, the devices in
+    `jax.make_mesh`'s order, where the outermost axis (data) changes process first. The log
+    says which axes cross processes (`describe`).
+    """
     devices = list(jax.devices() if devices is None else devices)
     if data == -1:
         if len(devices) % (fsdp * model):
@@ -72,9 +83,49 @@ def make_mesh(data: int = -1, fsdp: int = 1, model: int = 1, devices=None) -> ja
             f"mesh data={data} x fsdp={fsdp} x model={model} needs "
             f"{data * fsdp * model} devices, have {len(devices)}"
         )
-    return jax.make_mesh(
-        (data, fsdp, model), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices
-    )
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if dcn_data == -1:
+        dcn_data = slices if slices > 1 else 1
+    axis_types = (AxisType.Auto,) * 3
+    if dcn_data == 1:
+        mesh = jax.make_mesh((data, fsdp, model), AXES, axis_types=axis_types, devices=devices)
+    else:
+        mesh = jax.sharding.Mesh(hybrid_grid(data, fsdp, model, devices, dcn_data, slices > 1),
+                                 AXES, axis_types=axis_types)  # fmt: skip
+    if len({d.process_index for d in devices}) > 1:
+        logging.info("%s", describe(mesh))
+    return mesh
+
+
+def hybrid_grid(data: int, fsdp: int, model: int, devices, dcn_data: int,
+                by_slice: bool) -> np.ndarray:  # fmt: skip
+    """The [data, fsdp, model] array of devices whose data axis spans `dcn_data` granules
+    (slices if `by_slice`, else processes), each granule holding data/dcn_data x fsdp x model."""
+    granules = len({d.slice_index if by_slice else d.process_index for d in devices})
+    if dcn_data != granules or data % dcn_data:
+        kind = "TPU slices" if by_slice else "processes"
+        raise ValueError(f"mesh.dcn_data={dcn_data} must be the number of {kind} ({granules}) "
+                         f"and divide mesh data={data} (mesh.dcn_data=1: a mesh laid out "
+                         "without regard to slices or hosts)")  # fmt: skip
+    return mesh_utils.create_hybrid_device_mesh((data // dcn_data, fsdp, model), (dcn_data, 1, 1),
+                                                devices, process_is_granule=not by_slice)  # fmt: skip
+
+
+def describe(mesh) -> str:
+    """Which axes of `mesh` cross processes (hosts), e.g. "mesh data=2 x fsdp=2 x model=1 on
+    2 processes: data crosses processes; fsdp, model stay within one"."""
+    processes = np.vectorize(lambda d: d.process_index)(mesh.devices)
+    crossing = [name for axis, name in enumerate(mesh.axis_names)
+                if (np.diff(processes, axis=axis) != 0).any()]  # fmt: skip
+    within = [name for name in mesh.axis_names if name not in crossing]
+    shape = " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
+    text = (f"mesh {shape} on {len(np.unique(processes))} processes: "
+            f"{', '.join(crossing) or 'no axis'} cross{'es' * (len(crossing) == 1)} processes")
+    if within:
+        text += f"; {', '.join(within)} stay{'s' * (len(within) == 1)} within one"
+    if "model" in crossing:
+        text += " (tensor parallelism over the slow links: keep mesh.model within a host)"
+    return text
 
 
 def spec_for(path: str, shape: tuple, rules: Rules, mesh) -> P:

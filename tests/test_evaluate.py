@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from fomo_jax import evaluate as ev
-from fomo_jax import models
+from fomo_jax import models, sharding
 from fomo_jax import params as params_lib
-from fomo_jax.data import fif_synth, registry
+from fomo_jax.data import fif, fif_synth, registry
 from fomo_jax.models import clip
 from fomo_jax.models.clip import CLIP_MEAN, CLIP_STD
 from fomo_jax.tokenizer import ByteTokenizer
@@ -358,6 +358,65 @@ def test_embeddings_are_reused_while_a_tower_is_unchanged(synth, counted):
 
     evaluator.evaluate(_shifted(locked_image, "logit_scale"), subset=True)  # no tower reads it
     assert counted() == {"image": 0, "text": 0}
+
+
+# ------------------------------------------------------ decoded images on disk, on a mesh
+
+
+def test_disk_images_read_exactly_the_rows_asked_for(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (37, 4, 5, 3), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", images)
+    disk = ev.DiskImages(str(tmp_path / "x.npy"))
+    assert len(disk) == 37 and disk.shape == images.shape and disk.dtype == np.uint8
+    for rows in ([3, 4, 5, 9, 10, 36], [36, 0, 1, 1, 7], [], np.arange(37)[::-1]):
+        np.testing.assert_array_equal(disk[np.asarray(rows, np.int64)], images[rows])
+    np.testing.assert_array_equal(disk[5:20:3], images[5:20:3])
+    with pytest.raises(IndexError, match="x.npy"):
+        disk[np.array([2, 37])]
+
+
+def test_cached_images_equal_the_decoded_ones_and_are_decoded_once(synth, tmp_path, monkeypatch,
+                                                                    caplog):  # fmt: skip
+    root, datasets, *_ = synth
+    split = fif.load_split(root, "synth_objects", "test", datasets=datasets)
+    want = ev.decode_images(split, IMAGE_SIZE, batch_size=48)
+    disk = ev.cached_images(split, "synth_objects", IMAGE_SIZE, str(tmp_path), batch_size=48)
+    assert isinstance(disk, ev.DiskImages) and len(disk) == len(want) == len(split)
+    np.testing.assert_array_equal(disk[np.arange(len(disk))], want)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(ev, "_decoded_batches", no_decoding)
+    with caplog.at_level("INFO"):
+        again = ev.cached_images(split, "synth_objects", IMAGE_SIZE, str(tmp_path))
+    assert again.path == disk.path and "decoded images read from" in caplog.text
+    # Another image size is another file.
+    monkeypatch.undo()
+    other = ev.cached_images(split, "synth_objects", 24, str(tmp_path), batch_size=48)
+    assert other.path != disk.path and other.shape == (len(split), 24, 24, 3)
+
+
+def test_an_evaluator_on_a_mesh_with_images_on_disk_embeds_as_the_plain_one(synth, model,
+                                                                            tmp_path):  # fmt: skip
+    """Batches split over every device of the mesh, weights placed by the CLIP rules, images
+    read from disk: the same embeddings as the in-memory evaluator (float32 rounding apart).
+    The test process has one device; 2 processes x 2 devices run it in test_multihost.py."""
+    root, datasets, tokenizer, plain = synth
+    mesh = sharding.make_mesh(data=-1, fsdp=1)
+    split = ev.Evaluator(root, datasets, tokenizer, IMAGE_SIZE, batch_size=BATCH, mesh=mesh,
+                         cache_dir=str(tmp_path))  # fmt: skip
+    assert all(isinstance(s.images, ev.DiskImages) for s in split.sets)
+    assert len(split.placement.rows) == BATCH  # one process: every row of a batch is its own
+    for got, want in zip(split._image_group(model, subset=False),
+                         plain._image_group(model, subset=False), strict=True):  # fmt: skip
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    texts = [(s, np.arange(len(s.tokens))) for s in split.sets]
+    got = split._text_group(model, *zip(*texts), "text")
+    want = plain._text_group(model, *zip(*texts), "text")
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-5)
+    assert split.evaluate(model, subset=True).keys() == plain.evaluate(model, subset=True).keys()
 
 
 # ---------------------------------------------------------------------------- summaries

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -96,13 +97,44 @@ def test_lm_rules_cover_every_large_matrix_of_a_vlm():
     assert len(matrices) > 20 and all(specs[k] != P() for k in matrices)
 
 
-def test_make_mesh_checks_device_count():
-    import jax
+def _fake_devices(processes: int, per_process: int, slices: int = 1):
+    n = processes * per_process
+    return [types.SimpleNamespace(id=i, process_index=i // per_process, platform="cpu",
+                                  device_kind="cpu", slice_index=i * slices // n)
+            for i in range(n)]  # fmt: skip
 
-    n = len(jax.devices())
-    assert dict(sharding.make_mesh().shape) == {"data": n, "fsdp": 1, "model": 1}
-    with pytest.raises(ValueError, match="devices"):
-        sharding.make_mesh(data=n + 1)
+
+def _processes(grid):
+    return np.vectorize(lambda d: d.process_index)(grid)
+
+
+def test_hybrid_grid_puts_data_across_hosts_and_the_rest_within_one():
+    devices = _fake_devices(processes=4, per_process=4)
+    grid = sharding.hybrid_grid(8, 2, 1, devices, dcn_data=4, by_slice=False)
+    assert grid.shape == (8, 2, 1)
+    # Rows 2k, 2k+1 of the data axis are process k's four devices; fsdp never leaves a host.
+    np.testing.assert_array_equal(_processes(grid)[:, :, 0], np.repeat(np.arange(4), 2)[:, None]
+                                  * np.ones((1, 2), int))  # fmt: skip
+    assert sorted(d.id for d in grid.reshape(-1)) == list(range(16))
+    mesh = types.SimpleNamespace(devices=grid, axis_names=sharding.AXES,
+                                 shape={"data": 8, "fsdp": 2, "model": 1})  # fmt: skip
+    assert sharding.describe(mesh) == ("mesh data=8 x fsdp=2 x model=1 on 4 processes: data "
+                                       "crosses processes; fsdp, model stay within one")  # fmt: skip
+    # By TPU slices: 2 slices of 2 hosts each; the data axis splits over the slices.
+    grid = sharding.hybrid_grid(4, 4, 1, _fake_devices(4, 4, slices=2), dcn_data=2, by_slice=True)
+    slices = np.vectorize(lambda d: d.slice_index)(grid)
+    np.testing.assert_array_equal(slices[:, 0, 0], [0, 0, 1, 1])
+    assert (np.diff(slices, axis=1) == 0).all()
+    with pytest.raises(ValueError, match="mesh.dcn_data=3 must be the number of processes"):
+        sharding.hybrid_grid(8, 2, 1, devices, dcn_data=3, by_slice=False)
+
+
+def test_describe_warns_of_tensor_parallelism_across_hosts():
+    grid = np.array(_fake_devices(2, 2), dtype=object).reshape(1, 1, 4)
+    mesh = types.SimpleNamespace(devices=grid, axis_names=sharding.AXES,
+                                 shape={"data": 1, "fsdp": 1, "model": 4})  # fmt: skip
+    text = sharding.describe(mesh)
+    assert "model crosses processes" in text and "keep mesh.model within a host" in text
 
 
 @pytest.fixture(scope="module")

@@ -96,8 +96,13 @@ def get_config(arg: str | None = None):
     c.schedule.milestones = config_dict.placeholder(tuple)  # multistep, in samples
 
     c.eval = config_dict.ConfigDict({"batch_size": 256, "every_nth_task": 1})
+    # Decoded test images live on disk there (default <workdir>/eval_images), read a batch at a
+    # time; a folder several runs share (on storage all hosts see) decodes each set once.
+    c.eval.cache_dir = config_dict.placeholder(str)
 
-    c.mesh = config_dict.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+    # dcn_data: granules (TPU slices, or processes) the data axis spans, fsdp and model laid
+    # out inside each; -1: the TPU slices when several, else one (sharding.make_mesh).
+    c.mesh = config_dict.ConfigDict({"data": -1, "fsdp": 1, "model": 1, "dcn_data": -1})
     # A checkpoint written on another mesh (other processes or devices) is refused unless set:
     # resuming there is the same computation up to the order of reductions, not bitwise.
     c.resume_on_new_mesh = False

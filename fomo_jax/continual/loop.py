@@ -231,7 +231,7 @@ class _Loop:
             log_now = done % job.log_every == 0 or done == steps
             # The task's last step is saved by the end-of-task checkpoint (same global step).
             save_now = job.checkpoint_every and done % job.checkpoint_every == 0 and done < steps
-            preempted = self.preemption.requested and done < steps
+            preempted = self.preemption.poll(task * steps + done) and done < steps
             if log_now or save_now or preempted:  # never log or checkpoint a diverged state
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if not metrics["finite"]:

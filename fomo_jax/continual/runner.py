@@ -341,7 +341,7 @@ def check_theta0(config) -> None:
 def check_batch_divides(config, mesh) -> None:
     """Every batch the run shards over the mesh's batch axes divides over them."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    sizes = {"batch_size": config.batch_size}
+    sizes = {"batch_size": config.batch_size, "eval.batch_size": config.eval.batch_size}
     if not config.theta0.checkpoint:
         sizes["theta0.batch_size"] = config.theta0.batch_size
     for key, size in sizes.items():
@@ -355,12 +355,14 @@ def _config_json(config) -> str:
     """The run's identity: its config with only its own method's block (other methods'
     hyperparameters, and methods added to the library later, do not change it), without where
     it runs (`mesh`, `resume_on_new_mesh`: a checkpoint records its mesh, and the loop refuses
-    another one unless asked)."""
+    another one unless asked) and where its decoded test images are kept (`eval.cache_dir`)."""
     recorded = ml_collections.ConfigDict(config.to_dict())
     recorded.methods = {config.method: config.methods.get(config.method, {})}
     for key in ("mesh", "resume_on_new_mesh"):
         if key in recorded:
             del recorded[key]
+    if "cache_dir" in recorded.get("eval", {}):
+        del recorded.eval["cache_dir"]
     return json.dumps(json.loads(recorded.to_json_best_effort()), indent=2, sort_keys=True)
 
 
@@ -399,7 +401,10 @@ def _run(config, workdir, setup: Setup, config_json, started) -> dict:
     method.setup(methods.Context(config=config, family=family, model_config=model_config,
                                  tokenizer=tokenizer, data=data, workdir=workdir,
                                  steps_per_task=steps))  # fmt: skip
-    evaluator = family.evaluator(config, data, model_config, tokenizer)
+    evaluator = family.evaluator(
+        config, data, model_config, tokenizer, mesh=setup.mesh,
+        cache_dir=config.eval.get("cache_dir") or os.path.join(workdir, "eval_images"),
+    )  # fmt: skip
     eval_seconds = {}  # kind -> seconds of its latest evaluation in this process (for the ETA)
 
     def evaluate(params, subset: bool) -> dict:

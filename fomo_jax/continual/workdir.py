@@ -11,7 +11,10 @@
   loop honours at its next step by checkpointing there; the run then stops with exit status
   `EXIT_PREEMPTED` (75, EX_TEMPFAIL: "try again"), and the same command resumes it. Outside
   the loop (data preparation, the evaluations) nothing is lost by stopping, so the signal
-  stops the run at once with the same status.
+  stops the run at once with the same status. With several processes, JAX's preemption
+  notifier owns SIGTERM: a signal to any process makes all of them agree on one step (JAX's
+  preemption sync point, polled at every step) and checkpoint that step together; outside the
+  loop the notice waits for the next training step or is ignored once training is over.
 - `same_config_or_fresh(workdir, config_json)`: a run's identity recorded in `config.json`; a
   directory holding another run's state is refused.
 """
@@ -26,6 +29,8 @@ import signal
 import socket
 import tempfile
 import threading
+
+from fomo_jax import distributed
 
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: the run is checkpointed; run it again
 LOCK_FILE = ".lock"
@@ -83,9 +88,11 @@ def write_atomic(path: str, text: str) -> None:
 class Preemption:
     """SIGTERM handling for one run (main thread only; elsewhere the signal keeps its default).
 
-    Inside `deferred()` a SIGTERM only sets `requested`, and the loop checkpoints and raises
-    `Preempted` at its next check; outside, or on a second SIGTERM, `Preempted` is raised at
-    once.
+    One process: inside `deferred()` a SIGTERM only sets `requested`, and the loop checkpoints
+    and raises `Preempted` at its next check; outside, or on a second SIGTERM, `Preempted` is
+    raised at once. Several processes: no Python handler (it would replace JAX's notifier);
+    `poll(global_step)`, called by every process at every step, sets `requested` on all of
+    them at the one step they agree on after any of them received SIGTERM.
     """
 
     def __init__(self):
@@ -94,9 +101,21 @@ class Preemption:
         self._previous = None
 
     def __enter__(self):
+        if distributed.multiprocess():
+            return self  # jax.distributed's preemption notifier holds SIGTERM
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
+
+    def poll(self, global_step: int) -> bool:
+        """Whether to checkpoint and stop at `global_step` (a collective decision across
+        processes: every process calls this at every step, with the same steps)."""
+        if not self.requested and distributed.multiprocess():
+            self.requested = distributed.preemption_sync_point(global_step)
+            if self.requested:
+                logging.warning("SIGTERM on a process of this run: all processes stop at "
+                                "global step %d", global_step)  # fmt: skip
+        return self.requested
 
     def __exit__(self, *exc):
         if self._previous is not None:

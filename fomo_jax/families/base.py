@@ -137,7 +137,11 @@ class Family:
 
     # ---- evaluation and export -----------------------------------------------------------------
     def evaluator(self, config: ml_collections.ConfigDict, data: Data, model_config: ModelConfig,
-                  tokenizer: Tokenizer) -> Evaluator:  # fmt: skip
+                  tokenizer: Tokenizer, *, mesh=None,
+                  cache_dir: str | None = None) -> Evaluator:  # fmt: skip
+        """The run's evaluator. `mesh`: the run's mesh, over which evaluation batches are split
+        (each process feeding its rows); `cache_dir`: a folder on storage every process sees,
+        for decoded test data kept out of host memory."""
         raise NotImplementedError
 
     def export(self, params: Params, model_config: ModelConfig, directory: str,

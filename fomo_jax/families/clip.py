@@ -129,10 +129,12 @@ class Clip(Family):
     def linear_paths(self, model_config) -> list[str]:
         return clip_lib.linear_paths(model_config)
 
-    def evaluator(self, config, data: Data, model_config, tokenizer) -> Evaluator:
+    def evaluator(self, config, data: Data, model_config, tokenizer, *, mesh=None,
+                  cache_dir=None) -> Evaluator:  # fmt: skip
         return Evaluator(evaluate_lib.Evaluator(
             data.root, data.datasets, tokenizer, self.image_size(model_config),
-            batch_size=config.eval.batch_size, subset_seed=config.seed,
+            batch_size=config.eval.batch_size, subset_seed=config.seed, cache_dir=cache_dir,
+            mesh=mesh, rules=self.rules,
         ))  # fmt: skip
 
     def export(self, params, model_config, directory: str, tokenizer) -> None:

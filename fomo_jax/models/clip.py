@@ -412,19 +412,28 @@ class CLIP(nnx.Module):
     def encode_text(self, token_ids):
         """int32 [batch, context] ids (EOT = row max, padding after) -> [batch, embed_dim].
 
-        Host inputs are cut after the batch's last EOT (rounded up to a multiple of
-        `TEXT_LENGTH_BUCKET`): with causal attention no later position can reach a pooled
-        token, so the result is unchanged while short captions cost a fraction of the
-        full context.
+        Host (numpy) inputs are cut to `text_width` columns: with causal attention no later
+        position can reach a pooled token, so the result is unchanged while short captions
+        cost a fraction of the full context. Device arrays are encoded as given (a caller
+        feeding a batch sharded across processes cuts it first, from the whole batch).
         """
         if _traced(token_ids, self.logit_scale[...]):
             return _tower_forward(self, "text", token_ids)
+        if isinstance(token_ids, jax.Array):
+            return _encoder(self, "text")(token_ids)
         ids = np.asarray(token_ids)
         if ids.ndim == 2 and 0 < ids.shape[1] <= self.text.cfg.context_length:
-            needed = int(np.max(np.argmax(ids, axis=1))) + 1
-            length = -(-needed // TEXT_LENGTH_BUCKET) * TEXT_LENGTH_BUCKET
-            ids = ids[:, : min(length, ids.shape[1])]
+            ids = ids[:, : text_width(ids)]
         return _encoder(self, "text")(ids)
+
+
+def text_width(ids: np.ndarray) -> int:
+    """The columns of a token batch that matter: through its last EOT (the row maximum),
+    rounded up to a multiple of `TEXT_LENGTH_BUCKET` (few distinct shapes to compile)."""
+    ids = np.asarray(ids)
+    needed = int(np.max(np.argmax(ids, axis=1))) + 1
+    length = -(-needed // TEXT_LENGTH_BUCKET) * TEXT_LENGTH_BUCKET
+    return min(length, ids.shape[1])
 
 
 def _traced(*values) -> bool:

@@ -122,7 +122,9 @@ def _train(config, workdir) -> dict:
         )  # fmt: skip
     datasets = fif_synth.load_datasets(root)
     pool = webdataset.WebDatasetSource(os.path.join(root, "pretraining"))
-    evaluator = evaluate_lib.Evaluator(root, datasets, tokenizer, image_size)  # decodes once
+    evaluator = evaluate_lib.Evaluator(root, datasets, tokenizer, image_size, mesh=mesh,
+                                       rules=family.rules,
+                                       cache_dir=os.path.join(workdir, "eval_images"))  # fmt: skip
     graphdef = family.graphdef(model_config)
 
     def evaluate(params):

@@ -157,7 +157,7 @@ class MLPFamily(Family):
     def linear_paths(self, model_config):
         return ["pixels/hidden", "pixels/out", "words/out"]
 
-    def evaluator(self, config, data, model_config, tokenizer):
+    def evaluator(self, config, data, model_config, tokenizer, *, mesh=None, cache_dir=None):
         return Evaluator(self, data, model_config, tokenizer)
 
     def export(self, params, model_config, directory, tokenizer):

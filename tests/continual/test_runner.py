@@ -577,6 +577,9 @@ def test_batch_must_split_over_the_mesh(data_root):
         runner.check_batch_divides(config, mesh)
     config.theta0.checkpoint = "/some/model"  # no θ0 pretraining: its batch does not matter
     runner.check_batch_divides(config, mesh)
+    config.eval.batch_size = 66  # evaluation batches are split over the mesh too
+    with pytest.raises(ValueError, match=r"config.eval.batch_size=66"):
+        runner.check_batch_divides(config, mesh)
 
 
 # ------------------------------------------------ undecodable images, SIGTERM at a step
