@@ -7,8 +7,8 @@ builds the `Evaluator` both ways on fif_synth test sets transformed at 224 px an
 evaluation of a tiny CLIP (224-px input, 32-px patches), each in a fresh process, and reports:
 
 - peak RSS (VmHWM: everything resident at the worst moment, mapped files such as the shared
-  libraries included), and the peak of anonymous RSS (RssAnon, sampled every 20 ms: memory the process
-  owns; the kernel cannot drop it under pressure);
+  libraries included), and the peak of anonymous RSS (RssAnon, sampled every 20 ms: memory
+  the process owns; the kernel cannot drop it under pressure);
 - the bytes of decoded images, so the difference can be read against it;
 - the same two peaks for the smoke continual run (`run.py --config=...:smoke`).
 

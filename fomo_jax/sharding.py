@@ -43,17 +43,19 @@ CLIP_RULES: Rules = (
 )
 
 # Decoder LMs (`models/llama.py`: q/k/v as above) and the VLM (`models/vlm.py`: its image
-# tower is CLIP's, its connector a two-layer MLP), in the same Megatron x FSDP pattern. The
-# vocabulary dimension of the embedding and the output head is split over `model`.
+# tower is CLIP's; its connectors, `models/connectors.py`: the MLPs' first linear column-split,
+# their second row-split; the Perceiver's attention and SwiGLUs as the LM's), in the same
+# Megatron x FSDP pattern. The vocabulary dimension of the embedding and the output head is
+# split over `model`.
 LM_RULES: Rules = (
     (r"attn/o_proj/kernel$", P("model", "fsdp")),
-    (r"mlp/(gate_proj|up_proj)/kernel$", P("fsdp", "model")),
+    (r"(mlp|modality_projection)/(gate_proj|up_proj)/kernel$", P("fsdp", "model")),
     (r"mlp/(gate_proj|up_proj)/bias$", P("model")),
-    (r"mlp/down_proj/kernel$", P("model", "fsdp")),
+    (r"(mlp|modality_projection)/down_proj/kernel$", P("model", "fsdp")),
     (r"embed_tokens/embedding$", P("model", "fsdp")),
     (r"lm_head/kernel$", P("fsdp", "model")),
-    (r"connector/linear_1/kernel$", P("fsdp", "model")),
-    (r"connector/linear_1/bias$", P("model")),
+    (r"connector/(linear|linear_1)/kernel$", P("fsdp", "model")),
+    (r"connector/(linear|linear_1)/bias$", P("model")),
     (r"connector/linear_2/kernel$", P("model", "fsdp")),
     *CLIP_RULES,
 )
@@ -107,8 +109,9 @@ def hybrid_grid(data: int, fsdp: int, model: int, devices, dcn_data: int,
         raise ValueError(f"mesh.dcn_data={dcn_data} must be the number of {kind} ({granules}) "
                          f"and divide mesh data={data} (mesh.dcn_data=1: a mesh laid out "
                          "without regard to slices or hosts)")  # fmt: skip
-    return mesh_utils.create_hybrid_device_mesh((data // dcn_data, fsdp, model), (dcn_data, 1, 1),
-                                                devices, process_is_granule=not by_slice)  # fmt: skip
+    inner, outer = (data // dcn_data, fsdp, model), (dcn_data, 1, 1)
+    return mesh_utils.create_hybrid_device_mesh(inner, outer, devices,
+                                                process_is_granule=not by_slice)  # fmt: skip
 
 
 def describe(mesh) -> str:
@@ -119,8 +122,10 @@ def describe(mesh) -> str:
                 if (np.diff(processes, axis=axis) != 0).any()]  # fmt: skip
     within = [name for name in mesh.axis_names if name not in crossing]
     shape = " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
-    text = (f"mesh {shape} on {len(np.unique(processes))} processes: "
-            f"{', '.join(crossing) or 'no axis'} cross{'es' * (len(crossing) == 1)} processes")
+    text = (
+        f"mesh {shape} on {len(np.unique(processes))} processes: "
+        f"{', '.join(crossing) or 'no axis'} cross{'es' * (len(crossing) == 1)} processes"
+    )
     if within:
         text += f"; {', '.join(within)} stay{'s' * (len(within) == 1)} within one"
     if "model" in crossing:

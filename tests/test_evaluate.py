@@ -412,8 +412,8 @@ def test_an_evaluator_on_a_mesh_with_images_on_disk_embeds_as_the_plain_one(synt
                          plain._image_group(model, subset=False), strict=True):  # fmt: skip
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     texts = [(s, np.arange(len(s.tokens))) for s in split.sets]
-    got = split._text_group(model, *zip(*texts), "text")
-    want = plain._text_group(model, *zip(*texts), "text")
+    got = split._text_group(model, *zip(*texts, strict=True), "text")
+    want = plain._text_group(model, *zip(*texts, strict=True), "text")
     for key in want:
         np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-5)
     assert split.evaluate(model, subset=True).keys() == plain.evaluate(model, subset=True).keys()

@@ -97,6 +97,35 @@ def test_lm_rules_cover_every_large_matrix_of_a_vlm():
     assert len(matrices) > 20 and all(specs[k] != P() for k in matrices)
 
 
+@pytest.mark.parametrize("connector", ["linear", "mlp_downsample", "perceiver"])
+def test_lm_rules_split_every_connector(connector):
+    from fomo_jax import models
+    from fomo_jax import params as params_lib
+    from fomo_jax.models import llama, vlm
+
+    lm = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=8)  # fmt: skip
+    cfg = vlm.VLMConfig(vision=models.get_config("tiny"), lm=lm, image_token_id=63,
+                        connector=connector, perceiver_heads=4, perceiver_kv_heads=2,
+                        perceiver_head_dim=8)  # fmt: skip
+    flat = params_lib.flatten(params_lib.split(vlm.abstract_vlm(cfg))[1]["connector"])
+    specs = {path: sharding.spec_for("connector/" + path, value.shape, sharding.LM_RULES,
+                                     MESH_2x4x2) for path, value in flat.items()}  # fmt: skip
+    # Every matrix but the Perceiver's latents (64 x width, replicated) is split.
+    matrices = [k for k, v in flat.items() if len(v.shape) == 2 and k != "latents"]
+    assert matrices and all(specs[k] != P() for k in matrices), specs
+
+
+def test_make_mesh_checks_device_count():
+    import jax
+
+    n = len(jax.devices())
+    assert dict(sharding.make_mesh().shape) == {"data": n, "fsdp": 1, "model": 1}
+    with pytest.raises(ValueError, match="devices"):
+        sharding.make_mesh(data=n + 1)
+
+
 def _fake_devices(processes: int, per_process: int, slices: int = 1):
     n = processes * per_process
     return [types.SimpleNamespace(id=i, process_index=i // per_process, platform="cpu",
@@ -118,8 +147,10 @@ def test_hybrid_grid_puts_data_across_hosts_and_the_rest_within_one():
     assert sorted(d.id for d in grid.reshape(-1)) == list(range(16))
     mesh = types.SimpleNamespace(devices=grid, axis_names=sharding.AXES,
                                  shape={"data": 8, "fsdp": 2, "model": 1})  # fmt: skip
-    assert sharding.describe(mesh) == ("mesh data=8 x fsdp=2 x model=1 on 4 processes: data "
-                                       "crosses processes; fsdp, model stay within one")  # fmt: skip
+    assert sharding.describe(mesh) == (
+        "mesh data=8 x fsdp=2 x model=1 on 4 processes: data crosses processes; fsdp, model "
+        "stay within one"
+    )
     # By TPU slices: 2 slices of 2 hosts each; the data axis splits over the slices.
     grid = sharding.hybrid_grid(4, 4, 1, _fake_devices(4, 4, slices=2), dcn_data=2, by_slice=True)
     slices = np.vectorize(lambda d: d.slice_index)(grid)

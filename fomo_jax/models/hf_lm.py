@@ -31,11 +31,11 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from fomo_jax import params as params_lib
-from fomo_jax.models import convert
+from fomo_jax.models import connectors, convert
 from fomo_jax.models.checkpoint_io import read_state_dict
 from fomo_jax.models.clip import CLIPConfig, VisionConfig
 from fomo_jax.models.llama import LanguageModel, LlamaConfig, abstract_lm
-from fomo_jax.models.vlm import Projector, VisionLanguageModel, VLMConfig, abstract_vlm
+from fomo_jax.models.vlm import VisionLanguageModel, VLMConfig, abstract_vlm
 
 LM_TYPES = ("llama", "mistral", "qwen2")
 MODEL_TYPES = (*LM_TYPES, "llava")
@@ -427,6 +427,9 @@ def _lm_table(cfg: LlamaConfig, prefix: str, head: str):
 
 
 def _vlm_table(cfg: VLMConfig):
+    if cfg.connector != "mlp2x_gelu":
+        raise ValueError(f"the LLaVA checkpoint layout has an mlp2x_gelu projector; this VLM's "
+                         f"connector is {cfg.connector!r}")  # fmt: skip
     rows = [
         (ours, f"model.vision_tower.{hf}", fn)  # hf: "vision_model.…"
         for ours, hf, fn in convert._table(cfg.vision)
@@ -570,10 +573,13 @@ def vlm_from_parts(
     seed: int = 0,
     dtype: str = "float32",
     attention_implementation: str | None = None,
+    connector: str = "mlp2x_gelu",
+    **connector_options,
 ) -> VisionLanguageModel:
     """A LLaVA-style VLM from a CLIP checkpoint's image tower (HF directory or OpenCLIP file,
     as `convert.load_pretrained` reads it; CLIP's `proj` is dropped), an LM checkpoint's
-    decoder and a fresh projector (`Projector(cfg, rngs=nnx.Rngs(seed))`)."""
+    decoder and a fresh connector (`connectors.make(cfg, rngs=nnx.Rngs(seed))`; its options are
+    `VLMConfig` fields, e.g. perceiver_latents)."""
     numerics = dict(dtype=dtype, attention_implementation=attention_implementation)
     clip = convert.load_pretrained(clip_path, **numerics)
     lm = load_pretrained(lm_path, **numerics)
@@ -586,12 +592,14 @@ def vlm_from_parts(
         vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy=vision_feature_select_strategy,
         projector_hidden_act=projector_hidden_act,
+        connector=connector,
+        **connector_options,
     )
     image = dict(params_lib.split(clip)[1]["image"])
     del image["proj"]
     params = {
         "image": image,
-        "connector": params_lib.split(Projector(cfg, rngs=nnx.Rngs(seed)))[1],
+        "connector": params_lib.split(connectors.make(cfg, rngs=nnx.Rngs(seed)))[1],
         "lm": params_lib.split(lm)[1]["lm"],
     }
     graphdef, _ = params_lib.split(abstract_vlm(cfg))

@@ -4,9 +4,11 @@ The image tower is CLIP's ViT without its embedding head (`image/...`); its feat
 a selectable block (`vision_feature_layer`, HF's index into the tower's hidden states: 0 is the
 input of the first block, -1 the last block's output, -2 the penultimate; a tuple of layers is
 concatenated along the features), with the class token dropped (`default`) or kept (`full`).
-The LLaVA projector (`connector/linear_1`, `projector_hidden_act`, `connector/linear_2`; HF's
-`gelu` is the exact erf form) maps them to the LM's width, and **interleave** fusion puts them in
-the token sequence: each image occupies `image_seq_length` copies of `image_token_id`, and its
+A connector (`connector`, `fomo_jax.models.connectors`: `linear`, LLaVA's `mlp2x_gelu`, the
+default and the checkpoint layout: `connector/linear_1`, `projector_hidden_act`,
+`connector/linear_2`, HF's `gelu` being the exact erf form; VILA's `mlp_downsample`; Idefics2's
+`perceiver`) maps them to the LM's width, and **interleave** fusion puts them in the token
+sequence: each image occupies `image_seq_length` copies of `image_token_id`, and its
 visual tokens replace those embeddings in order (HF's convention). Everything after the fusion
 is the LM (`lm/...`, `fomo_jax.models.llama`), so a text-only batch gives exactly the LM's
 logits.
@@ -26,19 +28,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fomo_jax.models.clip import _ZEROS, CLIPConfig, VisionTower, _normal, shape_only
-from fomo_jax.models.clip import ACTIVATIONS as CLIP_ACTIVATIONS
-from fomo_jax.models.llama import ACTIVATIONS as LM_ACTIVATIONS
+from fomo_jax.models import connectors
+from fomo_jax.models.clip import CLIPConfig, VisionTower, shape_only
 from fomo_jax.models.llama import Decoder, LlamaConfig, decode
 
 FEATURE_STRATEGIES = ("default", "full")
-PROJECTOR_ACTIVATIONS = {**LM_ACTIVATIONS, **CLIP_ACTIVATIONS}
+PROJECTOR_ACTIVATIONS = connectors.ACTIVATIONS
 
 
 @dataclasses.dataclass(frozen=True)
 class VLMConfig:
     """A LLaVA-style VLM. `vision`: the image tower's CLIP architecture (its `text` part and
-    `embed_dim` are unused); `lm`: the decoder's."""
+    `embed_dim` are unused); `lm`: the decoder's; `connector` and its options: see
+    `fomo_jax.models.connectors` (`projector_*` for the MLP connectors, `perceiver_*` for the
+    Perceiver: latents, depth, heads, KV heads, head size, activation, the pre-MLP's hidden
+    size, None for the LM's intermediate size)."""
 
     vision: CLIPConfig
     lm: LlamaConfig
@@ -47,8 +51,28 @@ class VLMConfig:
     vision_feature_select_strategy: str = "default"
     projector_hidden_act: str = "gelu"
     projector_bias: bool = True
+    connector: str = "mlp2x_gelu"
+    perceiver_latents: int = 64
+    perceiver_depth: int = 3
+    perceiver_heads: int = 16
+    perceiver_kv_heads: int = 4
+    perceiver_head_dim: int = 96
+    perceiver_act: str = "silu"
+    perceiver_projection_size: int | None = None
 
     def __post_init__(self):
+        if self.connector not in connectors.CONNECTORS:
+            raise ValueError(f"connector={self.connector!r}; expected one of "
+                             f"{sorted(connectors.CONNECTORS)}")  # fmt: skip
+        if self.connector == "mlp_downsample" and self.vision_feature_select_strategy != "default":
+            raise ValueError("connector='mlp_downsample' merges 2x2 patches of the grid: it "
+                             "needs vision_feature_select_strategy='default' (no class "
+                             "token)")  # fmt: skip
+        if self.connector == "perceiver" and self.perceiver_heads % self.perceiver_kv_heads:
+            raise ValueError(f"perceiver_heads={self.perceiver_heads} is not a multiple of "
+                             f"perceiver_kv_heads={self.perceiver_kv_heads}")  # fmt: skip
+        if self.perceiver_act not in PROJECTOR_ACTIVATIONS:
+            raise ValueError(f"perceiver_act={self.perceiver_act!r} is not supported")
         if self.vision_feature_select_strategy not in FEATURE_STRATEGIES:
             raise ValueError(
                 f"vision_feature_select_strategy={self.vision_feature_select_strategy!r}; "
@@ -84,7 +108,8 @@ class VLMConfig:
         """Visual tokens per image (image tokens each image occupies in the sequence)."""
         v = self.vision.vision
         patches = (v.image_size // v.patch_size) ** 2
-        return patches + (self.vision_feature_select_strategy == "full")
+        return connectors.visual_tokens(self, patches + (self.vision_feature_select_strategy
+                                                         == "full"))  # fmt: skip
 
     def replace(self, **changes) -> VLMConfig:
         return dataclasses.replace(self, **changes)
@@ -102,34 +127,18 @@ class VLMConfig:
         return cls(**d)
 
 
-class Projector(nnx.Module):
-    """LLaVA's `mlp2x_gelu`: linear_2(act(linear_1(features)))."""
-
-    def __init__(self, cfg: VLMConfig, *, rngs):
-        features = cfg.vision.vision.width * len(cfg.feature_layers)
-        width, dtype = cfg.lm.hidden_size, jnp.dtype(cfg.lm.dtype)
-        make = lambda n_in: nnx.Linear(  # noqa: E731
-            n_in, width, use_bias=cfg.projector_bias, dtype=dtype, kernel_init=_normal(0.02),
-            bias_init=_ZEROS, rngs=rngs,
-        )  # fmt: skip
-        self.linear_1, self.linear_2 = make(features), make(width)
-        self.activation = cfg.projector_hidden_act
-
-    def __call__(self, x):
-        return self.linear_2(PROJECTOR_ACTIVATIONS[self.activation](self.linear_1(x)))
-
-
 class VisionLanguageModel(nnx.Module):
     """`image` (CLIP ViT), `connector` (projector), `lm` (decoder)."""
 
     def __init__(self, cfg: VLMConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         self.image = VisionTower(cfg.vision, rngs=rngs, projection=False)
-        self.connector = Projector(cfg, rngs=rngs)
+        self.connector = connectors.make(cfg, rngs=rngs)
         self.lm = Decoder(cfg.lm, rngs=rngs)
 
-    def image_features(self, pixels):
-        """float32 [n, H, W, 3] normalised pixels -> [n, image_seq_length, LM width]."""
+    def image_features(self, pixels, mask=None):
+        """float32 [n, H, W, 3] normalised pixels -> [n, image_seq_length, LM width]; `mask`
+        [n, tokens] marks the image tower's real tokens for the Perceiver (None: all)."""
         layers = self.config.feature_layers
         depth = self.config.vision.vision.layers
         upto = max(layer % (depth + 1) for layer in layers)
@@ -137,7 +146,7 @@ class VisionLanguageModel(nnx.Module):
         x = jnp.concatenate([states[layer % (depth + 1)] for layer in layers], axis=-1)
         if self.config.vision_feature_select_strategy == "default":
             x = x[:, 1:]  # drop the class token
-        return self.connector(x).astype(jnp.float32)
+        return self.connector(x, mask).astype(jnp.float32)
 
     def embed(self, token_ids, images=None, image_valid=None):
         """The fused input embeddings [B, T, LM width]: token embeddings with every image

@@ -19,8 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 from fomo_jax import models
 from fomo_jax import params as params_lib
-from fomo_jax.models import hf_lm
-from fomo_jax.models.vlm import Projector
+from fomo_jax.models import connectors, hf_lm
 from tests.models.hf_util import make_hf_clip
 
 TOL = 1e-4
@@ -545,7 +544,7 @@ def test_vlm_from_parts(llama_dir, tmp_path):
         np.testing.assert_array_equal(value, lm[key], err_msg=key)
     assert vlm.config.vision.activation == "quick_gelu" and vlm.config.lm.rope_theta == 5000.0
     fresh = lambda seed: params_lib.flatten(  # noqa: E731
-        params_lib.split(Projector(vlm.config, rngs=nnx.Rngs(seed)))[1]
+        params_lib.split(connectors.make(vlm.config, rngs=nnx.Rngs(seed)))[1]
     )
     for key, value in params_lib.flatten(parts["connector"]).items():
         np.testing.assert_array_equal(value, fresh(5)[key], err_msg=key)
