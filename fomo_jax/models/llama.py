@@ -166,7 +166,8 @@ class Attention(nnx.Module):
         self.o_proj = _linear(cfg, cfg.num_attention_heads * d, h, cfg.o_bias, std, rngs)
         self.cfg = cfg
 
-    def __call__(self, x, positions, inv_freq, kv_mask, cache=None, cache_index=None):
+    def __call__(self, x, positions, inv_freq, kv_mask, cache=None, cache_index=None,
+                 prefix_length=None):  # fmt: skip
         cfg = self.cfg
         batch, length, _ = x.shape
         q = self.q_proj(x).reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)
@@ -186,8 +187,9 @@ class Attention(nnx.Module):
             k, v = new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype)
             out = kernels.attention(q, k, v, kv_mask=kv_mask,
                                     implementation=cfg.attention_implementation)  # fmt: skip
-        else:  # the input attends to itself, causally
+        else:  # the input attends to itself, causally (its first prefix_length bidirectionally)
             out = kernels.attention(q, k, v, causal=True, kv_mask=kv_mask,
+                                    prefix_length=prefix_length,
                                     implementation=cfg.attention_implementation)  # fmt: skip
         out = self.o_proj(out.reshape(batch, length, cfg.num_attention_heads * cfg.head_dim))
         return out, new_cache
@@ -217,10 +219,12 @@ class DecoderBlock(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, inv_freq, kv_mask, cache=None, cache_index=None):
+    def __call__(self, x, positions, inv_freq, kv_mask, cache=None, cache_index=None,
+                 prefix_length=None):  # fmt: skip
         out, cache = self.attn(
-            self.input_layernorm(x), positions, inv_freq, kv_mask, cache, cache_index
-        )
+            self.input_layernorm(x), positions, inv_freq, kv_mask, cache, cache_index,
+            prefix_length,
+        )  # fmt: skip
         x = x + out.astype(jnp.float32)
         return x + self.mlp(self.post_attention_layernorm(x)).astype(jnp.float32), cache
 
@@ -257,13 +261,14 @@ class Decoder(nnx.Module):
             return jnp.einsum("bth,vh->btv", hidden, table, preferred_element_type=jnp.float32)
         return self.lm_head(hidden).astype(jnp.float32)
 
-    def __call__(self, hidden, positions, kv_mask, cache=None, cache_index=None):
+    def __call__(self, hidden, positions, kv_mask, cache=None, cache_index=None,
+                 prefix_length=None):  # fmt: skip
         inv_freq = rope_frequencies(self.cfg)
         new_cache = []
         for i, block in enumerate(self.transformer.resblocks):
             hidden, layer_cache = block(
                 hidden, positions, inv_freq, kv_mask,
-                None if cache is None else cache[i], cache_index,
+                None if cache is None else cache[i], cache_index, prefix_length,
             )  # fmt: skip
             new_cache.append(layer_cache)
         return self.logits(hidden), (new_cache if cache is not None else None)
@@ -303,8 +308,10 @@ class LanguageModel(nnx.Module):
 
 
 def decode(decoder: Decoder, hidden, attention_mask=None, positions=None, cache=None,
-           cache_index=None):  # fmt: skip
-    """The decoder on input embeddings [B, T, hidden] (see `LanguageModel.__call__`)."""
+           cache_index=None, prefix_length=None):  # fmt: skip
+    """The decoder on input embeddings [B, T, hidden] (see `LanguageModel.__call__`);
+    `prefix_length` [B]: the first positions of each row attend to each other both ways
+    (prefix-LM; the rest stays causal)."""
     batch, length = hidden.shape[:2]
     window = decoder.cfg.sliding_window
     span = length if cache is None else cache[0]["k"].shape[1]
@@ -315,12 +322,15 @@ def decode(decoder: Decoder, hidden, attention_mask=None, positions=None, cache=
         )
     if cache_index is not None and length != 1:
         raise ValueError(f"decoding with a cache takes one token per step, got {length}")
+    if cache_index is not None and prefix_length is not None:
+        raise ValueError("prefix_length shapes the prompt's attention: pass it to the prefill")
     if positions is None:
         if cache_index is not None:
             raise ValueError("decoding with a cache needs `positions`")
         positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
     kv_mask = None if attention_mask is None else jnp.asarray(attention_mask, bool)
-    logits, cache = decoder(hidden, jnp.asarray(positions), kv_mask, cache, cache_index)
+    prefix = None if prefix_length is None else jnp.asarray(prefix_length, jnp.int32)
+    logits, cache = decoder(hidden, jnp.asarray(positions), kv_mask, cache, cache_index, prefix)
     return logits if cache is None else (logits, cache)
 
 

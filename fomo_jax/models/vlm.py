@@ -7,11 +7,14 @@ concatenated along the features), with the class token dropped (`default`) or ke
 A connector (`connector`, `fomo_jax.models.connectors`: `linear`, LLaVA's `mlp2x_gelu`, the
 default and the checkpoint layout: `connector/linear_1`, `projector_hidden_act`,
 `connector/linear_2`, HF's `gelu` being the exact erf form; VILA's `mlp_downsample`; Idefics2's
-`perceiver`) maps them to the LM's width, and **interleave** fusion puts them in the token
-sequence: each image occupies `image_seq_length` copies of `image_token_id`, and its
-visual tokens replace those embeddings in order (HF's convention). Everything after the fusion
-is the LM (`lm/...`, `fomo_jax.models.llama`), so a text-only batch gives exactly the LM's
-logits.
+`perceiver`) maps them to the LM's width, and fusion puts them in the token sequence: each
+image occupies `image_seq_length` copies of `image_token_id`, and its visual tokens replace
+those embeddings in order (HF's convention). `fusion` sets the attention: `interleave` (fully
+autoregressive: causal over everything) or `prefix` (PaliGemma: each row's first
+`prefix_length` tokens, its images and prompt, attend to each other both ways, the answer
+after them causally; the attention dispatcher's prefix mask). Everything after the fusion is
+the LM (`lm/...`, `fomo_jax.models.llama`), so a text-only batch of an `interleave` VLM gives
+exactly the LM's logits.
 
 Call: `vlm(token_ids, images) -> logits [B, T, V]`, `images` float32 normalised pixels
 [B, H, W, 3] (one image per row) or [B, N, H, W, 3] (N per row), with `image_valid` [B] or
@@ -33,6 +36,7 @@ from fomo_jax.models.clip import CLIPConfig, VisionTower, shape_only
 from fomo_jax.models.llama import Decoder, LlamaConfig, decode
 
 FEATURE_STRATEGIES = ("default", "full")
+FUSIONS = ("interleave", "prefix")
 PROJECTOR_ACTIVATIONS = connectors.ACTIVATIONS
 
 
@@ -51,6 +55,7 @@ class VLMConfig:
     vision_feature_select_strategy: str = "default"
     projector_hidden_act: str = "gelu"
     projector_bias: bool = True
+    fusion: str = "interleave"
     connector: str = "mlp2x_gelu"
     perceiver_latents: int = 64
     perceiver_depth: int = 3
@@ -61,6 +66,8 @@ class VLMConfig:
     perceiver_projection_size: int | None = None
 
     def __post_init__(self):
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion={self.fusion!r}; expected one of {FUSIONS}")
         if self.connector not in connectors.CONNECTORS:
             raise ValueError(f"connector={self.connector!r}; expected one of "
                              f"{sorted(connectors.CONNECTORS)}")  # fmt: skip
@@ -179,12 +186,20 @@ class VisionLanguageModel(nnx.Module):
 
     def __call__(
         self, token_ids, images=None, *, image_valid=None, attention_mask=None, positions=None,
-        cache=None, cache_index=None,
+        cache=None, cache_index=None, prefix_length=None,
     ):  # fmt: skip
         """Logits [B, T, V] (float32); with `cache`, (logits, updated cache), as
-        `LanguageModel.__call__` (decoding steps pass text tokens only)."""
+        `LanguageModel.__call__` (decoding steps pass text tokens only). `prefix` fusion:
+        `prefix_length` [B] (each row's image slots and prompt, which attend to each other
+        both ways; the answer after them is causal) is required except when decoding."""
+        if self.config.fusion == "prefix" and prefix_length is None and cache_index is None:
+            raise ValueError("fusion='prefix' needs prefix_length: the image and prompt tokens "
+                             "of each row")  # fmt: skip
+        if self.config.fusion == "interleave" and prefix_length is not None:
+            raise ValueError("prefix_length is for fusion='prefix'; this VLM is 'interleave'")
         hidden = self.embed(token_ids, images, image_valid)
-        return decode(self.lm, hidden, attention_mask, positions, cache, cache_index)
+        return decode(self.lm, hidden, attention_mask, positions, cache, cache_index,
+                      prefix_length)  # fmt: skip
 
 
 def check_image_tokens(token_ids, image_token_id, images: int, seq: int) -> None:
