@@ -1,0 +1,155 @@
+"""The VLM family: an image tower, a connector and a decoder LM trained on the next token.
+
+Batches are `fomo_jax.data.vlm_batches.collate`'s arrays: `tokens` with image slots, uint8
+`images` [B, N, S, S, 3] (normalised on the device) with `image_valid`, `attention_mask`,
+`loss_mask` (the target at t+1) and `prefix_length` (read by `prefix` fusion only). The loss is
+`vlm_batches.next_token_loss`, normalised per supervised token (`FAMILY`, "token": HF and
+VILA) or per example (`PER_EXAMPLE`, "example": big_vision); `config.family` names the one a
+run uses, so its config records it ("vlm" or "fomo_jax.families.vlm:PER_EXAMPLE"). The
+parameter groups are `image`, `connector` and `lm` (per-group merges, learning-rate
+multipliers, locking); the sharding rules are `sharding.LM_RULES` (Megatron x FSDP).
+
+Not yet here: adapters on the VLM's linears, its evaluators (they come with the synthetic
+vision-language world) and its data stream in the continual runner; asking for them is an
+error naming what is missing.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from fomo_jax import params as params_lib
+from fomo_jax import sharding
+from fomo_jax.data import vlm_batches
+from fomo_jax.families.base import Family, LossFn, Params
+from fomo_jax.models import clip as clip_lib
+from fomo_jax.models import hf_lm, vlm
+
+LM_LINEARS = ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "mlp/gate_proj",
+              "mlp/up_proj", "mlp/down_proj")  # fmt: skip
+
+
+def pixels(images) -> jax.Array:
+    """uint8 [..., S, S, 3] -> CLIP-normalised float32 pixels (on the device)."""
+    images = jnp.asarray(images).astype(jnp.float32) / 255.0
+    return (images - jnp.asarray(clip_lib.CLIP_MEAN)) / jnp.asarray(clip_lib.CLIP_STD)
+
+
+class VLM(Family):
+    name = "vlm"
+    metric_keys = ()
+    groups = ("image", "connector", "lm")
+    batch_keys = ("tokens", "images", "image_valid", "attention_mask", "loss_mask",
+                  "prefix_length")  # fmt: skip
+    rules = sharding.LM_RULES
+    adapter_targets = {}
+
+    def __init__(self, normalization: str = "token"):
+        if normalization not in vlm_batches.NORMALIZATIONS:
+            raise ValueError(f"normalization={normalization!r}; expected one of "
+                             f"{vlm_batches.NORMALIZATIONS}")  # fmt: skip
+        self.normalization = normalization
+
+    # ---- model -----------------------------------------------------------------------------
+    def model_config(self, config: ml_collections.ConfigDict) -> vlm.VLMConfig:
+        """θ0's checkpoint's architecture (a LLaVA checkpoint) or `config.model.vlm`, a dict of
+        `VLMConfig` fields whose `vision` may name a CLIP variant."""
+        if config.theta0.checkpoint:
+            return hf_lm.load_pretrained(config.theta0.checkpoint).config
+        if "vlm" not in config.model:
+            raise ValueError("config.model.vlm: the VLM's architecture (VLMConfig fields) is "
+                             "missing, and no θ0 checkpoint is given")  # fmt: skip
+        fields = dict(config.model.vlm.to_dict())
+        if isinstance(fields.get("vision"), str):
+            from fomo_jax import models
+
+            fields["vision"] = models.get_config(fields["vision"]).to_dict()
+        return vlm.VLMConfig.from_dict(fields)
+
+    def tokenizer(self, config, model_config):
+        raise ValueError("the continual runner has no VLM data stream or evaluator yet: train "
+                         "the VLM family with the one step (train.step) on "
+                         "data.vlm_batches.collate batches")  # fmt: skip
+
+    def abstract_model(self, model_config) -> vlm.VisionLanguageModel:
+        return vlm.abstract_vlm(model_config)
+
+    def init_model(self, model_config, seed: int) -> vlm.VisionLanguageModel:
+        return vlm.create_vlm(model_config, seed=seed)
+
+    def load_params(self, path: str, model_config) -> Params:
+        return jax.device_get(params_lib.split(hf_lm.load_pretrained(path))[1])
+
+    def with_adapter(self, model_config, adapter):
+        if adapter is None:
+            return model_config
+        raise ValueError("adapters (lora, dora, vera) on the VLM's linears are not implemented "
+                         "yet; train it with full or frozen config.trainable rules")  # fmt: skip
+
+    # ---- training --------------------------------------------------------------------------
+    def loss(self, graphdef) -> LossFn:
+        normalization = self.normalization
+
+        def loss_fn(params, batch, key):
+            model = params_lib.merge(graphdef, params)
+            prefix = batch["prefix_length"] if model.config.fusion == "prefix" else None
+            logits = model(batch["tokens"], pixels(batch["images"]),
+                           image_valid=batch["image_valid"],
+                           attention_mask=batch["attention_mask"],
+                           prefix_length=prefix)  # fmt: skip
+            loss = vlm_batches.next_token_loss(logits, batch["tokens"], batch["loss_mask"],
+                                               normalization)  # fmt: skip
+            supervised = jnp.sum(jnp.asarray(batch["loss_mask"], jnp.float32)[:, :-1])
+            return loss, {"supervised_tokens": supervised}, {}
+
+        return loss_fn
+
+    def image_size(self, model_config) -> int:
+        return model_config.vision.vision.image_size
+
+    def abstract_batch(self, model_config, batch_size: int, *, length: int | None = None,
+                       max_images: int = 1) -> dict:  # fmt: skip
+        """The batch's arrays as `jax.ShapeDtypeStruct`s; `length` defaults to one image's
+        slots (and two wrappers) plus 32 text tokens."""
+        length = length or model_config.image_seq_length + 2 + 32
+        size = self.image_size(model_config)
+        shape = jax.ShapeDtypeStruct
+        return {
+            "tokens": shape((batch_size, length), jnp.int32),
+            "images": shape((batch_size, max_images, size, size, 3), jnp.uint8),
+            "image_valid": shape((batch_size, max_images), jnp.bool_),
+            "attention_mask": shape((batch_size, length), jnp.bool_),
+            "loss_mask": shape((batch_size, length), jnp.bool_),
+            "prefix_length": shape((batch_size,), jnp.int32),
+        }
+
+    # ---- parameter paths -------------------------------------------------------------------
+    def group_of(self, path: str) -> str:
+        group = path.split("/", 1)[0]
+        if group not in self.groups:
+            raise ValueError(f"{path}: not under image/, connector/ or lm/")
+        return group
+
+    def linear_paths(self, model_config) -> list[str]:
+        """Every linear of the image tower's and the LM's transformer blocks."""
+        image = [f"image/transformer/resblocks/{i}/{name}"
+                 for i in range(model_config.vision.vision.layers)
+                 for name in clip_lib.LINEAR_NAMES]  # fmt: skip
+        lm = [f"lm/transformer/resblocks/{i}/{name}"
+              for i in range(model_config.lm.num_hidden_layers) for name in LM_LINEARS]  # fmt: skip
+        return image + lm
+
+    # ---- evaluation and export -------------------------------------------------------------
+    def evaluator(self, config, data, model_config, tokenizer, *, mesh=None, cache_dir=None):
+        raise ValueError("the VLM family has no evaluator yet (it comes with the synthetic "
+                         "vision-language world)")  # fmt: skip
+
+    def export(self, params, model_config, directory: str, tokenizer) -> None:
+        """A LLaVA checkpoint (transformers' layout; the `mlp2x_gelu` connector only)."""
+        hf_lm.export_hf(params_lib.merge(self.graphdef(model_config), params), directory)
+
+
+FAMILY = VLM("token")
+PER_EXAMPLE = VLM("example")

@@ -1,0 +1,112 @@
+"""The VLM family in the one jitted train step: its next-token loss on collated batches,
+trainability rules (frozen leaves bitwise unchanged), per-group learning-rate multipliers, both
+loss normalisations and both fusions."""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from fomo_jax import models, sharding
+from fomo_jax import params as params_lib
+from fomo_jax.continual import methods
+from fomo_jax.data import vlm_batches as vb
+from fomo_jax.families import vlm as vlm_family
+from fomo_jax.models import llama, vlm
+from fomo_jax.train import optimizer
+from fomo_jax.train import step as step_lib
+
+LM = llama.LlamaConfig(vocab_size=264, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8)  # fmt: skip
+SPECIALS = vb.Specials(image=259, eos=258, eou=261, pad=0, wrapper=260)
+
+
+def _config(**changes):
+    return vlm.VLMConfig(vision=models.get_config("tiny"), lm=LM, image_token_id=259, **changes)
+
+
+def _batch(cfg, seed=0):
+    rng = np.random.default_rng(seed)
+
+    def image():
+        return rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+    examples = [
+        vb.pair(image(), "a red cube"),
+        vb.sft([("what?", "a dax")], image()),
+        vb.document([image(), "two blue things", "then text"]),
+        vb.text("plain words"),
+    ]
+    encode = lambda s: [b + 1 for b in s.encode()]  # noqa: E731
+    return vb.collate(examples, encode, SPECIALS, cfg.image_seq_length, length=64,
+                      max_images=1, image_size=32)  # fmt: skip
+
+
+def _step(family, cfg, trainable, multipliers=None):
+    method = methods.get("finetune")
+    config = ml_collections.ConfigDict({"trainable": trainable})
+    method.setup(methods.Context(config=config, family=family, model_config=cfg, tokenizer=None,
+                                 data=None, workdir="", steps_per_task=None))  # fmt: skip
+    params = params_lib.split(family.init_model(cfg, seed=0))[1]
+    tx, mesh, key = optimizer.adamw(), sharding.make_mesh(), step_lib.step_key(0)
+    state = step_lib.fresh_state(params, method, tx, key)
+    shardings = step_lib.shardings_of(jax.eval_shape(lambda: state), mesh, family.rules)
+    if multipliers:
+        multipliers = step_lib.lr_multipliers(step_lib.trained(params, method), family.group_of,
+                                              multipliers)  # fmt: skip
+    step = step_lib.compile_step(family, method.graphdef, tx, method, mesh, shardings,
+                                 multipliers)  # fmt: skip
+    return params, step, step_lib.place(state, shardings)
+
+
+def test_frozen_groups_stay_bitwise_and_multipliers_scale_their_group():
+    cfg = _config()
+    batch = _batch(cfg)
+    trainable = (("image/.*", "frozen"), ("connector/.*", "full"), ("lm/.*", "full"))
+    params, step, state = _step(vlm_family.FAMILY, cfg, trainable)
+    _, step10, state10 = _step(vlm_family.FAMILY, cfg, trainable, {"connector": 10.0})
+    state, metrics = step(state, batch, 1e-3)
+    state10, _ = step10(state10, batch, 1e-3)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["supervised_tokens"]) > 20
+    before, after, after10 = (params_lib.flatten(jax.device_get(p))
+                              for p in (params, state.params, state10.params))  # fmt: skip
+    for path, value in before.items():
+        moved, moved10 = after[path] - value, after10[path] - value
+        if path.startswith("image/"):  # frozen: not a bit moves
+            assert np.array_equal(after[path], value) and np.array_equal(after10[path], value)
+        elif path.startswith("connector/") and np.abs(moved).max() > 0:
+            # Adam's first step is lr * sign-like u, the same in both runs: x10 exactly-ish
+            np.testing.assert_allclose(moved10, 10 * moved, rtol=1e-4, atol=1e-9, err_msg=path)
+        else:
+            np.testing.assert_allclose(moved10, moved, rtol=1e-5, atol=1e-9, err_msg=path)
+    assert any(np.abs(after[p] - before[p]).max() > 0 for p in before if p.startswith("lm/"))
+
+
+def test_loss_falls_with_either_normalisation_and_fusion():
+    for family, fusion in ((vlm_family.FAMILY, "interleave"), (vlm_family.PER_EXAMPLE, "prefix")):
+        cfg = _config(fusion=fusion, connector="mlp_downsample")
+        batch = _batch(cfg, seed=1)
+        _, step, state = _step(family, cfg, (("image/.*", "frozen"), (".*", "full")))
+        losses = []
+        for _ in range(4):
+            state, metrics = step(state, batch, 3e-3)
+            losses.append(float(metrics["loss"]))
+        assert losses[-1] < losses[0], (fusion, losses)
+
+
+def test_family_paths_and_refusals():
+    family, cfg = vlm_family.FAMILY, _config()
+    paths = params_lib.flatten(params_lib.split(family.abstract_model(cfg))[1])
+    assert {family.group_of(p) for p in paths} == {"image", "connector", "lm"}
+    linears = family.linear_paths(cfg)
+    assert all(f"{p}/kernel" in paths for p in linears) and len(linears) == 2 * 6 + 2 * 7
+    with pytest.raises(ValueError, match="not under image/, connector/ or lm/"):
+        family.group_of("logit_scale")
+    with pytest.raises(ValueError, match="adapters .* on the VLM's linears are not implemented"):
+        family.with_adapter(cfg, object())
+    with pytest.raises(ValueError, match="no VLM data stream or evaluator yet"):
+        family.tokenizer(None, cfg)
+    with pytest.raises(ValueError, match="no evaluator yet"):
+        family.evaluator(None, None, cfg, None)
+    batch = family.abstract_batch(cfg, 4)
+    assert set(batch) == set(family.batch_keys) and batch["tokens"].shape == (4, 16 + 2 + 32)
