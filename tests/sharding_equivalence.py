@@ -1,4 +1,6 @@
-"""Worker for tests/test_sharding.py: same losses and gradients on every mesh as on one device.
+"""Worker for tests/test_sharding.py: same losses and gradients on every mesh as on one device,
+for a tiny CLIP (contrastive loss over the global batch) and a tiny VLM (next-token loss on
+collated pairs, documents, SFT and text; `meshes_vlm`).
 
 Run in its own process because the 8 fake CPU devices must be configured before JAX starts:
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding_equivalence.py
@@ -23,7 +25,10 @@ from fomo_jax import models, runtime, sharding  # noqa: E402
 from fomo_jax import params as params_lib  # noqa: E402
 from fomo_jax.continual.loop import finetuning  # noqa: E402
 from fomo_jax.data import synthetic  # noqa: E402
+from fomo_jax.data import vlm_batches as vb  # noqa: E402
 from fomo_jax.families import clip  # noqa: E402
+from fomo_jax.families import vlm as vlm_family  # noqa: E402
+from fomo_jax.models import llama, vlm  # noqa: E402
 from fomo_jax.tokenizer import ByteTokenizer  # noqa: E402
 from fomo_jax.train import optimizer  # noqa: E402
 from fomo_jax.train.losses import clip_loss  # noqa: E402
@@ -59,9 +64,25 @@ def max_abs_diff(a, b):
     )
 
 
-def loss_and_metrics(graphdef):
-    """(params, batch) -> (CLIP loss, metrics): the family's loss without its key."""
-    loss_fn = clip.FAMILY.loss(graphdef)
+def vlm_batches(cfg):
+    rng = np.random.default_rng(7)
+
+    def image():
+        return rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+    kinds = [lambda: vb.pair(image(), "a red cube on the left"),
+             lambda: vb.sft([("what is it?", "a dax")], image()),
+             lambda: vb.document([image(), "two blue things", "more text here"]),
+             lambda: vb.text("plain words only")]  # fmt: skip
+    specials = vb.Specials(image=cfg.image_token_id, eos=258, eou=261, pad=0, wrapper=260)
+    encode = lambda s: [b + 1 for b in s.encode()]  # noqa: E731
+    return [vb.collate([kinds[i % 4]() for i in range(BATCH)], encode, specials,
+                       cfg.image_seq_length, 64, 1, 32) for _ in range(STEPS)]  # fmt: skip
+
+
+def loss_and_metrics(graphdef, family=clip.FAMILY):
+    """(params, batch) -> (loss, metrics): the family's loss without its key."""
+    loss_fn = family.loss(graphdef)
 
     def apply(params, batch):
         loss, metrics, _ = loss_fn(params, batch, None)
@@ -70,12 +91,13 @@ def loss_and_metrics(graphdef):
     return apply
 
 
-def run(graphdef, params, data, mesh, tx):
+def run(graphdef, params, data, mesh, tx, family=clip.FAMILY,
+        path="image/transformer/resblocks/0/attn/q_proj/kernel"):  # fmt: skip
     """Initial loss and gradients, then the losses of STEPS train steps, on `mesh`."""
-    step, state = finetuning(graphdef, tx, mesh, params)
+    step, state = finetuning(graphdef, tx, mesh, params, family=family)
     shardings = jax.tree_util.tree_map(lambda x: x.sharding, state.params)
     grad_fn = jax.jit(
-        jax.value_and_grad(loss_and_metrics(graphdef), has_aux=True),
+        jax.value_and_grad(loss_and_metrics(graphdef, family), has_aux=True),
         in_shardings=(shardings, sharding.batch_sharding(mesh)),
         out_shardings=((sharding.replicated(mesh), sharding.replicated(mesh)), shardings),
     )
@@ -84,7 +106,6 @@ def run(graphdef, params, data, mesh, tx):
     for batch in data:
         state, metrics = step(state, batch, LR)
         losses.append(float(metrics["loss"]))
-    path = "image/transformer/resblocks/0/attn/q_proj/kernel"
     kernel = params_lib.flatten(state.params)[path]
     moments = [
         leaf
@@ -104,6 +125,36 @@ def run(graphdef, params, data, mesh, tx):
             "batch_shard_rows": BATCH // (mesh.shape["data"] * mesh.shape["fsdp"]),
         },
     )
+
+
+def compare(graphdef, params, data, tx, family, path):
+    """{mesh: differences from one device} of `family`'s loss, gradients and steps."""
+    one = sharding.make_mesh(devices=jax.devices()[:1])
+    ref_loss, ref_grads, ref_losses, _ = run(graphdef, params, data, one, tx, family, path)
+    out = {}
+    for name, shape in MESHES.items():
+        mesh = sharding.make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
+        loss0, grads, losses, layout = run(graphdef, params, data, mesh, tx, family, path)
+        leaves = zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads),
+                     strict=True)  # fmt: skip
+        out[name] = dict(
+            layout, loss=abs(loss0 - ref_loss),
+            step_losses=max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)),
+            grad_scale=max(float(np.max(np.abs(g))) for g in jax.tree_util.tree_leaves(grads)),
+            grads_close=all(np.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in leaves),
+        )  # fmt: skip
+    return out
+
+
+def compare_vlm(tx):
+    """The VLM (LLaVA layout, interleave fusion) on every mesh."""
+    lm = llama.LlamaConfig(vocab_size=264, hidden_size=32, intermediate_size=48,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=8)  # fmt: skip
+    cfg = vlm.VLMConfig(vision=models.get_config("tiny"), lm=lm, image_token_id=259)
+    graphdef, params = params_lib.split(vlm.create_vlm(cfg, seed=0))
+    return compare(graphdef, jax.device_get(params), vlm_batches(cfg), tx, vlm_family.FAMILY,
+                   "lm/transformer/resblocks/0/attn/q_proj/kernel")  # fmt: skip
 
 
 def per_shard_loss(graphdef, params, batch, mesh):
@@ -157,6 +208,7 @@ def main():
                 jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads), strict=True
             )
         )
+    report["meshes_vlm"] = compare_vlm(tx)
     eight = sharding.make_mesh(8, 1, 1)
     report["per_shard_loss_minus_global"] = per_shard_loss(graphdef, params, data[0], eight) - (
         ref_loss

@@ -192,6 +192,19 @@ def test_mesh_matches_single_device(equivalence_report, mesh):
     assert r["grad_scale"] > 1e-2  # the gradients compared are not vanishingly small
 
 
+@pytest.mark.parametrize("mesh", ["1x1", "8 data", "4 data x 2 model", "2 data x 4 fsdp"])
+def test_vlm_mesh_matches_single_device(equivalence_report, mesh):
+    """The VLM's next-token loss, gradients and 3 steps: FSDP and tensor parallel as one
+    device; its LM's q_proj really split (32 x 32 kernel: 32 x 16 over model=2, 8 x 32 over
+    fsdp=4)."""
+    r = equivalence_report["meshes_vlm"][mesh]
+    assert r["loss"] < 1e-5 and r["step_losses"] < 2e-5 and r["grads_close"], r
+    assert r["grad_scale"] > 1e-2
+    want = {"1x1": [32, 32], "8 data": [32, 32], "4 data x 2 model": [32, 16],
+            "2 data x 4 fsdp": [8, 32]}[mesh]  # fmt: skip
+    assert r["q_proj_shard_shape"] == want, r
+
+
 def test_meshes_really_shard(equivalence_report):
     meshes = equivalence_report["meshes"]
     assert meshes["4 data x 2 model"]["q_proj_spec"] == "('fsdp', 'model')"
