@@ -11,6 +11,15 @@ prefill tokens/s (batch x prompt length / prefill time), the decode step ((gener
 generation of 1) / (N - 1): the `while_loop`'s steps alone, since generating one token is the
 prefill and an argmax), decode tokens/s (batch / step time) and end-to-end generated tokens/s.
 Writes `<out>.json` and `<out>.md`.
+
+`--mode train` times the VLM's jitted train step instead (the one step of every job: the VLM
+family's next-token loss, AdamW, every parameter trained) for each connector (`--connectors`)
+and `batch:sequence_length` (`--train_shapes`; pairs of one image and a caption filling the
+rest): tokens/s, XLA-counted FLOPs, achieved TFLOP/s, MFU (against the datasheet peak of the
+device kind, or on a CPU the throughput of a measured 2048^3 matmul) and compiled memory.
+
+    python benchmarks/vlm_step.py --mode train --out benchmarks/results/vlm_train_step_cpu
+    # GPU: --dtype bfloat16 --lm_size small --train_shapes 16:1024 --out ..._gpu
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.clip_step import PEAK_TFLOPS, measured_matmul_peak, median_time  # noqa: E402
 from fomo_jax import params as params_lib  # noqa: E402
 from fomo_jax import runtime  # noqa: E402
 from fomo_jax.models import generate  # noqa: E402
@@ -204,6 +214,85 @@ def markdown(report) -> str:
     return "\n".join(lines) + "\n"
 
 
+def bench_train(connector, lm_size, batch, length, dtype, repeats, peak) -> dict:
+    """The jitted train step of a VLM with `connector` on `batch` pairs of `length` tokens."""
+    from fomo_jax import sharding
+    from fomo_jax.continual.loop import finetuning
+    from fomo_jax.data import vlm_batches as vb
+    from fomo_jax.families import vlm as vlm_family
+    from fomo_jax.train import optimizer
+
+    lm = LM_SIZES[lm_size].replace(dtype=dtype)
+    cfg = VLMConfig(vision=get_config(VISION, dtype=dtype), lm=lm, image_token_id=lm.vocab_size - 1,
+                    connector=connector, perceiver_latents=16, perceiver_heads=8,
+                    perceiver_kv_heads=4, perceiver_head_dim=32)  # fmt: skip
+    graphdef, params = params_lib.split(create_vlm(cfg, seed=0))
+    step, state = finetuning(graphdef, optimizer.adamw(), sharding.make_mesh(), params,
+                             family=vlm_family.FAMILY)  # fmt: skip
+    rng = np.random.default_rng(0)
+    words = length - cfg.image_seq_length - 2
+    examples = [vb.pair(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), "x" * words)
+                for _ in range(batch)]  # fmt: skip
+    specials = vb.Specials(image=cfg.image_token_id, eos=258, eou=259, pad=0)
+    data = vb.collate(examples, lambda s: [b + 1 for b in s.encode()], specials,
+                      cfg.image_seq_length, length, 1, 64)  # fmt: skip
+    start = time.perf_counter()
+    compiled = step.lower(state, data, 1e-4).compile()
+    compile_seconds = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
+    memory = compiled.memory_analysis()
+    footprint = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
+                 + memory.output_size_in_bytes - memory.alias_size_in_bytes)  # fmt: skip
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], metrics = compiled(holder["state"], data, 1e-4)
+        jax.block_until_ready(metrics["loss"])
+
+    one_step()  # warm-up
+    seconds = median_time(one_step, repeats)
+    achieved = flops / seconds / 1e12
+    return {
+        "connector": connector, "batch": batch, "sequence_length": length, "dtype": dtype,
+        "visual_tokens": cfg.image_seq_length,
+        "params_millions": sum(np.size(x) for x in jax.tree_util.tree_leaves(params)) / 1e6,
+        "compile_seconds": compile_seconds, "step_seconds": seconds,
+        "tokens_per_second": batch * length / seconds, "xla_flops_per_step": flops,
+        "achieved_tflops": achieved, "peak_tflops": peak, "mfu": achieved / peak,
+        "compiled_memory_gib": footprint / 2**30,
+    }  # fmt: skip
+
+
+def train_markdown(report) -> str:
+    hw, a = report["hardware"], report["args"]
+    lines = [
+        f"# VLM train step per connector ({report['date']})", "",
+        f"Hardware: {hw['device_count']} x {hw['device_kind']} ({hw['platform']}), CPU "
+        f"{hw['cpu']} x {hw['cpu_count']} cores, jax {hw['jax']}.  ",
+        f"Command: `{report['command']}`  ",
+        f"Other processes used {report['other_processes_cpu_s']:.0f} CPU-seconds during the "
+        f"run's {report['wall_seconds']:.0f} s (0 on a quiet machine).", "",
+        f"Model ({a['dtype']}): CLIP `{VISION}` image tower (64 px, 64 patches) + connector + "
+        f"the `{a['lm_size']}` decoder ({describe(report['lm_config'])}); the family's "
+        "next-token loss and AdamW over every parameter, one jitted step; each row a batch of "
+        "image-caption pairs filling the sequence. MFU: achieved TFLOP/s (XLA-counted FLOPs / "
+        f"step time) over {report['peak_source']} ({report['peak_tflops']:.2f} TFLOP/s).", "",
+        "| connector | visual tokens | params (M) | batch x length | step (ms) | tokens/s | "
+        "XLA GFLOP/step | TFLOP/s | MFU | compiled memory (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for r in report["results"]:
+        lines.append(
+            f"| {r['connector']} | {r['visual_tokens']} | {r['params_millions']:.2f} | "
+            f"{r['batch']} x {r['sequence_length']} | {1e3 * r['step_seconds']:.1f} | "
+            f"{r['tokens_per_second']:.0f} | {r['xla_flops_per_step'] / 1e9:.2f} | "
+            f"{r['achieved_tflops']:.3f} | {100 * r['mfu']:.1f}% | "
+            f"{r['compiled_memory_gib'] * 1024:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="lm,llava", help="comma-separated: lm, llava")
@@ -216,7 +305,12 @@ def main():
     parser.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on GPUs)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls (median reported)")
     parser.add_argument("--out", default="benchmarks/results/vlm_step")
+    parser.add_argument("--mode", default="decode", choices=["decode", "train"])
+    parser.add_argument("--connectors", default="linear,mlp2x_gelu,mlp_downsample,perceiver")
+    parser.add_argument("--train_shapes", default="8:128", help="batch:sequence_length pairs")
     args = parser.parse_args()
+    if args.mode == "train":
+        return train_main(args)
     if args.new_tokens < 2:
         parser.error("--new_tokens must be at least 2 (a decode step is a difference)")
     runtime.enable_compilation_cache()
@@ -242,6 +336,39 @@ def main():
     with open(args.out + ".json", "w") as f:
         json.dump(report, f, indent=2)
     table = markdown(report)
+    with open(args.out + ".md", "w") as f:
+        f.write(table)
+    print(table)
+
+
+def train_main(args):
+    runtime.enable_compilation_cache()
+    start, busy, own = time.perf_counter(), busy_cpu_seconds(), own_cpu_seconds()
+    device = jax.devices()[0]
+    if args.dtype in PEAK_TFLOPS.get(device.device_kind, {}):
+        peak, source = PEAK_TFLOPS[device.device_kind][args.dtype], "the datasheet dense peak"
+    else:
+        import jax.numpy as jnp
+
+        peak = measured_matmul_peak(jnp.dtype(args.dtype))
+        source = "a measured 2048^3 matmul's throughput"
+    results = []
+    for connector in args.connectors.split(","):
+        for batch, length in parse_shapes(args.train_shapes):
+            results.append(bench_train(connector, args.lm_size, batch, length, args.dtype,
+                                       args.repeats, peak))  # fmt: skip
+            print(json.dumps(results[-1]), flush=True)
+    report = {
+        "date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv),
+        "hardware": hardware(), "args": vars(args), "lm_config": LM_SIZES[args.lm_size].to_dict(),
+        "peak_tflops": peak, "peak_source": source, "results": results,
+        "wall_seconds": time.perf_counter() - start,
+        "other_processes_cpu_s": busy_cpu_seconds() - busy - (own_cpu_seconds() - own),
+    }  # fmt: skip
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(report, f, indent=2)
+    table = train_markdown(report)
     with open(args.out + ".md", "w") as f:
         f.write(table)
     print(table)
