@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.clip_step import PEAK_TFLOPS, measured_matmul_peak, median_time  # noqa: E402
+from benchmarks.clip_step import PEAK_TFLOPS, measure_step, measured_matmul_peak  # noqa: E402
 from fomo_jax import params as params_lib  # noqa: E402
 from fomo_jax import runtime  # noqa: E402
 from fomo_jax.models import generate  # noqa: E402
@@ -236,22 +236,7 @@ def bench_train(connector, lm_size, batch, length, dtype, repeats, peak) -> dict
     specials = vb.Specials(image=cfg.image_token_id, eos=258, eou=259, pad=0)
     data = vb.collate(examples, lambda s: [b + 1 for b in s.encode()], specials,
                       cfg.image_seq_length, length, 1, 64)  # fmt: skip
-    start = time.perf_counter()
-    compiled = step.lower(state, data, 1e-4).compile()
-    compile_seconds = time.perf_counter() - start
-    cost = compiled.cost_analysis()
-    flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
-    memory = compiled.memory_analysis()
-    footprint = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
-                 + memory.output_size_in_bytes - memory.alias_size_in_bytes)  # fmt: skip
-    holder = {"state": state}
-
-    def one_step():
-        holder["state"], metrics = compiled(holder["state"], data, 1e-4)
-        jax.block_until_ready(metrics["loss"])
-
-    one_step()  # warm-up
-    seconds = median_time(one_step, repeats)
+    compile_seconds, flops, footprint, seconds = measure_step(step, state, data, repeats)
     achieved = flops / seconds / 1e12
     return {
         "connector": connector, "batch": batch, "sequence_length": length, "dtype": dtype,
@@ -260,7 +245,7 @@ def bench_train(connector, lm_size, batch, length, dtype, repeats, peak) -> dict
         "compile_seconds": compile_seconds, "step_seconds": seconds,
         "tokens_per_second": batch * length / seconds, "xla_flops_per_step": flops,
         "achieved_tflops": achieved, "peak_tflops": peak, "mfu": achieved / peak,
-        "compiled_memory_gib": footprint / 2**30,
+        "compiled_memory_gib": None if footprint is None else footprint / 2**30,
     }  # fmt: skip
 
 
@@ -283,12 +268,13 @@ def train_markdown(report) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in report["results"]:
+        memory = r["compiled_memory_gib"]
+        memory = "n/a" if memory is None else f"{memory * 1024:.0f}"
         lines.append(
             f"| {r['connector']} | {r['visual_tokens']} | {r['params_millions']:.2f} | "
             f"{r['batch']} x {r['sequence_length']} | {1e3 * r['step_seconds']:.1f} | "
             f"{r['tokens_per_second']:.0f} | {r['xla_flops_per_step'] / 1e9:.2f} | "
-            f"{r['achieved_tflops']:.3f} | {100 * r['mfu']:.1f}% | "
-            f"{r['compiled_memory_gib'] * 1024:.0f} |"
+            f"{r['achieved_tflops']:.3f} | {100 * r['mfu']:.1f}% | {memory} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -332,11 +318,15 @@ def main():
         "wall_seconds": time.perf_counter() - start,
         "other_processes_cpu_s": busy_cpu_seconds() - busy - (own_cpu_seconds() - own),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
+    write(report, markdown(report), args.out)
+
+
+def write(report: dict, table: str, out: str) -> None:
+    """`<out>.json` (every number) and `<out>.md` (the table), and the table on stdout."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".json", "w") as f:
         json.dump(report, f, indent=2)
-    table = markdown(report)
-    with open(args.out + ".md", "w") as f:
+    with open(out + ".md", "w") as f:
         f.write(table)
     print(table)
 
@@ -365,13 +355,7 @@ def train_main(args):
         "wall_seconds": time.perf_counter() - start,
         "other_processes_cpu_s": busy_cpu_seconds() - busy - (own_cpu_seconds() - own),
     }  # fmt: skip
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(report, f, indent=2)
-    table = train_markdown(report)
-    with open(args.out + ".md", "w") as f:
-        f.write(table)
-    print(table)
+    write(report, train_markdown(report), args.out)
 
 
 if __name__ == "__main__":
