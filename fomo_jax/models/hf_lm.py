@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from fomo_jax import params as params_lib
-from fomo_jax.models import connectors, convert
+from fomo_jax.models import connectors, convert, llama
 from fomo_jax.models.checkpoint_io import read_state_dict
 from fomo_jax.models.clip import CLIPConfig, VisionConfig
 from fomo_jax.models.llama import LanguageModel, LlamaConfig, abstract_lm
@@ -541,6 +541,13 @@ def export_hf(model: LanguageModel | VisionLanguageModel, directory) -> None:
     """Write `config.json` + `model.safetensors` (float32) that transformers loads as
     `AutoModelForCausalLM` (an LM) or `LlavaForConditionalGeneration` (a VLM)."""
     cfg = model.config
+    lm_cfg = cfg.lm if isinstance(model, VisionLanguageModel) else cfg
+    if lm_cfg.added_tokens:  # checkpoints store them as ordinary rows of a larger vocabulary
+        graphdef, params = params_lib.split(model)
+        params, folded = llama.fold_added_tokens(params, lm_cfg)
+        cfg = cfg.replace(lm=folded) if isinstance(model, VisionLanguageModel) else folded
+        abstract = abstract_vlm(cfg) if isinstance(model, VisionLanguageModel) else abstract_lm(cfg)
+        model = params_lib.merge(params_lib.split(abstract)[0], params)
     if isinstance(model, VisionLanguageModel):
         hf_config, rows = vlm_config_to_hf(cfg), _vlm_table(cfg)
     elif isinstance(model, LanguageModel):

@@ -69,6 +69,11 @@ class LlamaConfig:
     dtype: str = "float32"  # compute dtype
     attention_implementation: str | None = None
     initializer_range: float = 0.02
+    # Tokens added after a checkpoint's vocabulary (a VLM's image, wrapper and end-of-utterance
+    # ids): ids vocab_size .. vocab_size + added_tokens - 1 have their own embedding and output
+    # rows (`lm/added_embeddings`, `lm/added_head`), so they can train while the LM is frozen;
+    # `fold_added_tokens` makes them ordinary rows of a vocabulary that much larger (export).
+    added_tokens: int = 0
 
     def __post_init__(self):
         if self.hidden_act not in ACTIVATIONS:
@@ -76,6 +81,8 @@ class LlamaConfig:
                 f"hidden_act={self.hidden_act!r} is not supported; expected one of "
                 f"{sorted(ACTIVATIONS)}"
             )
+        if self.added_tokens < 0:
+            raise ValueError(f"added_tokens={self.added_tokens} must be >= 0")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -249,17 +256,43 @@ class Decoder(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = _linear(cfg, cfg.hidden_size, cfg.vocab_size, False,
                                    cfg.initializer_range, rngs)  # fmt: skip
+        if cfg.added_tokens:
+            init = _normal(cfg.initializer_range)
+            self.added_embeddings = nnx.Param(
+                init(rngs.params(), (cfg.added_tokens, cfg.hidden_size), jnp.float32)
+            )
+            if not cfg.tie_word_embeddings:
+                self.added_head = nnx.Param(
+                    init(rngs.params(), (cfg.hidden_size, cfg.added_tokens), jnp.float32)
+                )
         self.cfg = cfg
 
     def embed(self, token_ids):
-        return self.embed_tokens(jnp.asarray(token_ids, jnp.int32)).astype(jnp.float32)
+        ids = jnp.asarray(token_ids, jnp.int32)
+        if not self.cfg.added_tokens:
+            return self.embed_tokens(ids).astype(jnp.float32)
+        vocab = self.cfg.vocab_size
+        base = self.embed_tokens(jnp.minimum(ids, vocab - 1)).astype(jnp.float32)
+        added = self.added_embeddings[...][jnp.clip(ids - vocab, 0, self.cfg.added_tokens - 1)]
+        return jnp.where((ids >= vocab)[..., None], added.astype(jnp.float32), base)
 
     def logits(self, hidden):
+        """[B, T, vocab_size + added_tokens] float32."""
         hidden = self.norm(hidden)
         if self.cfg.tie_word_embeddings:
             table = self.embed_tokens.embedding[...].astype(hidden.dtype)
-            return jnp.einsum("bth,vh->btv", hidden, table, preferred_element_type=jnp.float32)
-        return self.lm_head(hidden).astype(jnp.float32)
+            logits = jnp.einsum("bth,vh->btv", hidden, table, preferred_element_type=jnp.float32)
+        else:
+            logits = self.lm_head(hidden).astype(jnp.float32)
+        if not self.cfg.added_tokens:
+            return logits
+        if self.cfg.tie_word_embeddings:
+            head = self.added_embeddings[...].T
+        else:
+            head = self.added_head[...]
+        added = jnp.einsum("bth,hv->btv", hidden, head.astype(hidden.dtype),
+                           preferred_element_type=jnp.float32)  # fmt: skip
+        return jnp.concatenate([logits, added], axis=-1)
 
     def __call__(self, hidden, positions, kv_mask, cache=None, cache_index=None,
                  prefix_length=None):  # fmt: skip
@@ -332,6 +365,24 @@ def decode(decoder: Decoder, hidden, attention_mask=None, positions=None, cache=
     prefix = None if prefix_length is None else jnp.asarray(prefix_length, jnp.int32)
     logits, cache = decoder(hidden, jnp.asarray(positions), kv_mask, cache, cache_index, prefix)
     return logits if cache is None else (logits, cache)
+
+
+def fold_added_tokens(params: dict, cfg: LlamaConfig) -> tuple[dict, LlamaConfig]:
+    """(params, config) with the added tokens as ordinary rows of a vocabulary of
+    vocab_size + added_tokens (the same logits; what a checkpoint stores). `params` holds the
+    decoder under `lm/` (a LanguageModel's or a VLM's tree)."""
+    if not cfg.added_tokens:
+        return params, cfg
+    lm = dict(params["lm"])
+    embed = dict(lm["embed_tokens"])
+    embed["embedding"] = jnp.concatenate([embed["embedding"], lm.pop("added_embeddings")])
+    lm["embed_tokens"] = embed
+    if not cfg.tie_word_embeddings:
+        head = dict(lm["lm_head"])
+        head["kernel"] = jnp.concatenate([head["kernel"], lm.pop("added_head")], axis=1)
+        lm["lm_head"] = head
+    folded = cfg.replace(vocab_size=cfg.vocab_size + cfg.added_tokens, added_tokens=0)
+    return dict(params, lm=lm), folded
 
 
 def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype=None) -> list[dict]:

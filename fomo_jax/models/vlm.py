@@ -97,10 +97,10 @@ class VLMConfig:
                 f"vision_feature_layer={self.vision_feature_layer!r} outside the image tower's "
                 f"{depth + 1} hidden states"
             )
-        if not 0 <= self.image_token_id < self.lm.vocab_size:
+        if not 0 <= self.image_token_id < self.lm.vocab_size + self.lm.added_tokens:
             raise ValueError(
                 f"image_token_id={self.image_token_id} outside the LM's vocabulary of "
-                f"{self.lm.vocab_size}"
+                f"{self.lm.vocab_size} (+ {self.lm.added_tokens} added tokens)"
             )
         if isinstance(self.vision_feature_layer, list):
             object.__setattr__(self, "vision_feature_layer", tuple(self.vision_feature_layer))

@@ -110,3 +110,26 @@ def test_family_paths_and_refusals():
         family.evaluator(None, None, cfg, None)
     batch = family.abstract_batch(cfg, 4)
     assert set(batch) == set(family.batch_keys) and batch["tokens"].shape == (4, 16 + 2 + 32)
+
+
+def test_added_special_tokens_train_while_the_lm_is_frozen():
+    """The VLM's specials (image, wrapper, end of utterance) added after a 259-id vocabulary:
+    with the LM frozen, their rows train and not a bit of the checkpoint's table moves."""
+    lm = LM.replace(vocab_size=259, added_tokens=3)
+    cfg = vlm.VLMConfig(vision=models.get_config("tiny"), lm=lm, image_token_id=259)
+    specials = vb.Specials(image=259, eos=258, eou=261, pad=0, wrapper=260)
+    rng = np.random.default_rng(5)
+    examples = [vb.sft([("what?", "a dax")], rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+                for _ in range(4)]  # fmt: skip
+    batch = vb.collate(examples, lambda s: [b + 1 for b in s.encode()], specials,
+                       cfg.image_seq_length, 64, 1, 32)  # fmt: skip
+    trainable = (("lm/added_.*", "full"), ("connector/.*", "full"), (".*", "frozen"))
+    params, step, state = _step(vlm_family.FAMILY, cfg, trainable)
+    state, metrics = step(state, batch, 1e-2)
+    before, after = params_lib.flatten(params), params_lib.flatten(jax.device_get(state.params))
+    for path in before:
+        same = np.array_equal(before[path], after[path])
+        assert same == (not path.startswith(("lm/added_", "connector/"))), path
+    # Logits cover the checkpoint's vocabulary and the added tokens.
+    model = params_lib.merge(params_lib.split(vlm.abstract_vlm(cfg))[0], state.params)
+    assert model(np.array([[1, 2, 3, 261, 260]], np.int32)).shape == (1, 5, 262)
