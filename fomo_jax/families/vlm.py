@@ -9,9 +9,11 @@ run uses, so its config records it ("vlm" or "fomo_jax.families.vlm:PER_EXAMPLE"
 parameter groups are `image`, `connector` and `lm` (per-group merges, learning-rate
 multipliers, locking); the sharding rules are `sharding.LM_RULES` (Megatron x FSDP).
 
-Not yet here: adapters on the VLM's linears, its evaluators (they come with the synthetic
-vision-language world) and its data stream in the continual runner; asking for them is an
-error naming what is missing.
+Adapters (the PEFT methods) go on the block linears of the image tower and the LM
+(`adapter_targets`: "lm", "lm_attention", "all_linear"); with `config.trainable` rules a run can
+train a fresh connector in full next to them. Not yet here: its evaluators (they come with the
+synthetic vision-language world) and its data stream in the continual runner; asking for them
+is an error naming what is missing.
 """
 
 from __future__ import annotations
@@ -44,7 +46,12 @@ class VLM(Family):
     batch_keys = ("tokens", "images", "image_valid", "attention_mask", "loss_mask",
                   "prefix_length")  # fmt: skip
     rules = sharding.LM_RULES
-    adapter_targets = {}
+    adapter_targets = {
+        "lm": r"lm/transformer/resblocks/\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)",
+        "lm_attention": r"lm/transformer/resblocks/\d+/attn/(q|k|v|o)_proj",
+        "all_linear": (r"image/transformer/resblocks/\d+/(attn/(q|k|v|out)_proj|mlp/(c_fc|c_proj))"
+                       r"|lm/transformer/resblocks/\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"),
+    }  # fmt: skip
 
     def __init__(self, normalization: str = "token"):
         if normalization not in vlm_batches.NORMALIZATIONS:
@@ -81,12 +88,6 @@ class VLM(Family):
 
     def load_params(self, path: str, model_config) -> Params:
         return jax.device_get(params_lib.split(hf_lm.load_pretrained(path))[1])
-
-    def with_adapter(self, model_config, adapter):
-        if adapter is None:
-            return model_config
-        raise ValueError("adapters (lora, dora, vera) on the VLM's linears are not implemented "
-                         "yet; train it with full or frozen config.trainable rules")  # fmt: skip
 
     # ---- training --------------------------------------------------------------------------
     def loss(self, graphdef) -> LossFn:

@@ -157,20 +157,24 @@ class RMSNorm(nnx.Module):
         return (self.scale[...] * x).astype(self.out_dtype)
 
 
-def _linear(cfg, in_features, out_features, bias, std, rngs):
-    return nnx.Linear(
-        in_features, out_features, use_bias=bias, dtype=jnp.dtype(cfg.dtype),
-        kernel_init=_normal(std), bias_init=_ZEROS, rngs=rngs,
-    )  # fmt: skip
+def _linear(cfg, in_features, out_features, bias, std, rngs, sites=None, path=""):
+    """A linear of the decoder; through `sites` (adapters) when given, at module `path`."""
+    kwargs = dict(use_bias=bias, dtype=jnp.dtype(cfg.dtype), kernel_init=_normal(std),
+                  bias_init=_ZEROS, rngs=rngs)  # fmt: skip
+    if sites is None:
+        return nnx.Linear(in_features, out_features, **kwargs)
+    return sites.linear(path, in_features, out_features, **kwargs)
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, rngs):
+    def __init__(self, cfg: LlamaConfig, *, rngs, sites=None, path=""):
         h, d, std = cfg.hidden_size, cfg.head_dim, cfg.initializer_range
-        self.q_proj = _linear(cfg, h, cfg.num_attention_heads * d, cfg.qkv_bias, std, rngs)
-        self.k_proj = _linear(cfg, h, cfg.num_key_value_heads * d, cfg.qkv_bias, std, rngs)
-        self.v_proj = _linear(cfg, h, cfg.num_key_value_heads * d, cfg.qkv_bias, std, rngs)
-        self.o_proj = _linear(cfg, cfg.num_attention_heads * d, h, cfg.o_bias, std, rngs)
+        q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+        at = dict(rngs=rngs, sites=sites)
+        self.q_proj = _linear(cfg, h, q, cfg.qkv_bias, std, path=f"{path}/q_proj", **at)
+        self.k_proj = _linear(cfg, h, kv, cfg.qkv_bias, std, path=f"{path}/k_proj", **at)
+        self.v_proj = _linear(cfg, h, kv, cfg.qkv_bias, std, path=f"{path}/v_proj", **at)
+        self.o_proj = _linear(cfg, q, h, cfg.o_bias, std, path=f"{path}/o_proj", **at)
         self.cfg = cfg
 
     def __call__(self, x, positions, inv_freq, kv_mask, cache=None, cache_index=None,
@@ -205,11 +209,12 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU: down(act(gate(x)) * up(x))."""
 
-    def __init__(self, cfg: LlamaConfig, *, rngs):
+    def __init__(self, cfg: LlamaConfig, *, rngs, sites=None, path=""):
         h, m, std = cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range
-        self.gate_proj = _linear(cfg, h, m, cfg.mlp_bias, std, rngs)
-        self.up_proj = _linear(cfg, h, m, cfg.mlp_bias, std, rngs)
-        self.down_proj = _linear(cfg, m, h, cfg.mlp_bias, std, rngs)
+        at = dict(rngs=rngs, sites=sites)
+        self.gate_proj = _linear(cfg, h, m, cfg.mlp_bias, std, path=f"{path}/gate_proj", **at)
+        self.up_proj = _linear(cfg, h, m, cfg.mlp_bias, std, path=f"{path}/up_proj", **at)
+        self.down_proj = _linear(cfg, m, h, cfg.mlp_bias, std, path=f"{path}/down_proj", **at)
         self.activation = cfg.hidden_act
 
     def __call__(self, x):
@@ -219,12 +224,12 @@ class MLP(nnx.Module):
 class DecoderBlock(nnx.Module):
     """x + attn(norm(x)), then x + mlp(norm(x)); the residual stream in float32."""
 
-    def __init__(self, cfg: LlamaConfig, *, rngs):
+    def __init__(self, cfg: LlamaConfig, *, rngs, sites=None, path=""):
         dtype = jnp.dtype(cfg.dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.attn = Attention(cfg, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs, sites=sites, path=f"{path}/attn")
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MLP(cfg, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs, sites=sites, path=f"{path}/mlp")
 
     def __call__(self, x, positions, inv_freq, kv_mask, cache=None, cache_index=None,
                  prefix_length=None):  # fmt: skip
@@ -237,21 +242,23 @@ class DecoderBlock(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, rngs):
-        self.resblocks = nnx.List(
-            [DecoderBlock(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)]
-        )
+    def __init__(self, cfg: LlamaConfig, *, rngs, sites=None):
+        self.resblocks = nnx.List([
+            DecoderBlock(cfg, rngs=rngs, sites=sites, path=f"lm/transformer/resblocks/{i}")
+            for i in range(cfg.num_hidden_layers)
+        ])  # fmt: skip
 
 
 class Decoder(nnx.Module):
     """Embedding, blocks, final norm and output head (the parameters under `lm/`)."""
 
-    def __init__(self, cfg: LlamaConfig, *, rngs):
+    def __init__(self, cfg: LlamaConfig, *, rngs, sites=None):
+        """`sites` (`models.adapters.Sites`): adapters on the blocks' linears, when given."""
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size, cfg.hidden_size, embedding_init=_normal(cfg.initializer_range),
             rngs=rngs,
         )  # fmt: skip
-        self.transformer = Transformer(cfg, rngs=rngs)
+        self.transformer = Transformer(cfg, rngs=rngs, sites=sites)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, jnp.dtype(cfg.dtype))
         if not cfg.tie_word_embeddings:
             self.lm_head = _linear(cfg, cfg.hidden_size, cfg.vocab_size, False,

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fomo_jax.models import adapters as adapters_lib
 from fomo_jax.models import connectors
 from fomo_jax.models.clip import CLIPConfig, VisionTower, shape_only
 from fomo_jax.models.llama import Decoder, LlamaConfig, decode
@@ -64,6 +65,9 @@ class VLMConfig:
     perceiver_head_dim: int = 96
     perceiver_act: str = "silu"
     perceiver_projection_size: int | None = None
+    # LoRA / DoRA / VeRA on the image tower's and the LM's block linears (`models.adapters`;
+    # paths `image/transformer/resblocks/{i}/...`, `lm/transformer/resblocks/{i}/...`).
+    adapter: adapters_lib.AdapterConfig | None = None
 
     def __post_init__(self):
         if self.fusion not in FUSIONS:
@@ -131,6 +135,8 @@ class VLMConfig:
         d["lm"] = LlamaConfig.from_dict(d["lm"])
         if isinstance(d.get("vision_feature_layer"), list):
             d["vision_feature_layer"] = tuple(d["vision_feature_layer"])
+        if d.get("adapter") is not None:
+            d["adapter"] = adapters_lib.AdapterConfig(**d["adapter"])
         return cls(**d)
 
 
@@ -139,9 +145,13 @@ class VisionLanguageModel(nnx.Module):
 
     def __init__(self, cfg: VLMConfig, *, rngs: nnx.Rngs):
         self.config = cfg
-        self.image = VisionTower(cfg.vision, rngs=rngs, projection=False)
+        sites = adapters_lib.Sites(cfg.adapter)
+        self.image = VisionTower(cfg.vision, rngs=rngs, sites=sites, projection=False)
         self.connector = connectors.make(cfg, rngs=rngs)
-        self.lm = Decoder(cfg.lm, rngs=rngs)
+        self.lm = Decoder(cfg.lm, rngs=rngs, sites=sites)
+        shared = sites.finish()
+        if shared is not None:  # VeRA's shared random matrices
+            self.adapter_shared = shared
 
     def image_features(self, pixels, mask=None):
         """float32 [n, H, W, 3] normalised pixels -> [n, image_seq_length, LM width]; `mask`

@@ -12,7 +12,7 @@ from fomo_jax import params as params_lib
 from fomo_jax.continual import methods
 from fomo_jax.data import vlm_batches as vb
 from fomo_jax.families import vlm as vlm_family
-from fomo_jax.models import llama, vlm
+from fomo_jax.models import adapters, llama, vlm
 from fomo_jax.train import optimizer
 from fomo_jax.train import step as step_lib
 
@@ -42,12 +42,12 @@ def _batch(cfg, seed=0):
                       max_images=1, image_size=32)  # fmt: skip
 
 
-def _step(family, cfg, trainable, multipliers=None):
-    method = methods.get("finetune")
+def _step(family, cfg, trainable, multipliers=None, method="finetune", options=None):
+    method = methods.get(method, options)
     config = ml_collections.ConfigDict({"trainable": trainable})
     method.setup(methods.Context(config=config, family=family, model_config=cfg, tokenizer=None,
                                  data=None, workdir="", steps_per_task=None))  # fmt: skip
-    params = params_lib.split(family.init_model(cfg, seed=0))[1]
+    params = method.init_params(params_lib.split(family.init_model(cfg, seed=0))[1])
     tx, mesh, key = optimizer.adamw(), sharding.make_mesh(), step_lib.step_key(0)
     state = step_lib.fresh_state(params, method, tx, key)
     shardings = step_lib.shardings_of(jax.eval_shape(lambda: state), mesh, family.rules)
@@ -56,15 +56,15 @@ def _step(family, cfg, trainable, multipliers=None):
                                               multipliers)  # fmt: skip
     step = step_lib.compile_step(family, method.graphdef, tx, method, mesh, shardings,
                                  multipliers)  # fmt: skip
-    return params, step, step_lib.place(state, shardings)
+    return params, step, step_lib.place(state, shardings), method
 
 
 def test_frozen_groups_stay_bitwise_and_multipliers_scale_their_group():
     cfg = _config()
     batch = _batch(cfg)
     trainable = (("image/.*", "frozen"), ("connector/.*", "full"), ("lm/.*", "full"))
-    params, step, state = _step(vlm_family.FAMILY, cfg, trainable)
-    _, step10, state10 = _step(vlm_family.FAMILY, cfg, trainable, {"connector": 10.0})
+    params, step, state = _step(vlm_family.FAMILY, cfg, trainable)[:3]
+    _, step10, state10, _ = _step(vlm_family.FAMILY, cfg, trainable, {"connector": 10.0})
     state, metrics = step(state, batch, 1e-3)
     state10, _ = step10(state10, batch, 1e-3)
     assert np.isfinite(float(metrics["loss"])) and float(metrics["supervised_tokens"]) > 20
@@ -86,7 +86,7 @@ def test_loss_falls_with_either_normalisation_and_fusion():
     for family, fusion in ((vlm_family.FAMILY, "interleave"), (vlm_family.PER_EXAMPLE, "prefix")):
         cfg = _config(fusion=fusion, connector="mlp_downsample")
         batch = _batch(cfg, seed=1)
-        _, step, state = _step(family, cfg, (("image/.*", "frozen"), (".*", "full")))
+        _, step, state, _ = _step(family, cfg, (("image/.*", "frozen"), (".*", "full")))
         losses = []
         for _ in range(4):
             state, metrics = step(state, batch, 3e-3)
@@ -102,8 +102,6 @@ def test_family_paths_and_refusals():
     assert all(f"{p}/kernel" in paths for p in linears) and len(linears) == 2 * 6 + 2 * 7
     with pytest.raises(ValueError, match="not under image/, connector/ or lm/"):
         family.group_of("logit_scale")
-    with pytest.raises(ValueError, match="adapters .* on the VLM's linears are not implemented"):
-        family.with_adapter(cfg, object())
     with pytest.raises(ValueError, match="no VLM data stream or evaluator yet"):
         family.tokenizer(None, cfg)
     with pytest.raises(ValueError, match="no evaluator yet"):
@@ -124,7 +122,7 @@ def test_added_special_tokens_train_while_the_lm_is_frozen():
     batch = vb.collate(examples, lambda s: [b + 1 for b in s.encode()], specials,
                        cfg.image_seq_length, 64, 1, 32)  # fmt: skip
     trainable = (("lm/added_.*", "full"), ("connector/.*", "full"), (".*", "frozen"))
-    params, step, state = _step(vlm_family.FAMILY, cfg, trainable)
+    params, step, state, _ = _step(vlm_family.FAMILY, cfg, trainable)
     state, metrics = step(state, batch, 1e-2)
     before, after = params_lib.flatten(params), params_lib.flatten(jax.device_get(state.params))
     for path in before:
@@ -133,3 +131,37 @@ def test_added_special_tokens_train_while_the_lm_is_frozen():
     # Logits cover the checkpoint's vocabulary and the added tokens.
     model = params_lib.merge(params_lib.split(vlm.abstract_vlm(cfg))[0], state.params)
     assert model(np.array([[1, 2, 3, 261, 260]], np.int32)).shape == (1, 5, 262)
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "vera"])
+def test_adapters_on_the_lm_train_next_to_a_full_connector_and_fold_exactly(kind):
+    """config.trainable: the connector in full, the LM's linears with adapters, the rest
+    frozen; after a step the base weights are bitwise θ0's, and the exported (folded) plain VLM
+    gives the adapted model's logits."""
+    cfg = _config()
+    batch = _batch(cfg, seed=2)
+    trainable = (("connector/.*", "full"), ("lm/.*", "lora"), (".*", "frozen"))
+    options = {"targets": "lm", "rank": 4}
+    params, step, state, method = _step(vlm_family.FAMILY, cfg, trainable, method=kind,
+                                        options=options)  # fmt: skip
+    for _ in range(2):
+        state, metrics = step(state, batch, 1e-2)
+    before, after = params_lib.flatten(params), params_lib.flatten(jax.device_get(state.params))
+    adapter_leaves = [p for p in before if adapters.is_adapter(p)]
+    assert adapter_leaves and all(p.startswith(("lm/", "adapter_shared/")) for p in adapter_leaves)
+    for path in before:
+        moved = not np.array_equal(before[path], after[path])
+        if path.startswith("connector/"):
+            assert moved, path
+        elif not adapters.trainable(path):  # base weights and VeRA's shared matrices
+            assert not moved, path
+    assert any(not np.array_equal(before[p], after[p]) for p in adapter_leaves)
+    adapted = params_lib.merge(method.graphdef, state.params)
+    plain_cfg, plain_params = method.export_params(jax.device_get(state.params))
+    assert plain_cfg.adapter is None
+    plain = params_lib.merge(params_lib.split(vlm.abstract_vlm(plain_cfg))[0], plain_params)
+    images = vlm_family.pixels(batch["images"])
+    kwargs = dict(image_valid=batch["image_valid"], attention_mask=batch["attention_mask"])
+    np.testing.assert_allclose(np.asarray(plain(batch["tokens"], images, **kwargs)),
+                               np.asarray(adapted(batch["tokens"], images, **kwargs)),
+                               rtol=2e-4, atol=2e-4)  # fmt: skip
