@@ -92,7 +92,7 @@ def test_unknown_family_is_an_error_naming_the_known_ones(smoke_data_root, theta
     config = _config(smoke_data_root, "finetune", theta0_dir)
     config.family = "clap"
     with pytest.raises(ValueError, match=r"config.family='clap' is not a model family; known: "
-                       r"\['clip'\]"):  # fmt: skip
+                       r"\['clip', 'vlm'\]"):  # fmt: skip
         runner.run(config, str(tmp_path / "run"))
     assert families.get("clip").name == "clip"
 
