@@ -282,6 +282,7 @@ def _check_config(config) -> Setup:
     family = families.get(config.get("family", "clip"))
     method = methods.get(config.method, config.methods.get(config.method))
     method.check_family(family)
+    check_budget_family(config, family)
     for key in ("data.root", "tokenizer"):
         section, _, name = key.rpartition(".")
         if not (config[section] if section else config)[name]:
@@ -312,6 +313,19 @@ def _check_config(config) -> Setup:
     mesh = sharding.make_mesh(**config.mesh)
     check_batch_divides(config, mesh)
     return Setup(family, method, model_config, tokenizer, base_tx, budget_info, lr_of, mesh)
+
+
+def check_budget_family(config, family) -> None:
+    """The paper's Table 4 (`budget="paper"`) holds CLIP's MAFs; another family's steps come
+    from its own compiled step (`budget="measured"`) or are given."""
+    steps_given = config.get("steps_per_task") or config.get("n_samples")
+    uses_table = not steps_given or config.get("equal_compute")
+    if family.name != "clip" and config.budget == "paper" and uses_table:
+        raise ValueError(
+            f"config.budget='paper' is the paper's Table 4, measured for CLIP; the "
+            f"{family.name} family needs config.budget='measured' (MAFs of its compiled steps) "
+            "or config.steps_per_task without config.equal_compute"
+        )
 
 
 def check_theta0(config) -> None:

@@ -104,3 +104,38 @@ def test_the_refusals_are_the_methods_that_need_clip():
     assert {"finetune", "ewc", "si", "lora", "ema_merge", "locked_image"} <= (
         set(methods.METHODS) - set(REFUSED)
     )
+
+
+def test_method_mafs_come_from_the_vlms_compiled_step(setting, tmp_path):
+    """`budget="measured"` on the VLM: each method's step compiled on the VLM's abstract model
+    and batch. Freezing the image tower removes its backward pass; EWC adds its Fisher pass."""
+    from fomo_jax import budget, profiling
+
+    cfg, _, config, _ = setting
+    tx, profiles = optimizer.adamw(), {}
+    for name in ("finetune", "locked_image", "ewc"):
+        method = methods.get(name, OPTIONS.get(name))
+        method.setup(methods.Context(config=config, family=vlm_family.FAMILY, model_config=cfg,
+                                     tokenizer=None, data=Data(cfg), workdir=str(tmp_path),
+                                     steps_per_task=None))  # fmt: skip
+        profiles[name] = profiling.profile_method(method, cfg, tx, 4)
+    maf = {name: budget.maf(p, profiles["finetune"])["maf"] for name, p in profiles.items()}
+    assert maf["locked_image"] < maf["finetune"] < maf["ewc"], maf
+    assert profiles["ewc"]["extra_flops"] > 0 and profiles["finetune"]["extra_flops"] == 0
+
+
+def test_the_paper_budget_is_clips():
+    from fomo_jax.continual import runner
+
+    config = ml_collections.ConfigDict({"budget": "paper", "steps_per_task": None,
+                                        "n_samples": None, "equal_compute": False})  # fmt: skip
+    with pytest.raises(ValueError, match="Table 4, measured for CLIP; the vlm family needs"):
+        runner.check_budget_family(config, vlm_family.FAMILY)
+    config.steps_per_task = 5  # steps given: the table is not read
+    runner.check_budget_family(config, vlm_family.FAMILY)
+    config.equal_compute = True
+    with pytest.raises(ValueError, match="budget='measured'"):
+        runner.check_budget_family(config, vlm_family.FAMILY)
+    from fomo_jax.families import clip
+
+    runner.check_budget_family(config, clip.FAMILY)
