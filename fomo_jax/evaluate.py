@@ -289,12 +289,11 @@ class Progress:
             self.next = (done // self.every + 1) * self.every
 
 
-def decode_images(split, image_size: int, batch_size: int = 256, out=None, progress=None):
-    """All test-transformed images of a split as one uint8 [N, S, S, 3] array (or into `out`).
+def decode_images(split, image_size: int, batch_size: int = 256, progress=None):
+    """All test-transformed images of a split as one uint8 [N, S, S, 3] array.
 
     `progress(images decoded so far)` is called after every batch (see `Progress`)."""
-    if out is None:
-        out = np.empty((len(split), image_size, image_size, 3), np.uint8)
+    out = np.empty((len(split), image_size, image_size, 3), np.uint8)
     position = 0
     for valid in _decoded_batches(pipeline.SplitSource(split), image_size, batch_size):
         out[position : position + len(valid)] = valid
@@ -515,7 +514,7 @@ class Placement:
 
     def __init__(self, mesh, batch_size: int):
         self.sharding = sharding.batch_sharding(mesh)
-        ways = int(np.prod([mesh.shape[a] for a in sharding.BATCH]))
+        ways = sharding.batch_shards(mesh)
         if batch_size % ways:
             raise ValueError(f"eval.batch_size={batch_size} does not split over the mesh's batch "
                              f"axes (data x fsdp = {ways} devices)")  # fmt: skip

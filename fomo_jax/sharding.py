@@ -171,6 +171,11 @@ def shard(tree, mesh, rules: Rules = CLIP_RULES):
     return jax.device_put(tree, tree_shardings(tree, mesh, rules))
 
 
+def batch_shards(mesh) -> int:
+    """The number of pieces a batch is split into: data x fsdp."""
+    return int(np.prod([mesh.shape[axis] for axis in BATCH]))
+
+
 def batch_sharding(mesh) -> NamedSharding:
     """Leading (batch) dimension split over data x fsdp, the rest replicated."""
     return NamedSharding(mesh, P(BATCH))

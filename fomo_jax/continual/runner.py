@@ -354,7 +354,7 @@ def check_theta0(config) -> None:
 
 def check_batch_divides(config, mesh) -> None:
     """Every batch the run shards over the mesh's batch axes divides over them."""
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = sharding.batch_shards(mesh)
     sizes = {"batch_size": config.batch_size, "eval.batch_size": config.eval.batch_size}
     if not config.theta0.checkpoint:
         sizes["theta0.batch_size"] = config.theta0.batch_size

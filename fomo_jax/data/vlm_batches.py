@@ -107,11 +107,8 @@ def _tokens(example: Example, encode: Callable[[str], list[int]], specials: Spec
     for segment in example.segments:
         if isinstance(segment, Image):
             wrap = [specials.wrapper] if specials.wrapper is not None else []
-            if wrap and ids and ids[-1] == specials.wrapper:  # adjacent images share one
-                wrap_before = []
-            else:
-                wrap_before = wrap
-            block = wrap_before + [specials.image] * seq + wrap
+            shared = wrap and ids and ids[-1] == specials.wrapper  # adjacent images share one
+            block = ([] if shared else wrap) + [specials.image] * seq + wrap
             ids += block
             supervised += [False] * len(block)
             images.append(np.asarray(segment.pixels, np.uint8))

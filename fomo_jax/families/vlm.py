@@ -35,8 +35,7 @@ LM_LINEARS = ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "mlp/g
 
 def pixels(images) -> jax.Array:
     """uint8 [..., S, S, 3] -> CLIP-normalised float32 pixels (on the device)."""
-    images = jnp.asarray(images).astype(jnp.float32) / 255.0
-    return (images - jnp.asarray(clip_lib.CLIP_MEAN)) / jnp.asarray(clip_lib.CLIP_STD)
+    return clip_lib.batch_pixels({"images": jnp.asarray(images)})
 
 
 class VLM(Family):

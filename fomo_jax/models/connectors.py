@@ -192,7 +192,8 @@ def make(cfg, *, rngs) -> nnx.Module:
 def visual_tokens(cfg, tokens: int) -> int:
     """Visual tokens per image out of `cfg.connector` for `tokens` feature tokens."""
     if cfg.connector == "mlp_downsample":
-        return (math.isqrt(tokens) + 1) // 2 * ((math.isqrt(tokens) + 1) // 2)
+        half = (math.isqrt(tokens) + 1) // 2  # the grid's side after 2x2 merging
+        return half * half
     if cfg.connector == "perceiver":
         return cfg.perceiver_latents
     return tokens
