@@ -136,8 +136,8 @@ def measure_step(step, state, data, repeats: int):
     return compile_seconds, flops, footprint, median_time(one_step, repeats)
 
 
-def bench_step(name, batch, dtype, steps, peak):
-    cfg = models.get_config(name, dtype=dtype)
+def bench_step(name, batch, dtype, steps, peak, attention=None):
+    cfg = models.get_config(name, dtype=dtype, attention_implementation=attention)
     model = models.create_model(cfg)
     graphdef, params = params_lib.split(model)
     tx = optimizer.adamw()
@@ -151,6 +151,7 @@ def bench_step(name, batch, dtype, steps, peak):
         "model": name,
         "batch": batch,
         "dtype": dtype,
+        "attention": attention or "auto",
         "params_millions": optimizer.trainable_count(params) / 1e6,
         "compile_seconds": compile_seconds,
         "step_seconds": seconds,
@@ -240,15 +241,17 @@ def markdown(report) -> str:
         f"CPU {hw['cpu']} x {hw['cpu_count']} cores, jax {hw['jax']}.  ",
         f"Command: `{report['command']}`",
         "",
-        "| model | batch | dtype | params (M) | step (s) | samples/s | XLA TFLOP/step | "
-        "XLA/analytic | TFLOP/s | peak TFLOP/s | MFU | memory (GiB) | compile (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | batch | dtype | attention | params (M) | step (s) | samples/s | "
+        "XLA TFLOP/step | XLA/analytic | TFLOP/s | peak TFLOP/s | MFU | memory (GiB) | "
+        "compile (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["train_step"]:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         mem = f"{r['compiled_memory_gib']:.2f}" if r["compiled_memory_gib"] is not None else "n/a"
         lines.append(
-            f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['params_millions']:.1f} | "
+            f"| {r['model']} | {r['batch']} | {r['dtype']} | {r.get('attention', 'auto')} | "
+            f"{r['params_millions']:.1f} | "
             f"{r['step_seconds']:.3f} | {r['samples_per_second']:.1f} | "
             f"{r['xla_flops_per_step'] / 1e12:.3f} | "
             f"{r['xla_flops_per_step'] / r['analytic_flops_per_step']:.2f} | "
@@ -285,6 +288,12 @@ def main():
         help="comma-separated model:batch pairs for the train step",
     )
     parser.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on GPUs)")
+    parser.add_argument(
+        "--attention",
+        default="auto",
+        help="comma-separated attention backends of the train step: auto (the dispatcher's "
+        "choice), xla, cudnn, pallas; every model:batch runs under each",
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument(
         "--peak_tflops",
@@ -315,7 +324,9 @@ def main():
         "hardware": hardware(),
         "peak_source": source,
         "train_step": [
-            bench_step(n, b, args.dtype, args.steps, peak) for n, b in parse_pairs(args.models)
+            bench_step(n, b, args.dtype, args.steps, peak, None if a == "auto" else a)
+            for n, b in parse_pairs(args.models)
+            for a in args.attention.split(",")
         ],
         "vs_hf": [bench_vs_hf(n, b, max(args.steps, 5)) for n, b in parse_pairs(args.compare_hf)],
     }

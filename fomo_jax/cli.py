@@ -60,6 +60,13 @@ def resolve_config_args(args: list[str]) -> list[str]:
     while args:
         arg = args.pop(0)
         match = re.fullmatch(r"(--?config)(=(.*))?", arg)
+        shadowed = re.match(r"--?config\.(\w+\.)*(update|get|items|keys|values|lock)(=|$)", arg)
+        if shadowed:  # config_flags would find ConfigDict's method of that name, not the key
+            raise ValueError(
+                f"{arg.split('=')[0]}: a key named {shadowed.group(2)!r} cannot be set alone "
+                "from the command line (ConfigDict has a method of that name); set its whole "
+                'group, e.g. --config.mixture=\'{"pretraining": 0, "update": 1, "buffer": 0}\''
+            )
         if match is None:
             out.append(arg)
         elif match.group(2) is not None:

@@ -108,6 +108,21 @@ def test_default_config_is_fif_synth_and_args_reach_get_config():
         cli.load_config(["--config=clip_synth:bogus"])
 
 
+def test_a_key_shadowed_by_a_configdict_method_is_set_through_its_group():
+    """`--config.mixture.update=1` would reach ConfigDict.update (a method) and fail with an
+    unreadable type error: it is refused with the group form, and that form works."""
+    with pytest.raises(ValueError, match=r"--config.mixture.update: a key named 'update'"):
+        cli.load_config(["--config=fif_synth:smoke", "--config.mixture.update=1"])
+    config = cli.load_config(
+        [
+            "--config=fif_synth:smoke",
+            '--config.mixture={"pretraining": 0, "update": 1, "buffer": 0}',
+        ]
+    )
+    assert dict(config.mixture) == {"pretraining": 0, "update": 1, "buffer": 0}
+    assert cli.load_config(["--config.mixture.buffer=0.5"]).mixture.buffer == 0.5
+
+
 def test_run_names():
     assert configs.run_name(configs.resolve("fif_synth")) == "fif_synth"
     assert configs.run_name(configs.resolve("fif_synth:smoke")) == "fif_synth_smoke"

@@ -55,7 +55,7 @@ class Data:
     root: str
     datasets: dict
     catalogue: mixture.Catalogue
-    pool: webdataset.WebDatasetSource | records.RecordSource
+    pool: webdataset.WebDatasetSource | records.RecordSource | pipeline.DecodedSource
     tasks: list
     config: ml_collections.ConfigDict
     batch_keys: tuple[str, ...]
@@ -73,6 +73,7 @@ class Data:
             pretraining_offset=pretraining_offset, tokenizer=self.tokenizer,
             image_size=self.image_size, num_threads=self.config.data.num_threads,
             bad_images=self.config.data.bad_images, rows=self.rows,
+            whole_batches=self.config.data.get("decode_once", False),
         )  # fmt: skip
 
     def update_batches(self, task: int, batch_size: int, num_batches: int):
@@ -84,6 +85,7 @@ class Data:
             pretraining=None, batch_sizes={"update": batch_size, "buffer": 0, "pretraining": 0},
             steps=num_batches, seed=self.config.seed, task=task, tokenizer=self.tokenizer,
             image_size=self.image_size, num_threads=self.config.data.num_threads,
+            whole_batches=self.config.data.get("decode_once", False),
         )  # fmt: skip
         for batch in batches.dataset(0):
             yield {k: batch[k] for k in self.batch_keys}
@@ -139,6 +141,9 @@ def prepare_data(config, family: Family | None = None, model_config=None, tokeni
         pool = records.RecordSource(pool_dir)
     else:  # WebDataset tar shards
         pool = webdataset.WebDatasetSource(pool_dir)
+    if d.get("decode_once", False):  # small images: decoded once, held in memory
+        sources = {key: pipeline.DecodedSource(s) for key, s in sources.items()}
+        pool = pipeline.DecodedSource(pool)
     rows = None
     if distributed.multiprocess():
         rows = distributed.local_rows(sharding.batch_sharding(mesh), config.batch_size)
@@ -369,14 +374,16 @@ def _config_json(config) -> str:
     """The run's identity: its config with only its own method's block (other methods'
     hyperparameters, and methods added to the library later, do not change it), without where
     it runs (`mesh`, `resume_on_new_mesh`: a checkpoint records its mesh, and the loop refuses
-    another one unless asked) and where its decoded test images are kept (`eval.cache_dir`)."""
+    another one unless asked), where its decoded test images are kept (`eval.cache_dir`) and
+    how its images are read (`data.num_threads`, `data.decode_once`: the same batches)."""
     recorded = ml_collections.ConfigDict(config.to_dict())
     recorded.methods = {config.method: config.methods.get(config.method, {})}
     for key in ("mesh", "resume_on_new_mesh"):
         if key in recorded:
             del recorded[key]
-    if "cache_dir" in recorded.get("eval", {}):
-        del recorded.eval["cache_dir"]
+    for group, key in (("eval", "cache_dir"), ("data", "num_threads"), ("data", "decode_once")):
+        if key in recorded.get(group, {}):
+            del recorded[group][key]
     return json.dumps(json.loads(recorded.to_json_best_effort()), indent=2, sort_keys=True)
 
 

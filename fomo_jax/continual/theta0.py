@@ -51,8 +51,8 @@ def warmup_cosine(lr: float, steps: int):
 
 def pretraining_job(workdir, family, model_config, tokenizer, pool, *, steps, batch_size,
                     learning_rates, optimizer_config, seed, mesh, log_every, checkpoint_every,
-                    bad_images="error", max_bad_images=0, num_threads=0, name="pretraining",
-                    **job) -> loop_lib.Job:  # fmt: skip
+                    bad_images="error", max_bad_images=0, num_threads=0, whole_batches=False,
+                    name="pretraining", **job) -> loop_lib.Job:  # fmt: skip
     """A one-task job of the loop: the family's model trained on the pool alone with full
     fine-tuning (θ0 making and the pretraining job). `learning_rates`: one per step; `job`:
     further `loop.Job` fields (evaluation hooks, W&B config, ...)."""
@@ -68,7 +68,7 @@ def pretraining_job(workdir, family, model_config, tokenizer, pool, *, steps, ba
     batches = pipeline.pool_batches(
         pool, batch_size=batch_size, steps=steps, seed=seed, tokenizer=tokenizer,
         image_size=family.image_size(model_config), num_threads=num_threads,
-        bad_images=bad_images, rows=rows,
+        bad_images=bad_images, rows=rows, whole_batches=whole_batches,
     )  # fmt: skip
     return loop_lib.Job(
         workdir=workdir, family=family, method=method, tx=optimizer.build(optimizer_config),
@@ -118,6 +118,7 @@ def _make(config, family, model_config, data, recipe, path, workdir, mesh) -> No
         optimizer_config=adamw, log_every=max(1, steps // 10),
         checkpoint_every=config.checkpoint_every, bad_images=config.data.bad_images,
         max_bad_images=int(config.data.max_bad_image_fraction * samples) if skip else 0,
+        num_threads=config.data.num_threads, whole_batches=config.data.get("decode_once", False),
         name="θ0",
     )  # fmt: skip
     model = family.init_model(model_config, seed=recipe["seed"])

@@ -10,13 +10,16 @@ a checkpoint needs to store (the grain iterator state of `dataset()` works as we
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 
 import grain
 import numpy as np
+from PIL import Image
 
 from fomo_jax.data import fif, mixture, transforms
 
@@ -40,7 +43,9 @@ class TrainTransform:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
     def __call__(self, example: Mapping, rng: np.random.Generator) -> dict:
-        image = transforms.decode_rgb(example["image"], name=example_name(example))
+        image = example["image"]
+        if not isinstance(image, Image.Image):  # else decoded already (DecodedSource)
+            image = transforms.decode_rgb(image, name=example_name(example))
         pixels = transforms.train_transform(image, rng, self.image_size, self.scale, self.ratio)
         return {"image": pixels, "text": fif.choose_caption(example_texts(example), rng)}
 
@@ -64,6 +69,10 @@ class TaskBatches:
       image_size: side of the training crops.
       num_threads: decode threads (0 = in the calling thread; default one per core, up to 8:
         more threads than cores only add GIL contention, benchmarks/data_throughput.py).
+      whole_batches: each batch is built whole by one thread (grain's per-item machinery runs
+        once per batch), `prefetch` batches ahead; for cheap samples (images decoded already,
+        `DecodedSource`), where that machinery is a sizeable part of the cost. Otherwise the
+        threads share the samples of each batch (JPEG decoding). Either way, the same batches.
       bad_images: what an undecodable image does. "error": stop, naming the file and the split;
         "skip": replace the sample by a draw from the same pool that is a pure function of
         (seed, task, position, attempt), so a resumed run draws the same replacement; each
@@ -91,6 +100,7 @@ class TaskBatches:
         prefetch: int = 2,
         bad_images: str = "error",
         rows: np.ndarray | None = None,
+        whole_batches: bool = False,
     ):
         if bad_images not in ("error", "skip"):
             raise ValueError(f"bad_images={bad_images!r}; expected 'error' or 'skip'")
@@ -120,8 +130,10 @@ class TaskBatches:
         self.transform = TrainTransform(image_size)
         if num_threads is None:
             num_threads = min(8, os.cpu_count() or 1)
+        self.whole_batches = whole_batches
         self.read_options = grain.ReadOptions(
-            num_threads=num_threads, prefetch_buffer_size=max(1, prefetch * self.batch_size)
+            num_threads=num_threads,
+            prefetch_buffer_size=max(1, prefetch * (1 if whole_batches else self.batch_size)),
         )
         self._bounds = np.cumsum([self.sizes[k] for k in mixture.BATCH_ORDER])
 
@@ -189,10 +201,10 @@ class TaskBatches:
     def elements(self) -> grain.MapDataset:
         """Random-access augmented examples; index j is slot j % B of step j // B (with
         `rows`: slot rows[j % n] of step j // n, seeded as that global position)."""
-        every = (
-            grain.MapDataset.range(self.steps * self.batch_size)
-            .map(self._load)
-            .random_map(self._augment, seed=mixture.derive_seed(self.seed, self.task, "augment"))
+        # One random_map (loading draws nothing): element j's generator is seeded by j alone.
+        every = grain.MapDataset.range(self.steps * self.batch_size).random_map(
+            lambda j, rng: self._augment(self._load(j), rng),
+            seed=mixture.derive_seed(self.seed, self.task, "augment"),
         )
         if self.rows is None:
             return every
@@ -213,6 +225,9 @@ class TaskBatches:
             raise ValueError(f"start_step {start_step} outside 0..{self.steps}")
         n = self.local_batch_size
         elements = self.elements()[start_step * n :]
+        if self.whole_batches:
+            batches = elements.batch(n, drop_remainder=True, batch_fn=self._collate)
+            return batches.to_iter_dataset(self.read_options)
         return elements.to_iter_dataset(self.read_options).batch(
             n, drop_remainder=True, batch_fn=self._collate
         )
@@ -229,6 +244,7 @@ def pool_batches(
     num_threads=None,
     bad_images="error",
     rows=None,
+    whole_batches=False,
 ):
     """Batches from the pretraining pool alone (making θ0): a task with only that pool."""
     return TaskBatches(
@@ -245,6 +261,7 @@ def pool_batches(
         num_threads=num_threads,
         bad_images=bad_images,
         rows=rows,
+        whole_batches=whole_batches,
     )
 
 
@@ -294,6 +311,53 @@ class EvalImages:
         return iter(batches)
 
 
+class DecodedSource:
+    """A random-access source with every image decoded once, up front, and held in memory
+    (`config.data.decode_once`): for small images (fif_synth's 40-px pictures, 4.8 KB each
+    decoded), where per-sample JPEG reading and decoding cost more than the training step's
+    compute. Batches are bit-identical to the wrapped source's: decoding is deterministic and
+    draws no random numbers. Examples keep every other field; an image that does not decode
+    stays encoded, so drawing it fails (or is skipped) as before. Attributes other than items
+    (`targets`, `manifest`, ...) are the wrapped source's.
+    """
+
+    def __init__(self, source, *, threads: int | None = None):
+        self.source = source
+        start = time.perf_counter()
+
+        def load(index: int):
+            example = dict(source[index])
+            try:
+                example["image"] = transforms.decode_rgb(example["image"],
+                                                         name=example_name(example))  # fmt: skip
+            except transforms.UndecodableImage:
+                pass
+            return example
+
+        workers = threads or min(8, os.cpu_count() or 1)  # PIL's decoder releases the GIL
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            self.examples = list(pool.map(load, range(len(source))))
+        pixels = sum(e["image"].width * e["image"].height for e in self.examples
+                     if isinstance(e["image"], Image.Image))  # fmt: skip
+        logging.info("decoded %d images of %r into memory (%.0f MiB) in %.1fs",
+                     len(self.examples), source, 3 * pixels / 2**20,
+                     time.perf_counter() - start)  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        return dict(self.examples[index])
+
+    def __getattr__(self, name):
+        if name == "source":  # not yet set (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+    def __repr__(self) -> str:
+        return f"DecodedSource({self.source!r})"
+
+
 class SplitSource:
     """A `fif.Split` as a random-access source of {"image": path or encoded bytes, "captions",
     "target", ...}."""
@@ -305,6 +369,9 @@ class SplitSource:
 
     def __len__(self) -> int:
         return len(self.split)
+
+    def __repr__(self) -> str:
+        return f"SplitSource({self.split.dataset} {self.split.split})"
 
     def __getitem__(self, index: int) -> dict:
         r = self.split[index]

@@ -45,8 +45,11 @@ class UndecodableImage(ValueError):
     """Image data that PIL cannot decode (a missing file is an OSError, not this)."""
 
 
-def decode_rgb(data: bytes | str | os.PathLike, *, name: str | None = None) -> Image.Image:
-    """Decode an image from bytes or a path as RGB, tolerating truncated files.
+def decode_rgb(
+    data: bytes | str | os.PathLike | Image.Image, *, name: str | None = None
+) -> Image.Image:
+    """Decode an image from bytes or a path as RGB, tolerating truncated files (an RGB image
+    decoded already is returned as it is).
 
     PIL only tolerates truncation through the process-global `ImageFile.LOAD_TRUNCATED_IMAGES`.
     Rather than setting it at import (which would change every other PIL user in the process),
@@ -60,6 +63,8 @@ def decode_rgb(data: bytes | str | os.PathLike, *, name: str | None = None) -> I
     Raises `UndecodableImage` (a ValueError, chained to PIL's error) when the data cannot be
     decoded at all.
     """
+    if isinstance(data, Image.Image):  # decoded already (pipeline.DecodedSource)
+        return data
     if isinstance(data, (bytes, bytearray, memoryview)):
         label = f"<bytes> {name}" if name else "<bytes>"
         payload = bytes(data)

@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from fomo_jax.data import fif, fif_synth, mixture, pipeline, streams, webdataset
 from fomo_jax.tokenizer import ByteTokenizer
@@ -30,7 +31,8 @@ def world(synth_root):
     return dict(catalogue=catalogue, tasks=tasks, pool=pool)
 
 
-def make(world, task=1, seed=0, steps=4, offset=0, num_threads=2, sizes=SIZES, rows=None):
+def make(world, task=1, seed=0, steps=4, offset=0, num_threads=2, sizes=SIZES, rows=None,
+         whole_batches=False):  # fmt: skip
     update, buffer = mixture.task_pools(world["catalogue"], world["tasks"], task)
     return pipeline.TaskBatches(
         catalogue=world["catalogue"],
@@ -46,6 +48,7 @@ def make(world, task=1, seed=0, steps=4, offset=0, num_threads=2, sizes=SIZES, r
         image_size=16,
         num_threads=num_threads,
         rows=rows,
+        whole_batches=whole_batches,
     )
 
 
@@ -241,3 +244,46 @@ def test_eval_images_pad_the_last_batch(synth_root):
     assert valid.sum() == len(split) and not valid[len(split) :].any()
     targets = np.concatenate([b["target"] for b in batches])[valid]
     np.testing.assert_array_equal(targets, split.targets)
+
+
+def test_decoded_once_gives_the_same_batches(world, tmp_path, synth_root):
+    """`data.decode_once`: the sources' images decoded up front give bit-identical batches
+    (also resumed mid-task), keep the sources' attributes, and an image that does not decode
+    stays encoded, so drawing it stops or is replaced exactly as without the cache."""
+    decoded = dict(
+        world,
+        catalogue=mixture.Catalogue(
+            {k: pipeline.DecodedSource(s) for k, s in world["catalogue"].sources.items()}
+        ),
+        pool=pipeline.DecodedSource(world["pool"]),
+    )
+    assert isinstance(decoded["pool"][0]["image"], Image.Image)
+    assert decoded["pool"].manifest() == world["pool"].manifest()
+    for key, source in decoded["catalogue"].sources.items():
+        np.testing.assert_array_equal(source.targets, world["catalogue"].sources[key].targets)
+    for start in (0, 2):  # whole batches (the config's choice with decode_once), any threads
+        plain = list(make(world, steps=4).dataset(start))
+        for threads, whole in ((0, True), (2, True), (0, False)):
+            cached = make(decoded, steps=4, num_threads=threads, whole_batches=whole)
+            cached = list(cached.dataset(start))
+            assert len(plain) == len(cached) == 4 - start
+            for a, b in zip(plain, cached, strict=True):
+                assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    rows = np.arange(3, 9)  # a process's share of each batch, built whole
+    full = list(make(world, steps=4).dataset(1))
+    share = list(make(decoded, steps=4, rows=rows, whole_batches=True).dataset(1))
+    for whole, part in zip(full, share, strict=True):
+        np.testing.assert_array_equal(part["images"], whole["images"][rows])
+        np.testing.assert_array_equal(part["token_ids"], whole["token_ids"][rows])
+
+    plain = _bad_image_batches(tmp_path, synth_root, "skip")
+    source = pipeline.DecodedSource(plain.catalogue.sources["d"])
+    assert isinstance(source[0]["image"], str)  # the corrupted file, left as it was
+    assert all(isinstance(source[i]["image"], Image.Image) for i in range(1, 6))
+    cached = _bad_image_batches(tmp_path, synth_root, "skip")
+    cached.catalogue = mixture.Catalogue({"d": source})
+    for a, b in zip(plain.dataset(), cached.dataset(), strict=True):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    cached.bad_images = "error"
+    with pytest.raises(ValueError, match=r"corrupted\.jpg"):
+        list(cached.dataset())
