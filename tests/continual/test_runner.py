@@ -20,7 +20,7 @@ from fomo_jax.configs import fif_synth as fif_synth_config
 from fomo_jax.continual import methods, runner
 from fomo_jax.continual import workdir as workdir_lib
 from fomo_jax.continual.checkpoints import Checkpoints
-from fomo_jax.data import mixture
+from fomo_jax.data import mixture, pipeline
 
 RUN = os.path.join(runtime.REPO_ROOT, "run.py")
 
@@ -329,7 +329,8 @@ def test_pretraining_pool_from_arrayrecord_shards(data_root, tmp_path):
     config.data.pretraining_pool = str(tmp_path / "pool")
     config.theta0.cache_dir = str(tmp_path / "theta0")
     data = runner.prepare_data(config)
-    assert isinstance(data.pool, records.RecordSource) and len(data.pool) == len(pool)
+    assert isinstance(data.pool, pipeline.DecodedSource)  # the smoke config's decode_once
+    assert isinstance(data.pool.source, records.RecordSource) and len(data.pool) == len(pool)
     results = runner.run(config, str(tmp_path / "run"))
     assert len(results["trajectory"]) == 3
 
@@ -591,11 +592,12 @@ def corrupted_root(data_root, uninterrupted, tmp_path_factory):
     corrupted: its header kept, its data zeroed."""
     import shutil
 
-    from fomo_jax.data import pipeline, transforms
+    from fomo_jax.data import transforms
 
     root = tmp_path_factory.mktemp("corrupted") / "data"
     shutil.copytree(data_root, root)
     config = _smoke(str(root))
+    config.data.decode_once = False  # here only to find the file: its path, not its pixels
     data = runner.prepare_data(config)
     update_ids, _ = mixture.task_pools(data.catalogue, data.tasks, 0)
     sizes = mixture.pool_batch_sizes(config.batch_size, dict(config.mixture), 0)
