@@ -72,3 +72,5 @@ def test_fif_config_json_adds_only_the_new_key():
     synth = json.loads(fif_synth.get_config().to_json_best_effort())
     assert set(recorded["theta0"]) - set(synth["theta0"]) == {"make"}
     assert recorded["steps_per_task"] is None and recorded["model"]["context_length"] is None
+    # Decoding every image into memory suits fif_synth's 40-px images, not the real data.
+    assert synth["data"]["decode_once"] and not recorded["data"]["decode_once"]

@@ -35,6 +35,7 @@ def get_config(arg: str | None = None):
     c.data.benchmark = "fif"
     c.data.root = ""  # the released data (<root>/<NAME>/...), required
     c.data.num_threads = 16
+    c.data.decode_once = False  # the released images are 224 px and the pool has millions
     c.optimizer.lr = 1e-5
     c.eval.batch_size = 512
     c.tokenizer = ""  # the CLIP BPE vocabulary file, required
