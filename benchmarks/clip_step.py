@@ -232,6 +232,16 @@ def hardware():
     }
 
 
+def write_report(out: str, report: dict, table: str) -> None:
+    """`<out>.json` (every number) and `<out>.md` (the table), and the table on stdout."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump(report, f, indent=2)
+    with open(out + ".md", "w") as f:
+        f.write(table)
+    print(table)
+
+
 def markdown(report) -> str:
     hw = report["hardware"]
     lines = [
@@ -330,13 +340,7 @@ def main():
         ],
         "vs_hf": [bench_vs_hf(n, b, max(args.steps, 5)) for n, b in parse_pairs(args.compare_hf)],
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(report, f, indent=2)
-    table = markdown(report)
-    with open(args.out + ".md", "w") as f:
-        f.write(table)
-    print(table)
+    write_report(args.out, report, markdown(report))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from clip_step import hardware  # noqa: E402
+from clip_step import hardware, write_report  # noqa: E402
 
 STAMP = re.compile(r"^[IWE](\d{4}) (\d\d):(\d\d):(\d\d\.\d+)")
 
@@ -70,10 +70,6 @@ def stamps(log_path) -> list[tuple[float, str]]:
 
 def first(lines, pattern) -> float | None:
     return next((t for t, line in lines if re.search(pattern, line)), None)
-
-
-def last(lines, pattern) -> float | None:
-    return next((t for t, line in reversed(lines) if re.search(pattern, line)), None)
 
 
 def data_wait(metrics_path, batch_size) -> dict:
@@ -170,13 +166,7 @@ def main():
             report["no_replay_final"]["zero_shot_retention"] < final["zero_shot_retention"] - 5
         )
     report["effects"] = effects
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(report, f, indent=2)
-    table = markdown(report)
-    with open(args.out + ".md", "w") as f:
-        f.write(table)
-    print(table)
+    write_report(args.out, report, markdown(report))
 
 
 def markdown(r) -> str:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import tempfile
@@ -35,7 +34,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from clip_step import hardware, inputs, median_time, parse_pairs  # noqa: E402
+from clip_step import hardware, inputs, median_time, parse_pairs, write_report  # noqa: E402
 
 from fomo_jax import models, runtime, sharding  # noqa: E402
 from fomo_jax import params as params_lib  # noqa: E402
@@ -273,13 +272,7 @@ def main():
         "check_steps": args.check_steps,
         "rows": rows,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(report, f, indent=2)
-    table = markdown(report)
-    with open(args.out + ".md", "w") as f:
-        f.write(table)
-    print(table)
+    write_report(args.out, report, markdown(report))
 
 
 if __name__ == "__main__":

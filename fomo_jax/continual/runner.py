@@ -63,6 +63,11 @@ class Data:
     image_size: int
     rows: object = None  # this process's rows of each global batch (None: all; one process)
 
+    @property
+    def whole_batches(self) -> bool:
+        """Decoded samples are cheap: each batch is built whole (`TaskBatches`)."""
+        return bool(self.config.data.get("decode_once", False))
+
     def task_batches(self, task: int, batch_sizes: dict, steps: int, *, pretraining_offset=0):
         """The batches of `task` (a pure function of (seed, task, step))."""
         update_ids, buffer_ids = mixture.task_pools(self.catalogue, self.tasks, task)
@@ -73,7 +78,7 @@ class Data:
             pretraining_offset=pretraining_offset, tokenizer=self.tokenizer,
             image_size=self.image_size, num_threads=self.config.data.num_threads,
             bad_images=self.config.data.bad_images, rows=self.rows,
-            whole_batches=self.config.data.get("decode_once", False),
+            whole_batches=self.whole_batches,
         )  # fmt: skip
 
     def update_batches(self, task: int, batch_size: int, num_batches: int):
@@ -85,7 +90,7 @@ class Data:
             pretraining=None, batch_sizes={"update": batch_size, "buffer": 0, "pretraining": 0},
             steps=num_batches, seed=self.config.seed, task=task, tokenizer=self.tokenizer,
             image_size=self.image_size, num_threads=self.config.data.num_threads,
-            whole_batches=self.config.data.get("decode_once", False),
+            whole_batches=self.whole_batches,
         )  # fmt: skip
         for batch in batches.dataset(0):
             yield {k: batch[k] for k in self.batch_keys}

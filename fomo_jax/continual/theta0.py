@@ -118,8 +118,7 @@ def _make(config, family, model_config, data, recipe, path, workdir, mesh) -> No
         optimizer_config=adamw, log_every=max(1, steps // 10),
         checkpoint_every=config.checkpoint_every, bad_images=config.data.bad_images,
         max_bad_images=int(config.data.max_bad_image_fraction * samples) if skip else 0,
-        num_threads=config.data.num_threads, whole_batches=config.data.get("decode_once", False),
-        name="θ0",
+        num_threads=config.data.num_threads, whole_batches=data.whole_batches, name="θ0",
     )  # fmt: skip
     model = family.init_model(model_config, seed=recipe["seed"])
     state, record = loop_lib.train(job, params_lib.split(model)[1])

@@ -321,7 +321,7 @@ class DecodedSource:
     (`targets`, `manifest`, ...) are the wrapped source's.
     """
 
-    def __init__(self, source, *, threads: int | None = None):
+    def __init__(self, source):
         self.source = source
         start = time.perf_counter()
 
@@ -334,7 +334,7 @@ class DecodedSource:
                 pass
             return example
 
-        workers = threads or min(8, os.cpu_count() or 1)  # PIL's decoder releases the GIL
+        workers = min(8, os.cpu_count() or 1)  # PIL's decoder releases the GIL
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             self.examples = list(pool.map(load, range(len(source))))
         pixels = sum(e["image"].width * e["image"].height for e in self.examples

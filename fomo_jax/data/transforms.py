@@ -45,11 +45,8 @@ class UndecodableImage(ValueError):
     """Image data that PIL cannot decode (a missing file is an OSError, not this)."""
 
 
-def decode_rgb(
-    data: bytes | str | os.PathLike | Image.Image, *, name: str | None = None
-) -> Image.Image:
-    """Decode an image from bytes or a path as RGB, tolerating truncated files (an RGB image
-    decoded already is returned as it is).
+def decode_rgb(data: bytes | str | os.PathLike, *, name: str | None = None) -> Image.Image:
+    """Decode an image from bytes or a path as RGB, tolerating truncated files.
 
     PIL only tolerates truncation through the process-global `ImageFile.LOAD_TRUNCATED_IMAGES`.
     Rather than setting it at import (which would change every other PIL user in the process),
@@ -63,8 +60,6 @@ def decode_rgb(
     Raises `UndecodableImage` (a ValueError, chained to PIL's error) when the data cannot be
     decoded at all.
     """
-    if isinstance(data, Image.Image):  # decoded already (pipeline.DecodedSource)
-        return data
     if isinstance(data, (bytes, bytearray, memoryview)):
         label = f"<bytes> {name}" if name else "<bytes>"
         payload = bytes(data)
