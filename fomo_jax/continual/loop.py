@@ -9,8 +9,12 @@ the job may evaluate. Along the way the loop writes orbax checkpoints (at the st
 `checkpoint_every` steps, after every task), logs to `metrics.jsonl`, TensorBoard and W&B with
 progress lines (samples/s, data wait, ETA), stops on a non-finite loss or state after saving it
 aside (`diverged/`), turns SIGTERM into a checkpoint at the current step, and counts skipped
-undecodable images. A killed job rerun with the same arguments resumes from its last checkpoint
-to exactly the result of an uninterrupted one.
+undecodable images. Data wait is logged twice: `data_wait_fraction`, the time spent getting
+batches, and `data_wait_idle_fraction`, the part of it no step covered. Steps are dispatched
+asynchronously, so the loop fetches the next batch while the devices still run earlier steps; a
+wait counts as idle when the latest dispatched step had finished before or during it (an upper
+bound of the time the devices sat idle for lack of data). A killed job rerun with the same
+arguments resumes from its last checkpoint to exactly the result of an uninterrupted one.
 
 Several processes (`fomo_jax.distributed`): every process runs the loop on its share of each
 global batch (`Job.batches` yields the process's rows; the loop assembles the global arrays),
@@ -212,12 +216,18 @@ class _Loop:
     def train_task(self, task, batches, state, position, record):
         job, steps = self.job, self.job.steps
         start_step = position["step"]
-        window_start, data_wait, last_logged = time.perf_counter(), 0.0, start_step
+        window_start, last_logged = time.perf_counter(), start_step
+        data_wait = data_idle = 0.0  # seconds of this log window: getting batches; of it, idle
         iterator = iter(batches.dataset(start_step))
+        in_flight = None  # an output of the latest step dispatched (steps run asynchronously)
         for step in range(start_step, steps):
             t0 = time.perf_counter()
+            idle = in_flight is None or in_flight.is_ready()
             batch = next(iterator)
-            data_wait += time.perf_counter() - t0
+            waited = time.perf_counter() - t0
+            data_wait += waited
+            if idle or in_flight.is_ready():  # no step ran through (all of) the wait
+                data_idle += waited
             skipped = int(batch["skipped"])
             if job.max_bad_images:  # "skip" policy: the processes agree on the run's count
                 skipped = distributed.sum_over_processes(skipped)
@@ -225,6 +235,7 @@ class _Loop:
             batch = {k: batch[k] for k in job.family.batch_keys}
             batch = distributed.global_batch(batch, self.batch_sharding)
             state, metrics = self.step_fn(state, batch, job.lr_of(task, step))
+            in_flight = metrics["loss"]
             if job.keep_losses:
                 self.pending_losses.append(metrics["loss"])
             done = step + 1
@@ -241,19 +252,22 @@ class _Loop:
                 elapsed = time.perf_counter() - window_start
                 rate = (done - last_logged) * batches.batch_size / elapsed
                 line = dict(task=task, step=done, samples_per_second=rate,
-                            data_wait_fraction=data_wait / elapsed, **metrics)  # fmt: skip
+                            data_wait_fraction=data_wait / elapsed,
+                            data_wait_idle_fraction=data_idle / elapsed, **metrics)  # fmt: skip
                 self.log.step(line, global_step=task * steps + done)
                 record["metric_lines"] = self.log.lines
                 logging.info(
                     "%stask %d step %d/%d | loss %.4f | lr %.2e | %.0f samples/s | data wait "
-                    "%.0f%% | ETA task %.0fs | %s%s", _prefix(job), task, done, steps,
-                    metrics["loss"], metrics["learning_rate"], rate, 100 * data_wait / elapsed,
+                    "%.0f%% (idle %.0f%%) | ETA task %.0fs | %s%s", _prefix(job), task, done,
+                    steps, metrics["loss"], metrics["learning_rate"], rate,
+                    100 * data_wait / elapsed, 100 * data_idle / elapsed,
                     (steps - done) * batches.batch_size / rate,
                     self.run_progress(task, done, elapsed / (done - last_logged)),
                     f" | {record['bad_images']} bad images skipped" if record["bad_images"]
                     else "",
                 )  # fmt: skip
-                window_start, data_wait, last_logged = time.perf_counter(), 0.0, done
+                window_start, last_logged = time.perf_counter(), done
+                data_wait = data_idle = 0.0
             if save_now or preempted:
                 position.update(task=task, step=done)
                 self.save(state, position, record)

@@ -100,7 +100,8 @@ def test_kill_during_the_pretraining_job_resumes_bitwise(data_root, tmp_path):
     for name in os.listdir(reference / "model"):
         assert (killed / "model" / name).read_bytes() == (reference / "model" / name).read_bytes()
     lines = lambda d: [{k: v for k, v in json.loads(x).items()  # noqa: E731
-                        if k not in ("samples_per_second", "data_wait_fraction")}
+                        if k not in ("samples_per_second", "data_wait_fraction",
+                                     "data_wait_idle_fraction")}
                        for x in (d / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
     assert lines(killed) == lines(reference)
     assert (killed / "plots" / "training.png").exists()
