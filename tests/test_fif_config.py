@@ -74,3 +74,13 @@ def test_fif_config_json_adds_only_the_new_key():
     assert recorded["steps_per_task"] is None and recorded["model"]["context_length"] is None
     # Decoding every image into memory suits fif_synth's 40-px images, not the real data.
     assert synth["data"]["decode_once"] and not recorded["data"]["decode_once"]
+
+
+def test_the_study_shares_the_default_theta0_and_total_compute():
+    default, study = fif_synth.get_config(), fif_synth.get_config("study")
+    assert study.num_tasks == 20
+    assert study.theta0.to_dict() == default.theta0.to_dict()  # the same cached θ0
+    assert study.data.to_dict() == default.data.to_dict()
+    assert study.model.to_dict() == default.model.to_dict()
+    assert (study.num_tasks * study.steps_per_task * study.batch_size
+            == default.num_tasks * default.steps_per_task * default.batch_size)  # fmt: skip
