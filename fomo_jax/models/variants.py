@@ -43,6 +43,7 @@ VARIANTS: dict[str, CLIPConfig] = {
     "ViT-bigG-14": _vit(1280, 224, 14, 1664, 48, 16, 8192, 1280, 32, 20),
     # Small sizes for tests and synthetic runs (byte-level vocabulary of 259 ids).
     "tiny": _vit(32, 32, 8, 64, 2, 2, 128, 64, 2, 2, context=16, vocab=259),
+    "mini": _vit(64, 32, 8, 128, 3, 4, 512, 128, 3, 2, context=16, vocab=259),  # tiny's pixels
     "small": _vit(128, 64, 8, 192, 4, 3, 768, 128, 4, 2, context=32, vocab=259),
 }
 

@@ -38,7 +38,9 @@ def _arms(**finals) -> dict:
         # (2) the best meta-schedule by GM must beat warmup-cosine on both scores
         (2, dict(finetune=(50, 60), rsqrt_meta=(51, 61), warmup_cosine_meta=(30, 70)), True),
         (2, dict(finetune=(50, 60), rsqrt_meta=(60, 59), warmup_cosine_meta=(30, 70)), False),
-        (3, dict(finetune=(50, 60), small=(55, 60)), True),
+        # (3) GM rising with every size
+        (3, dict(finetune=(50, 60), mini=(52, 60), small=(55, 60)), True),
+        (3, dict(finetune=(50, 60), mini=(56, 60), small=(55, 60)), False),
         # (4) A_ZS without replay lower by more than 5
         (4, dict(finetune=(50, 60), no_replay=(55, 54)), True),
         (4, dict(finetune=(50, 60), no_replay=(55, 56)), False),
