@@ -120,13 +120,14 @@ def arm_config(base, arm: str, seed: int) -> config_dict.ConfigDict:
 
 def run_arm(base, arm: str, seed: int, workdir: str) -> dict:
     folder = os.path.join(workdir, arm, f"seed_{seed}")
-    started = time.perf_counter()
     results = runner.run(arm_config(base, arm, seed), folder)
     return dict(
         final={k: results["final"][k] for k in KEYS},
         trajectory=[{k: p[k] for k in KEYS} for p in results["trajectory"]],
         steps_per_task=results["steps_per_task"],
-        seconds=time.perf_counter() - started,  # ~0 for a run finished before
+        # the run's wall time (θ0 included where this run made it; of the last process when
+        # resumed), also for a run finished by an earlier call
+        seconds=results["wall_seconds_this_process"],
     )
 
 
@@ -257,8 +258,9 @@ def markdown(r) -> str:
         f"# The paper's findings on fif_synth ({r['date']})",
         "",
         f"Hardware: CPU {hw['cpu']} x {hw['cpu_count']} cores, no accelerator; jax {hw['jax']}.  ",
-        f"Command: `{r['command']}` ({r['wall_seconds'] / 60:.1f} min, runs finished before "
-        "counted at ~0).  ",
+        f"Command: `{r['command']}` ({r['wall_seconds'] / 60:.1f} min for this call; runs it "
+        "found finished are reused). Minutes per arm: the run's own wall time, θ0 included "
+        "where that run made it.  ",
         f"Study: `{r['config']}`: {s['num_tasks']} tasks x {s['steps_per_task']} steps of batch "
         f"{s['batch_size']}, the {s['model']} CLIP from a θ0 of {s['theta0_steps']} steps, "
         f"evaluated every {s['eval_every_nth_task']} tasks; {r['seeds']} seed(s). Criteria: "
