@@ -98,6 +98,17 @@ FINDINGS = {
     6: ("PEFT under-adapts at equal compute",
         ["finetune", "lora_equal_compute", "dora_equal_compute", "vera_equal_compute"]),
 }  # fmt: skip
+# Every change made to the study after one of its runs, in order (none retunes a finding).
+CHANGES = [
+    "EWC's Fisher: 2 batches instead of the reference's 98, after a smoke call stopped before "
+    "any EWC training (at equal compute, 98 batches leave EWC no step of a 30-step task "
+    "either); no EWC result had been seen.",
+    "Finding (3): the ladder tiny -> mini -> small (the `mini` variant added) and its criterion "
+    "(GM rising with every size), written after the results of (1), (2), (4)-(6) and before any "
+    "run of (3).",
+    "Figure titles shortened; per-arm minutes read from each run's results.json (a rerun that "
+    "reuses finished runs reported 0 before). No number changed.",
+]
 DEFAULT_FINDINGS = "1,2,4,5,6"  # (3) trains a second θ0 and a 20x costlier model
 
 
@@ -247,6 +258,7 @@ def main(argv=None):
         wall_seconds=time.perf_counter() - started,
         arms=arms,
         findings=results,
+        changes_after_runs=CHANGES,
     )
     write_report(args.out, report, markdown(report))
     return report
@@ -282,6 +294,8 @@ def markdown(r) -> str:
                                                      else ""))  # fmt: skip
         lines.append(f"| {name} | {a['steps_per_task']} | " + " | ".join(cells)
                      + f" | {a['seconds'] / 60:.1f} |")  # fmt: skip
+    lines += ["", "Changes made to the study after one of its runs:", ""]
+    lines += [f"- {change}" for change in r["changes_after_runs"]]
     lines.append("")
     return "\n".join(lines)
 
