@@ -73,23 +73,27 @@ def first(lines, pattern) -> float | None:
     return next((t for t, line in lines if re.search(pattern, line)), None)
 
 
-def data_wait(metrics_path, batch_size) -> dict:
+def data_wait(metrics_path, batch_size, skip_windows: int = 0) -> dict:
     """Time-weighted data-wait shares of a loop's `metrics.jsonl` (each logged interval's
     seconds: its steps x batch / samples per second): all of it, and the idle part (no step in
-    flight through the wait; the loop's `data_wait_idle_fraction`)."""
-    waited = idle = total = 0.0
+    flight through the wait; the loop's `data_wait_idle_fraction`); the samples and seconds
+    they cover. `skip_windows`: leave out the first intervals (compilation)."""
+    waited = idle = total = samples = 0.0
     previous = {}
     with open(metrics_path) as f:
-        for r in map(json.loads, f):
-            if "data_wait_fraction" not in r:
-                continue
-            steps = r["step"] - previous.get(r["task"], 0)
-            previous[r["task"]] = r["step"]
-            seconds = steps * batch_size / r["samples_per_second"]
-            waited += seconds * r["data_wait_fraction"]
-            idle += seconds * r["data_wait_idle_fraction"]
-            total += seconds
-    return {"share": waited / total, "idle_share": idle / total, "logged_seconds": total}
+        windows = [r for r in map(json.loads, f) if "data_wait_fraction" in r]
+    for i, r in enumerate(windows):
+        steps = r["step"] - previous.get(r["task"], 0)
+        previous[r["task"]] = r["step"]
+        if i < skip_windows:
+            continue
+        seconds = steps * batch_size / r["samples_per_second"]
+        waited += seconds * r["data_wait_fraction"]
+        idle += seconds * r["data_wait_idle_fraction"]
+        total += seconds
+        samples += steps * batch_size
+    return {"share": waited / total, "idle_share": idle / total, "logged_seconds": total,
+            "samples": samples}  # fmt: skip
 
 
 def main():

@@ -121,11 +121,8 @@ def arm_config(base, arm: str, seed: int) -> config_dict.ConfigDict:
     if "schedule" in spec:
         config.schedule = sweep.schedule_config(spec["schedule"], config)
     for dotted, value in spec.get("set", {}).items():
-        *parents, last = dotted.split(".")
-        node = config
-        for part in parents:
-            node = node[part]
-        node[last] = config_dict.ConfigDict(value) if isinstance(value, dict) else value
+        value = config_dict.ConfigDict(value) if isinstance(value, dict) else value
+        sweep.set_dotted(config, dotted, value)
     return config
 
 

@@ -24,13 +24,13 @@ import shutil
 import sys
 import tempfile
 
-import ml_collections
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from clip_step import hardware, write_report  # noqa: E402
+from default_job import data_wait  # noqa: E402
 
 from fomo_jax import families, sharding  # noqa: E402
 from fomo_jax import params as params_lib  # noqa: E402
@@ -57,15 +57,13 @@ class Replayed:
 def one_run(config, data, feed: str, steps: int, workdir: str) -> dict:
     family = families.get("clip")
     model_config = family.model_config(config)
-    adamw = ml_collections.ConfigDict(dict(b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0,
-                                           weight_decay=config.theta0.weight_decay,
-                                           decay_convention="all"))  # fmt: skip
     shutil.rmtree(workdir, ignore_errors=True)
     job = theta0.pretraining_job(
         workdir, family, model_config, data.tokenizer, data.pool, steps=steps,
         batch_size=config.theta0.batch_size, seed=config.seed,
         mesh=sharding.make_mesh(**config.mesh), learning_rates=[config.theta0.lr] * steps,
-        optimizer_config=adamw, log_every=LOG_EVERY, checkpoint_every=0,
+        optimizer_config=theta0.adamw_config(config.theta0.weight_decay),
+        log_every=LOG_EVERY, checkpoint_every=0,
         num_threads=config.data.num_threads, whole_batches=data.whole_batches,
     )  # fmt: skip
     if feed == "replayed":
@@ -73,18 +71,13 @@ def one_run(config, data, feed: str, steps: int, workdir: str) -> dict:
         job = dataclasses.replace(job, batches=lambda task, record: replayed)
     model = family.init_model(model_config, seed=config.seed)
     loop_lib.train(job, params_lib.split(model)[1])
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        windows = [r for r in map(json.loads, f) if "samples_per_second" in r][1:]
-    seconds = np.array([LOG_EVERY * config.theta0.batch_size / r["samples_per_second"]
-                        for r in windows])  # fmt: skip
-    weighted = lambda key: float(sum(seconds * [r[key] for r in windows]) / seconds.sum())  # noqa: E731
+    wait = data_wait(os.path.join(workdir, "metrics.jsonl"), config.theta0.batch_size,
+                     skip_windows=1)  # fmt: skip
     return dict(
         feed=feed,
-        samples_per_second=float(
-            LOG_EVERY * config.theta0.batch_size * len(windows) / seconds.sum()
-        ),  # fmt: skip
-        data_wait_share=weighted("data_wait_fraction"),
-        idle_share=weighted("data_wait_idle_fraction"),
+        samples_per_second=wait["samples"] / wait["logged_seconds"],
+        data_wait_share=wait["share"],
+        idle_share=wait["idle_share"],
     )
 
 

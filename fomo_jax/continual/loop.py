@@ -12,7 +12,7 @@ aside (`diverged/`), turns SIGTERM into a checkpoint at the current step, and co
 undecodable images. Data wait is logged twice: `data_wait_fraction`, the time spent getting
 batches, and `data_wait_idle_fraction`, the part of it no step covered. Steps are dispatched
 asynchronously, so the loop fetches the next batch while the devices still run earlier steps; a
-wait counts as idle when the latest dispatched step had finished before or during it (an upper
+wait counts as idle when the latest dispatched step had finished by its end (an upper
 bound of the time the devices sat idle for lack of data). A killed job rerun with the same
 arguments resumes from its last checkpoint to exactly the result of an uninterrupted one.
 
@@ -222,11 +222,10 @@ class _Loop:
         in_flight = None  # an output of the latest step dispatched (steps run asynchronously)
         for step in range(start_step, steps):
             t0 = time.perf_counter()
-            idle = in_flight is None or in_flight.is_ready()
             batch = next(iterator)
             waited = time.perf_counter() - t0
             data_wait += waited
-            if idle or in_flight.is_ready():  # no step ran through (all of) the wait
+            if in_flight is None or in_flight.is_ready():  # no step ran through (all of) the wait
                 data_idle += waited
             skipped = int(batch["skipped"])
             if job.max_bad_images:  # "skip" policy: the processes agree on the run's count

@@ -56,11 +56,15 @@ def method_config(variant: str, config) -> None:
         raise ValueError(f"unknown method {name!r} in sweep variant {variant!r}")
     config.method = name
     for key, value in params.items():
-        node = config.methods[name]
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[last] = value
+        set_dotted(config.methods[name], key, value)
+
+
+def set_dotted(node, key: str, value) -> None:
+    """`node.a.b.c = value` for key "a.b.c" (in place)."""
+    *parents, last = key.split(".")
+    for part in parents:
+        node = node[part]
+    node[last] = value
 
 
 def all_methods() -> list[str]:

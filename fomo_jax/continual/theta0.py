@@ -49,6 +49,13 @@ def warmup_cosine(lr: float, steps: int):
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_value=lr * 1e-3)
 
 
+def adamw_config(weight_decay: float) -> ml_collections.ConfigDict:
+    """θ0's optimizer (`train.optimizer.build`): AdamW with clipping, decay on every leaf."""
+    return ml_collections.ConfigDict(dict(b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0,
+                                          weight_decay=weight_decay,
+                                          decay_convention="all"))  # fmt: skip
+
+
 def pretraining_job(workdir, family, model_config, tokenizer, pool, *, steps, batch_size,
                     learning_rates, optimizer_config, seed, mesh, log_every, checkpoint_every,
                     bad_images="error", max_bad_images=0, num_threads=0, whole_batches=False,
@@ -108,14 +115,11 @@ def _make(config, family, model_config, data, recipe, path, workdir, mesh) -> No
     skip = config.data.bad_images == "skip"
     samples = recipe["steps"] * recipe["batch_size"]
     steps, schedule = recipe["steps"], warmup_cosine(recipe["lr"], recipe["steps"])
-    adamw = ml_collections.ConfigDict(dict(b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0,
-                                           weight_decay=recipe["weight_decay"],
-                                           decay_convention="all"))  # fmt: skip
     job = pretraining_job(
         workdir, family, model_config, data.tokenizer, data.pool, steps=steps,
         batch_size=recipe["batch_size"], seed=recipe["seed"], mesh=mesh,
         learning_rates=[float(schedule(step)) for step in range(steps)],
-        optimizer_config=adamw, log_every=max(1, steps // 10),
+        optimizer_config=adamw_config(recipe["weight_decay"]), log_every=max(1, steps // 10),
         checkpoint_every=config.checkpoint_every, bad_images=config.data.bad_images,
         max_bad_images=int(config.data.max_bad_image_fraction * samples) if skip else 0,
         num_threads=config.data.num_threads, whole_batches=data.whole_batches, name="θ0",
