@@ -41,6 +41,7 @@ from fomo_jax.data import (
     records,
     registry,
     streams,
+    vlm_stream,
     webdataset,
 )
 from fomo_jax.families.base import Family
@@ -130,7 +131,14 @@ def prepare_data(config, family: Family | None = None, model_config=None, tokeni
         family = families.get(config.get("family", "clip"))
         model_config = family.model_config(config)
         tokenizer = family.tokenizer(config, model_config)
+    rows = None
+    if distributed.multiprocess():
+        rows = distributed.local_rows(sharding.batch_sharding(mesh), config.batch_size)
+        logging.info("process %d loads rows %d-%d of every global batch of %d",
+                     jax.process_index(), rows[0], rows[-1], config.batch_size)  # fmt: skip
     d = config.data
+    if d.benchmark == "vlm_synth":  # the synthetic vision-language world (generated)
+        return vlm_stream.prepare(config, family, model_config, tokenizer, rows)
     datasets = benchmark_datasets(config)
     info_dir = d.info_dir or fif.default_info_dir(d.root)
     stream_path = d.stream or os.path.join(d.root, "streams", "random_sequence_1.json")
@@ -149,11 +157,6 @@ def prepare_data(config, family: Family | None = None, model_config=None, tokeni
     if d.get("decode_once", False):  # small images: decoded once, held in memory
         sources = {key: pipeline.DecodedSource(s) for key, s in sources.items()}
         pool = pipeline.DecodedSource(pool)
-    rows = None
-    if distributed.multiprocess():
-        rows = distributed.local_rows(sharding.batch_sharding(mesh), config.batch_size)
-        logging.info("process %d loads rows %d-%d of every global batch of %d",
-                     jax.process_index(), rows[0], rows[-1], config.batch_size)  # fmt: skip
     return Data(d.root, datasets, mixture.Catalogue(sources), pool, tasks, config,
                 family.batch_keys, tokenizer, family.image_size(model_config), rows)  # fmt: skip
 
@@ -423,7 +426,12 @@ def _run(config, workdir, setup: Setup, config_json, started) -> dict:
     ratios = dict(config.mixture)
 
     cache_dir = config.theta0.cache_dir or data.root
-    theta0_params = theta0.load_or_make(config, family, model_config, data, cache_dir, setup.mesh)
+    if config.data.benchmark == "vlm_synth":  # θ0 by the staged recipe
+        theta0_params = vlm_stream.load_or_make_theta0(config, family, model_config, data,
+                                                       cache_dir, setup.mesh)  # fmt: skip
+    else:
+        theta0_params = theta0.load_or_make(config, family, model_config, data, cache_dir,
+                                            setup.mesh)  # fmt: skip
     method.setup(methods.Context(config=config, family=family, model_config=model_config,
                                  tokenizer=tokenizer, data=data, workdir=workdir,
                                  steps_per_task=steps))  # fmt: skip

@@ -98,6 +98,7 @@ class _Special(Text):
 _EOS = _Special("<eos>", True)
 _EOU_PROMPT = _Special("<eou>", False)  # ends a user turn: not a target
 _EOU_TARGET = _Special("<eou>", True)  # ends an answer: a target
+EOU_TARGET = _EOU_TARGET  # for prompts built segment by segment (evaluation items)
 
 
 def _tokens(example: Example, encode: Callable[[str], list[int]], specials: Specials,

@@ -11,9 +11,12 @@ multipliers, locking); the sharding rules are `sharding.LM_RULES` (Megatron x FS
 
 Adapters (the PEFT methods) go on the block linears of the image tower and the LM
 (`adapter_targets`: "lm", "lm_attention", "all_linear"); with `config.trainable` rules a run can
-train a fresh connector in full next to them. Not yet here: its evaluators (they come with the
-synthetic vision-language world) and its data stream in the continual runner; asking for them
-is an error naming what is missing.
+train a fresh connector in full next to them. In the continual runner the family trains on the
+synthetic vision-language world (`config.data.benchmark="vlm_synth"`, `data.vlm_stream`: its
+data, θ0's staged recipe) with the world's word tokenizer (`config.tokenizer="words"`) and is
+evaluated by `fomo_jax.evaluate_vlm` (A_KA, A_ZS, their geometric mean and text retention).
+A batch whose `images` hold no image slot ([B, 0, ...]: text-only jobs such as LM pretraining)
+skips the image tower.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from fomo_jax import evaluate_vlm, sharding
 from fomo_jax import params as params_lib
-from fomo_jax import sharding
 from fomo_jax.data import vlm_batches
 from fomo_jax.families.base import Family, LossFn, Params
 from fomo_jax.models import clip as clip_lib
@@ -40,7 +43,7 @@ def pixels(images) -> jax.Array:
 
 class VLM(Family):
     name = "vlm"
-    metric_keys = ()
+    metric_keys = evaluate_vlm.METRIC_KEYS
     groups = ("image", "connector", "lm")
     batch_keys = ("tokens", "images", "image_valid", "attention_mask", "loss_mask",
                   "prefix_length")  # fmt: skip
@@ -75,9 +78,26 @@ class VLM(Family):
         return vlm.VLMConfig.from_dict(fields)
 
     def tokenizer(self, config, model_config):
-        raise ValueError("the continual runner has no VLM data stream or evaluator yet: train "
-                         "the VLM family with the one step (train.step) on "
-                         "data.vlm_batches.collate batches")  # fmt: skip
+        """The synthetic world's word tokenizer (`config.tokenizer="words"`), whose size the LM's
+        vocabulary (and its added tokens) must hold."""
+        from fomo_jax.data import vlm_synth
+
+        if config.tokenizer != "words":
+            raise ValueError(f"config.tokenizer={config.tokenizer!r}: the VLM family trains on "
+                             "the synthetic world, whose tokenizer is 'words'")  # fmt: skip
+        tokenizer = vlm_synth.WordTokenizer()
+        vocabulary = model_config.lm.vocab_size + model_config.lm.added_tokens
+        if vocabulary < tokenizer.vocab_size:
+            raise ValueError(
+                f"the LM's vocabulary of {vocabulary} ids is smaller than the "
+                f"world's {tokenizer.vocab_size} (config.model.vlm.lm.vocab_size)"
+            )
+        if model_config.image_token_id != tokenizer.image_id:
+            raise ValueError(
+                f"config.model.vlm.image_token_id={model_config.image_token_id}, "
+                f"but the world's image token is {tokenizer.image_id}"
+            )
+        return tokenizer
 
     def abstract_model(self, model_config) -> vlm.VisionLanguageModel:
         return vlm.abstract_vlm(model_config)
@@ -95,7 +115,8 @@ class VLM(Family):
         def loss_fn(params, batch, key):
             model = params_lib.merge(graphdef, params)
             prefix = batch["prefix_length"] if model.config.fusion == "prefix" else None
-            logits = model(batch["tokens"], pixels(batch["images"]),
+            images = pixels(batch["images"]) if batch["images"].shape[1] else None
+            logits = model(batch["tokens"], images,
                            image_valid=batch["image_valid"],
                            attention_mask=batch["attention_mask"],
                            prefix_length=prefix)  # fmt: skip
@@ -143,8 +164,13 @@ class VLM(Family):
 
     # ---- evaluation and export -------------------------------------------------------------
     def evaluator(self, config, data, model_config, tokenizer, *, mesh=None, cache_dir=None):
-        raise ValueError("the VLM family has no evaluator yet (it comes with the synthetic "
-                         "vision-language world)")  # fmt: skip
+        """The synthetic world's evaluation (`evaluate_vlm`) on one process."""
+        if not hasattr(data, "world"):
+            raise ValueError("the VLM family is evaluated on the synthetic world: "
+                             "config.data.benchmark='vlm_synth'")  # fmt: skip
+        return evaluate_vlm.Evaluator(data.world, tokenizer, model_config,
+                                      items=config.eval.kinds.to_dict(), skills=data.tasks,
+                                      batch_size=config.eval.batch_size)  # fmt: skip
 
     def export(self, params, model_config, directory: str, tokenizer) -> None:
         """A LLaVA checkpoint (transformers' layout; the `mlp2x_gelu` connector only)."""

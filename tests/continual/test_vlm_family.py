@@ -102,10 +102,16 @@ def test_family_paths_and_refusals():
     assert all(f"{p}/kernel" in paths for p in linears) and len(linears) == 2 * 6 + 2 * 7
     with pytest.raises(ValueError, match="not under image/, connector/ or lm/"):
         family.group_of("logit_scale")
-    with pytest.raises(ValueError, match="no VLM data stream or evaluator yet"):
-        family.tokenizer(None, cfg)
-    with pytest.raises(ValueError, match="no evaluator yet"):
-        family.evaluator(None, None, cfg, None)
+    config = ml_collections.ConfigDict({"tokenizer": "words"})
+    with pytest.raises(ValueError, match="vocabulary of 100 ids is smaller than the world.s 184"):
+        family.tokenizer(
+            config,
+            vlm.VLMConfig(vision=cfg.vision, lm=LM.replace(vocab_size=100), image_token_id=3),
+        )
+    with pytest.raises(ValueError, match="image_token_id=259, but the world's image token is 3"):
+        family.tokenizer(config, cfg)
+    with pytest.raises(ValueError, match="config.data.benchmark='vlm_synth'"):
+        family.evaluator(config, object(), cfg, None)
     batch = family.abstract_batch(cfg, 4)
     assert set(batch) == set(family.batch_keys) and batch["tokens"].shape == (4, 16 + 2 + 32)
 

@@ -2,9 +2,10 @@
 the one jitted step, its end-of-task hook, evaluation weights, export to the plain VLM), or it
 is refused at set-up, before any compute, with an error naming the method and the family.
 
-The methods run as the loop runs them, minus the runner (the VLM has no data stream there
-yet): `ctx.data` serves collated VLM batches for the hooks that read the update pool (EWC's
-Fisher pass)."""
+Each method runs through the runner on a one-task stream of the synthetic world; the budget
+tests set methods up with a stand-in `ctx.data` serving collated VLM batches."""
+
+import json
 
 import jax
 import ml_collections
@@ -12,12 +13,12 @@ import numpy as np
 import pytest
 
 from fomo_jax import params as params_lib
-from fomo_jax import sharding
 from fomo_jax.continual import methods
+from fomo_jax.data import vlm_batches as vb
+from fomo_jax.data import vlm_synth
 from fomo_jax.families import vlm as vlm_family
 from fomo_jax.models import vlm
 from fomo_jax.train import optimizer
-from fomo_jax.train import step as step_lib
 from tests.continual.test_vlm_family import _batch, _config
 
 # Refused, with the reason the error must give (a phrase of it).
@@ -59,43 +60,62 @@ def setting():
     return cfg, theta0, config, _batch(cfg, seed=9)
 
 
+@pytest.fixture(scope="module")
+def stream_config(tmp_path_factory):
+    """A one-task VLM stream of 3 steps on the synthetic world, θ0 a LLaVA checkpoint of a
+    random world-sized VLM (no staged making)."""
+    from fomo_jax.configs import vlm_synth as vlm_synth_config
+    from fomo_jax.models import hf_lm
+
+    base = tmp_path_factory.mktemp("vlm_methods")
+    config = vlm_synth_config.get_config("smoke")
+    config.model.vlm.lm.update(hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                               num_key_value_heads=1, head_dim=16)  # fmt: skip
+    model = vlm_family.FAMILY.init_model(vlm_family.FAMILY.model_config(config), seed=0)
+    hf_lm.export_hf(model, str(base / "theta0"))
+    config.theta0.checkpoint = str(base / "theta0")
+    config.data.root = str(base / "root")
+    config.num_tasks, config.data.skills = 1, ("count",)
+    config.batch_size, config.steps_per_task = 4, 3
+    config.log_every, config.checkpoint_every = 3, 0
+    config.eval.batch_size = 2
+    config.eval.kinds = ml_collections.ConfigDict(dict(colour=2, facts=2, count=2))
+    for name, options in OPTIONS.items():
+        config.methods[name].update(options)
+    return config, base
+
+
 @pytest.mark.parametrize("name", sorted(methods.METHODS))
-def test_every_method_runs_on_the_vlm_or_is_refused_before_compute(name, setting, tmp_path):
-    cfg, theta0, config, batch = setting
-    method = methods.get(name, OPTIONS.get(name))
-    ctx = methods.Context(config=config, family=vlm_family.FAMILY, model_config=cfg,
-                          tokenizer=None, data=Data(cfg), workdir=str(tmp_path),
-                          steps_per_task=3)  # fmt: skip
+def test_every_method_runs_through_the_runner_on_the_vlm_or_is_refused(name, stream_config):
+    """3 steps of the VLM stream through the runner (set-up, θ0, the method's task hooks
+    (EWC's Fisher pass on the next-token loss, merges per group), evaluations, export of the
+    plain VLM); a refused method stops at the config check, before any compute."""
+    from fomo_jax.continual import runner
+    from fomo_jax.models import hf_lm
+
+    config, base = stream_config
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.method = name
+    workdir = base / name
     if name in REFUSED:
         with pytest.raises(ValueError) as error:
-            method.setup(ctx)
+            runner.run(config, str(workdir))
         assert REFUSED[name] in str(error.value) and repr(name) in str(error.value)
+        assert not workdir.exists() or not any(workdir.iterdir())
         return
-    method.setup(ctx)
-    params = method.init_params(theta0)
-    tx, mesh, key = optimizer.adamw(), sharding.make_mesh(), step_lib.step_key(0)
-    state = step_lib.fresh_state(params, method, tx, key)
-    shardings = step_lib.shardings_of(jax.eval_shape(lambda: state), mesh, vlm_family.FAMILY.rules)
-    step = step_lib.compile_step(vlm_family.FAMILY, method.graphdef, tx, method, mesh, shardings)
-    train = method.train_params(0, params, state.method_state)
-    state = step_lib.place(state.replace(params=train), shardings)
-    losses = []
-    for _ in range(3):
-        state, metrics = step(state, batch, 1e-3)
-        losses.append(float(metrics["loss"]))
-    assert np.isfinite(losses).all(), losses
-    host = jax.device_get((state.params, state.method_state))
-    params, method_state = method.end_of_task(0, *host)
-    evaluated = method.eval_params(0, params, method_state)
-    export_cfg, export_params = method.export_params(jax.device_get(evaluated))
-    assert isinstance(export_cfg, vlm.VLMConfig) and export_cfg.adapter is None
-    plain = params_lib.merge(params_lib.split(vlm.abstract_vlm(export_cfg))[0], export_params)
-    logits = plain(
-        batch["tokens"],
-        vlm_family.pixels(batch["images"]),
-        image_valid=batch["image_valid"],
-        attention_mask=batch["attention_mask"],
-    )
+    results = runner.run(config, str(workdir))
+    assert set(results["final"]) == set(vlm_family.FAMILY.metric_keys)
+    losses = [json.loads(line)["loss"] for line in open(workdir / "metrics.jsonl")
+              if '"loss"' in line]  # fmt: skip
+    assert losses and np.isfinite(losses).all(), losses
+    exported = hf_lm.load_pretrained(str(workdir / "model"))
+    assert isinstance(exported, vlm.VisionLanguageModel) and exported.config.adapter is None
+    world, tokenizer = vlm_synth.World(0), vlm_synth.WordTokenizer()
+    batch = vb.collate([world.example("vqa", 0), world.example("pairs", 1)], tokenizer.encode,
+                       vlm_synth.SPECIALS, exported.config.image_seq_length, 64, 1, 32)  # fmt: skip
+    logits = exported(batch["tokens"], vlm_family.pixels(batch["images"]),
+                      image_valid=batch["image_valid"],
+                      attention_mask=batch["attention_mask"])  # fmt: skip
     assert np.isfinite(np.asarray(logits)).all()
 
 

@@ -1,0 +1,163 @@
+"""The continual VLM stream end to end (`configs/vlm_synth.py:smoke`): every θ0 stage built on
+an empty data root, the runner over the skills, `results.json` with the four headline metrics;
+killed with kill -9 inside a θ0 stage and again inside the stream, the rerun ends bit-identical
+to the uninterrupted run. Teacher-forced exact match equals greedy exact match."""
+
+import dataclasses
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from fomo_jax import evaluate_vlm, runtime
+from fomo_jax import params as params_lib
+from fomo_jax.configs import vlm_synth as vlm_synth_config
+from fomo_jax.data import vlm_stream, vlm_synth
+from fomo_jax.families import vlm as vlm_family
+
+RUN = os.path.join(runtime.REPO_ROOT, "run.py")
+
+
+def _command(root, cache, workdir):
+    return [sys.executable, RUN, "--config=configs/vlm_synth.py:smoke",
+            f"--config.data.root={root}", f"--config.theta0.cache_dir={cache}",
+            f"--workdir={workdir}"]  # fmt: skip
+
+
+def _run(command):
+    result = subprocess.run(command, cwd=runtime.REPO_ROOT, capture_output=True, text=True,
+                            timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def _kill_when(command, marker: str):
+    """Start `command`, kill -9 it once the path pattern `marker` exists."""
+    process = subprocess.Popen(command, cwd=runtime.REPO_ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 600
+    while not glob.glob(marker):
+        assert process.poll() is None and time.time() < deadline, "ended before the kill"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    base = tmp_path_factory.mktemp("vlm_stream")
+    root = base / "root"  # empty: the world and every θ0 stage are made
+    _run(_command(root, root, base / "reference"))
+    return base, root
+
+
+def test_smoke_stream_writes_the_four_metrics(reference):
+    base, root = reference
+    results = json.loads((base / "reference" / "results.json").read_text())
+    assert set(results["final"]) == {"knowledge_accumulation", "zero_shot_retention",
+                                     "geometric_mean", "text_retention"}  # fmt: skip
+    assert len(results["trajectory"]) == 3  # zero-shot, after each of the 2 tasks
+    final = results["per_dataset"]["final_full"]
+    assert {"count", "reading", "caption", "facts", "facts_cloze", "binding_k0",
+            "binding_k4"} <= set(final)  # fmt: skip
+    # per-source bookkeeping of each task: the update pool is the task's skill
+    first, second = results["batch_sizes"]
+    assert "count" in first["sources"] and "reading" not in first["sources"]
+    assert second["sources"]["count"]["examples"] > 0  # the buffer replays task 0's skill
+    assert sum(s["examples"] for s in second["sources"].values()) == 8 * 4
+    stages = sorted(os.path.basename(p).split("-")[0]
+                    for p in glob.glob(str(root / "vlm_theta0" / "*.npz")))  # fmt: skip
+    assert stages == sorted(vlm_stream.STAGES)
+    world = json.loads((root / "world.json").read_text())
+    assert world["held_out"] == vlm_synth.World(0).held_out_facts()
+    assert os.path.exists(base / "reference" / "plots" / "ka_zs_trajectory.png")
+
+
+def test_kill_9_in_a_theta0_stage_and_in_the_stream_resumes_bit_identical(reference):
+    base, root = reference
+    cache, workdir = base / "cache_b", base / "killed"
+    command = _command(root, cache, workdir)
+    _kill_when(command, str(cache / "vlm_theta0" / "vl-*.work" / "checkpoints" / "2"))
+    assert not glob.glob(str(cache / "vlm_theta0" / "vl-*.npz"))  # killed inside the stage
+    _kill_when(command, str(workdir / "checkpoints" / "2"))  # and inside the stream's task 0
+    assert not (workdir / "results.json").exists()
+    result = _run(command)
+    assert "resuming from checkpoint 2" in result.stderr
+    for want in glob.glob(str(root / "vlm_theta0" / "*.npz")):
+        got = cache / "vlm_theta0" / os.path.basename(want)
+        with np.load(want) as a, np.load(got) as b:
+            assert a.files == b.files
+            for key in a.files:
+                np.testing.assert_array_equal(b[key], a[key], err_msg=f"{got}: {key}")
+    want = json.loads((base / "reference" / "results.json").read_text())
+    got = json.loads((workdir / "results.json").read_text())
+    for key in ("final", "trajectory", "per_dataset", "batch_sizes"):
+        assert got[key] == want[key], key
+
+
+def test_teacher_forced_exact_match_equals_greedy_exact_match():
+    """On evaluation items, the one-forward exact match is greedy decoding's. A random VLM
+    whose ⟨eou⟩ output row copies the row of its favourite token (slightly larger) stops after
+    answers of various lengths; items get those answers (matches) and altered ones (a word
+    more, a word less)."""
+    config = vlm_synth_config.get_config("smoke")
+    family = vlm_family.FAMILY
+    model_config = family.model_config(config)
+    tokenizer = vlm_synth.WordTokenizer()
+    model = family.init_model(model_config, seed=3)
+    graphdef, params = params_lib.split(model)
+    params = jax.device_get(params)
+    evaluator = evaluate_vlm.Evaluator(
+        vlm_synth.World(0), tokenizer, model_config, batch_size=8, max_new_tokens=6,
+        items=dict(colour=16, shape=8, position=8, caption=2, facts=2), skills=(),
+    )  # fmt: skip
+    items = evaluator.items["colour"] + evaluator.items["shape"]
+    head = np.array(params["lm"]["lm_head"]["kernel"])
+    tokens = evaluator.greedy_answers(graphdef, params, "colour", items)
+    words = [w for text in tokens for w in text.split()]
+    favourite = max(set(words), key=words.count)
+    eou = vlm_synth.SPECIALS.eou
+    head[:, eou] = head[:, tokenizer.ids[favourite]] * 1.01
+    params["lm"]["lm_head"]["kernel"] = head
+    answers = evaluator.greedy_answers(graphdef, params, "colour", items)
+    stopped = {}  # item index -> its greedy answer: words, then the terminator
+    for index, answer in enumerate(answers):
+        if answer.endswith("<eou>") and answer.count("<") == 1:
+            stopped[index] = answer.removesuffix("<eou>").strip()
+    assert len({len(a.split()) for a in stopped.values()}) > 1, answers  # several lengths
+    cases = []
+    for index, answer in stopped.items():
+        item = items[index]
+        cases.append(dataclasses.replace(item, answer=answer))  # greedy's own answer
+        cases.append(dataclasses.replace(item, answer=(answer + " red").strip()))  # one more
+        if answer:  # one word less: its prefix is right, the terminator comes too late
+            cases.append(dataclasses.replace(item, answer=" ".join(answer.split()[:-1])))
+    greedy = evaluator.greedy_answers(graphdef, params, "colour", cases)
+    exact, _ = evaluator._batched("colour", cases, graphdef, params)
+    want = np.array([g == f"{c.answer} <eou>".strip() for g, c in zip(greedy, cases, strict=True)])
+    assert want.any() and not want.all()
+    np.testing.assert_array_equal(exact, want)
+
+
+def test_stream_config_errors_name_the_key():
+    config = vlm_synth_config.get_config("smoke")
+    family = vlm_family.FAMILY
+    model_config = family.model_config(config)
+    config.data.skills = ("count", "flying")
+    with pytest.raises(ValueError, match="config.data.skills: unknown skill 'flying'"):
+        vlm_stream.prepare(config, family, model_config, vlm_synth.WordTokenizer())
+    config.data.skills = ("count",)
+    with pytest.raises(ValueError, match="config.num_tasks=2 but config.data.skills has 1"):
+        vlm_stream.prepare(config, family, model_config, vlm_synth.WordTokenizer())
+    bad = ml_collections.ConfigDict(config.to_dict())
+    bad.tokenizer = "bytes"
+    with pytest.raises(ValueError, match="tokenizer is 'words'"):
+        family.tokenizer(bad, model_config)
