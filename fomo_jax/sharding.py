@@ -4,8 +4,21 @@ Axes: `data` (batch only), `fsdp` (batch, and parameters/optimizer state split a
 `model` (tensor parallel: attention heads and MLP hidden units). Rules are matched in order
 against a parameter's '/'-joined path (first match wins, unmatched leaves are replicated).
 The same rules shard the optimizer state, whose moment leaves have their parameter's path.
-A mesh axis that does not divide a dimension is dropped for that leaf (e.g. a 259-token
-vocabulary over 4 fsdp shards), so one rule list serves every mesh shape.
+
+A mesh axis that does not divide its dimension (together with the axes before it on that
+dimension) is handled by leaf size, so that one rule list serves every mesh shape:
+  * small leaves (at most `REPLICATE_MAX_BYTES`, 1 MiB, in their dtype) drop the axis and are
+    replicated over it (e.g. a 259-token vocabulary over 4 fsdp shards); they cost little
+    memory, and small models keep the shardings they always had;
+  * larger leaves move the axis to another dimension that it divides and that no other axis
+    (of size > 1) splits, the largest such one: ViT-g-14's MLP kernel [1408, 6144] under
+    `P("fsdp", "model")` at fsdp=256 x model=1 gets `P(None, ("model", "fsdp"))`;
+  * a larger leaf with no such dimension is a ValueError naming the leaf, its shape and the
+    axis, never a silent replicate. ViT-g-14's [1408, 1408] attention kernels at fsdp=256 are
+    one (1408 = 11 x 128: no even split over 256 exists); the message names the largest size
+    of the axis that would split the leaf, here 128.
+`spec_for` needs only the axis sizes (`mesh.shape`), so an `AbstractMesh` (or any object with
+a `shape` mapping) computes the specs of a model at any scale without devices.
 """
 
 from __future__ import annotations
@@ -133,37 +146,83 @@ def describe(mesh) -> str:
     return text
 
 
-def spec_for(path: str, shape: tuple, rules: Rules, mesh) -> P:
-    """The first matching rule's spec, with axes that do not divide the dimension removed."""
+REPLICATE_MAX_BYTES = 2**20  # leaves up to this size may drop a mesh axis (module docstring)
+
+
+def _names(entry) -> tuple:
+    """The mesh axes of one PartitionSpec entry (None, "fsdp" or ("data", "fsdp"))."""
+    return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+
+
+def _entry(names: list):
+    return tuple(names) if len(names) > 1 else names[0] if names else None
+
+
+def spec_for(path: str, shape: tuple, rules: Rules, mesh, dtype=np.float32) -> P:
+    """The first matching rule's spec, each axis that does not divide its dimension dropped
+    (small leaves), moved to another dimension (large ones) or an error; module docstring."""
     match = next(((pat, spec) for pat, spec in rules if re.search(pat, path)), None)
     if match is None:
         return P()
     pattern, spec = match
     if len(spec) > len(shape):
         raise ValueError(f"sharding rule {pattern!r} -> {spec} has more dims than {path} {shape}")
-    dims = []
-    for size, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
-        names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
-        count = int(np.prod([mesh.shape[a] for a in names])) if names else 1
-        if size % count:
-            logging.debug(
-                "sharding: %s dim of size %d not divisible by %s; replicated", path, size, names
+    sizes = dict(mesh.shape)
+    entries = tuple(spec) + (None,) * (len(shape) - len(spec))
+    kept: list[list[str]] = [[] for _ in shape]  # the axes splitting each dimension
+    splits = lambda d: int(np.prod([sizes[a] for a in kept[d]]))  # noqa: E731
+    lost = []  # (dim, axis) of axes that do not divide their dimension
+    for dim, entry in enumerate(entries):
+        for axis in _names(entry):
+            if shape[dim] % (splits(dim) * sizes[axis]):
+                lost.append((dim, axis))
+            else:
+                kept[dim].append(axis)
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize if lost else 0
+    for dim, axis in lost:
+        if nbytes <= REPLICATE_MAX_BYTES:
+            logging.debug("sharding: %s dim %d of size %d not divisible by %s=%d; replicated",
+                          path, dim, shape[dim], axis, sizes[axis])  # fmt: skip
+            continue
+        free = [d for d in range(len(shape)) if splits(d) == 1]  # no axis of size > 1 on it
+        targets = [d for d in free if d != dim and shape[d] % sizes[axis] == 0]
+        if not targets:
+            widths = [shape[dim] // splits(dim)] + [shape[d] for d in free]
+            fits = max(n for n in range(1, sizes[axis] + 1)
+                       if sizes[axis] % n == 0 and any(w % n == 0 for w in widths))  # fmt: skip
+            raise ValueError(
+                f"sharding: {path} {tuple(shape)} {np.dtype(dtype).name} ({nbytes / 2**20:.1f} "
+                f"MiB) would be replicated over mesh axis {axis!r} of size {sizes[axis]}: no "
+                f"dimension of it that no other axis splits is a multiple of {sizes[axis]} "
+                f"(rule {pattern!r} -> {spec}); {axis}={fits} would split it"
             )
-            axes = None
-        dims.append(axes)
+        kept[max(targets, key=lambda d: shape[d])].append(axis)
+    # A dimension whose axes all stayed keeps the rule's entry as written.
+    dims = [entry if list(_names(entry)) == names else _entry(names)
+            for entry, names in zip(entries, kept, strict=True)]  # fmt: skip
     while dims and dims[-1] is None:  # P(None,) and P() mean the same; keep the short form
         dims.pop()
     return P(*dims)
 
 
-def tree_shardings(tree, mesh, rules: Rules = CLIP_RULES):
-    """NamedShardings for every leaf (arrays or ShapeDtypeStructs) of a params/opt-state tree."""
+def tree_specs(tree, mesh, rules: Rules = CLIP_RULES):
+    """PartitionSpecs for every leaf (arrays or ShapeDtypeStructs) of a params/opt-state tree;
+    `mesh` may be abstract (only its axis sizes are read)."""
 
     def one(path, leaf):
         shape = tuple(getattr(leaf, "shape", ()))
-        return NamedSharding(mesh, spec_for(params_lib.key_path_str(path), shape, rules, mesh))
+        dtype = getattr(leaf, "dtype", np.float32)
+        return spec_for(params_lib.key_path_str(path), shape, rules, mesh, dtype)
 
     return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def tree_shardings(tree, mesh, rules: Rules = CLIP_RULES):
+    """NamedShardings for every leaf (arrays or ShapeDtypeStructs) of a params/opt-state tree."""
+    specs = tree_specs(tree, mesh, rules)
+    return jax.tree_util.tree_map(
+        lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P)
+    )
 
 
 def shard(tree, mesh, rules: Rules = CLIP_RULES):

@@ -30,6 +30,7 @@ def test_first_matching_rule_wins():
 
 
 def test_axis_dropped_where_it_does_not_divide():
+    """Small leaves (<= 1 MiB) drop an axis that does not divide; each axis is judged alone."""
     rules = [(r"embedding$", P("fsdp", "model"))]
     # 259 tokens over 4 fsdp shards: replicated on that dim; 64 over 2 model shards: kept.
     assert sharding.spec_for("text/token_embedding/embedding", (259, 64), rules, MESH_2x4x2) == P(
@@ -37,7 +38,84 @@ def test_axis_dropped_where_it_does_not_divide():
     )
     rules = [(r"x$", P(("data", "fsdp")))]
     assert sharding.spec_for("x", (8,), rules, MESH_2x4x2) == P(("data", "fsdp"))
-    assert sharding.spec_for("x", (12,), rules, MESH_2x4x2) == P()
+    assert sharding.spec_for("x", (12,), rules, MESH_2x4x2) == P("data")  # 12 = 2 x 6, not 8
+    assert sharding.spec_for("x", (9,), rules, MESH_2x4x2) == P()
+    # 1 MiB in the leaf's dtype: 259 x 1024 float32 (1.01 MiB) falls back below, bfloat16 not.
+    rules = [(r"w$", P("fsdp"))]
+    assert sharding.spec_for("w", (259, 1024), rules, MESH_2x4x2, np.dtype("bfloat16")) == P()
+
+
+def test_large_leaf_moves_the_axis_to_a_dimension_it_divides():
+    rules = [(r"w$", P("fsdp", None)), (r"m$", P("fsdp", "model")), (r"t$", P(None, "fsdp"))]
+    assert sharding.spec_for("w", (259, 1024), rules, MESH_2x4x2) == P(None, "fsdp")
+    # The largest dimension that takes it: 259 x 6 x 2048 -> the last.
+    assert sharding.spec_for("w", (259, 8, 2048), rules, MESH_2x4x2) == P(None, None, "fsdp")
+    # Where it divides, nothing moves.
+    assert sharding.spec_for("w", (260, 1024), rules, MESH_2x4x2) == P("fsdp")
+    # A dimension split by a size-1 axis is free: fsdp joins it.
+    mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 4, "model": 1})
+    assert sharding.spec_for("m", (259, 1024), rules, mesh) == P(None, ("model", "fsdp"))
+    assert sharding.spec_for("t", (1024, 259), rules, mesh) == P("fsdp")
+    # Small leaves keep the old drop even where another dimension would take the axis.
+    assert sharding.spec_for("w", (259, 64), rules, MESH_2x4x2) == P()
+
+
+def test_large_leaf_that_would_lose_an_axis_is_an_error():
+    rules = [(r"m$", P("fsdp", "model"))]
+    # 2 x 259 x 1024 x 4 bytes: dim 0 does not take fsdp=4, dim 1 is split by model=2.
+    with pytest.raises(ValueError) as error:
+        sharding.spec_for("a/m", (259, 1024), rules, MESH_2x4x2)
+    message = str(error.value)
+    assert "a/m (259, 1024) float32" in message and "'fsdp' of size 4" in message, message
+    with pytest.raises(ValueError, match=r"a/m \(259, 1030\).*'fsdp' of size 4.*fsdp=2 would"):
+        sharding.spec_for("a/m", (259, 1030), [(r"m$", P("fsdp"))], MESH_2x4x2)
+
+
+def _shard_bytes(shape, itemsize, spec, sizes):
+    """Bytes of one device's shard of a leaf, checking that the spec splits evenly."""
+    entries = tuple(spec) + (None,) * (len(shape) - len(spec))
+    used = [a for e in entries for a in ((e,) if isinstance(e, str) else e or ())]
+    assert len(used) == len(set(used)), spec  # no mesh axis twice
+    nbytes = itemsize
+    for size, entry in zip(shape, entries, strict=True):
+        parts = int(
+            np.prod([sizes[a] for a in ((entry,) if isinstance(entry, str) else entry or ())])
+        )
+        assert size % parts == 0, (shape, spec)
+        nbytes *= size // parts
+    return nbytes
+
+
+@pytest.mark.parametrize("variant", ["ViT-g-14", "ViT-bigG-14"])
+def test_giant_clips_shard_every_large_leaf_at_scale(variant):
+    """On 256 devices (abstract meshes: only axis sizes) every leaf over 1 MiB is split over
+    fsdp (but the ViT's positional table, replicated by the rules on purpose) and a device
+    holds about 1/(fsdp x model) of the weights. fsdp=256 alone cannot split
+    the image tower's [w, w] kernels (w = 1408 = 11 x 128, 1664 = 13 x 128): an error that
+    names the leaf, not a silent replicate."""
+    from jax.sharding import AbstractMesh
+
+    from fomo_jax import models
+    from fomo_jax import params as params_lib
+    from fomo_jax.models.clip import abstract_clip
+
+    flat = params_lib.flatten(params_lib.split(abstract_clip(models.get_config(variant)))[1])
+    total = sum(leaf.size * leaf.dtype.itemsize for leaf in flat.values())
+    assert total > 5 * 2**30  # 1.4 B / 2.5 B float32 parameters
+    for axes, budget in [((2, 128, 1), 1.2), ((1, 128, 2), 1.3), ((1, 64, 4), 1.35)]:
+        mesh = AbstractMesh(axes, sharding.AXES)
+        sizes = dict(mesh.shape)
+        specs = sharding.tree_specs(flat, mesh, sharding.CLIP_RULES)
+        per_device = 0
+        for path, leaf in flat.items():
+            nbytes = leaf.size * leaf.dtype.itemsize
+            if nbytes > 2**20 and path != "image/positional_embedding":  # 1.4 / 1.6 MiB
+                assert "fsdp" in str(specs[path]), (axes, path, leaf.shape, specs[path])
+            per_device += _shard_bytes(leaf.shape, leaf.dtype.itemsize, specs[path], sizes)
+        ideal = total / (sizes["fsdp"] * sizes["model"])
+        assert per_device < budget * ideal, (axes, per_device / ideal)
+    with pytest.raises(ValueError, match=r"image/.*'fsdp' of size 256.*fsdp=128 would split"):
+        sharding.tree_specs(flat, AbstractMesh((1, 256, 1), sharding.AXES), sharding.CLIP_RULES)
 
 
 def test_rule_with_too_many_dims_is_an_error():

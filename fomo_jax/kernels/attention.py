@@ -14,17 +14,26 @@ Backends:
     valid keys must be a prefix of each row).
 
 `implementation=None` picks, per shape, by this rule (the choice is logged once per shape):
-  1. "pallas" on a single GPU/TPU for long key sequences (>= `PALLAS_MIN_KV_LEN`) where the
-     kernel fits: there XLA's [T, T] logits cost memory quadratically and the fused kernel
-     saves the traffic. Not on several devices: a pallas_call has no SPMD partitioning rule,
-     so under a sharded jit XLA would gather its operands and run it whole on every device
-     (call it inside shard_map instead);
+  1. "pallas" on GPU/TPU for long key sequences (>= `PALLAS_MIN_KV_LEN`) where the kernel
+     fits: there XLA's [T, T] logits cost memory quadratically and the fused kernel saves the
+     traffic. On one device, or on several when the call knows the mesh (below); without a
+     mesh a pallas_call has no SPMD partitioning rule, so under a sharded jit XLA would gather
+     its operands and run it whole on every device;
   2. else "cudnn" on GPU where it supports the call (half-precision inputs, head_dim a
      multiple of 8 up to 128, no prefix/segment masks, and no kv_mask, whose prefix shape
      cannot be checked at trace time);
   3. else "xla" (always on CPU, where the kernel would only run interpreted).
 The threshold is a first guess, not a measurement: `benchmarks/attention.py` times all three
 backends at the CLIP and long-sequence shapes, and its GPU table is what should move it.
+
+Several devices. The mesh is the `mesh` argument, else the one set by `jax.set_mesh` (read at
+trace time with `jax.sharding.get_abstract_mesh()`; nothing changes without one). With a mesh
+of more than one device the Pallas kernel runs per shard inside `jax.shard_map`: the batch
+split over the mesh's (data, fsdp) axes, the heads (query and key/value) over `model`, each
+axis only where it divides (else that dimension is whole on every shard of the axis, which
+then computes it redundantly). Attention is independent across batch rows and heads, so the
+per-shard kernel computes exactly the global result. Inside a shard_map (axes already
+manual) the kernel runs as on one device.
 """
 
 from __future__ import annotations
@@ -33,8 +42,10 @@ import logging
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from fomo_jax.kernels import flash
+from fomo_jax.sharding import BATCH
 
 IMPLEMENTATIONS = (None, "xla", "cudnn", "pallas")
 PALLAS_MIN_KV_LEN = 1024
@@ -131,12 +142,12 @@ def _cudnn_attention(q, k, v, *, causal, kv_mask, prefix_length, segment_ids, sc
     )
 
 
-def _choose(q, k, *, causal, kv_mask, prefix_length, segment_ids):
+def _choose(q, k, *, causal, kv_mask, prefix_length, segment_ids, mesh=None):
     """The backend `implementation=None` runs (rule in the module docstring)."""
     platform = jax.default_backend()
     if (
         platform in flash.PLATFORMS
-        and jax.device_count() == 1
+        and (jax.device_count() == 1 or mesh is not None)
         and k.shape[1] >= PALLAS_MIN_KV_LEN
         and flash.fits(q.shape, k.shape, q.dtype, platform)
     ):
@@ -156,6 +167,48 @@ def _choose(q, k, *, causal, kv_mask, prefix_length, segment_ids):
     return "xla"
 
 
+def _mesh(mesh):
+    """The mesh to split the Pallas kernel over: `mesh`, else the context's (`jax.set_mesh`);
+    None where there is none, or it has one device, or the call is already inside a shard_map
+    (some axes manual: the caller has split the work)."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+        return None
+    return mesh
+
+
+def _divisible_axes(size, axes, mesh):
+    """Those of `axes` in `mesh` that split `size` evenly, in order (each joins while the
+    product of the kept ones still divides `size`); None for none."""
+    kept, parts = [], 1
+    for axis in axes:
+        if axis in mesh.axis_names and size % (parts * mesh.shape[axis]) == 0:
+            kept.append(axis)
+            parts *= mesh.shape[axis]
+    return tuple(kept) or None
+
+
+def _sharded_flash(q, k, v, masks, *, scale, mesh):
+    """`flash.flash_attention` per shard: batch over (data, fsdp), heads over model."""
+    rows = _divisible_axes(q.shape[0], BATCH, mesh)
+    heads = _divisible_axes(q.shape[2], ("model",), mesh)
+    if heads != _divisible_axes(k.shape[2], ("model",), mesh):
+        heads = None  # query and key/value heads must split alike (grouped-query)
+    causal, masks = masks["causal"], {n: m for n, m in masks.items() if n != "causal"}
+    names = sorted(n for n, m in masks.items() if m is not None)
+    heads_spec = P(rows, None, heads, None)
+    mask_specs = [P(rows) if n == "prefix_length" else P(rows, None) for n in names]
+
+    def per_shard(q, k, v, *mask_values):
+        given = dict(zip(names, mask_values, strict=True))
+        return flash.flash_attention(q, k, v, causal=causal, scale=scale, **given)
+
+    # check_vma=False: pallas_call's out_shape would need per-axis varying annotations.
+    run = jax.shard_map(per_shard, mesh=mesh, in_specs=(heads_spec,) * 3 + tuple(mask_specs),
+                        out_specs=heads_spec, check_vma=False)  # fmt: skip
+    return run(q, k, v, *(jnp.asarray(masks[n]) for n in names))
+
+
 def attention(
     q,
     k,
@@ -167,6 +220,7 @@ def attention(
     segment_ids=None,
     scale=None,
     implementation=None,
+    mesh=None,
 ):
     """Multi-head attention, [batch, seq, heads, head_dim] in and out.
 
@@ -179,6 +233,8 @@ def attention(
       scale: logit scale, default 1/sqrt(D) (a Python float for "pallas").
       implementation: None (choose per shape), "xla", "pallas" (interpreted on CPU) or
         "cudnn" (GPU only); see the module docstring.
+      mesh: the device mesh the inputs are sharded over (default: `jax.set_mesh`'s, if any);
+        with it "pallas" runs per shard on several devices (module docstring).
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
@@ -187,11 +243,14 @@ def attention(
     masks = dict(
         causal=causal, kv_mask=kv_mask, prefix_length=prefix_length, segment_ids=segment_ids
     )
-    chosen = implementation or _choose(q, k, **masks)
-    key = (chosen, q.shape, k.shape, str(q.dtype))
+    mesh = _mesh(mesh)
+    chosen = implementation or _choose(q, k, **masks, mesh=mesh)
+    key = (chosen, q.shape, k.shape, str(q.dtype), None if mesh is None else mesh.shape_tuple)
     if key not in _logged_choices:
         _logged_choices.add(key)
-        logging.info("attention: %s for q%s k%s %s", *key)
+        logging.info("attention: %s for q%s k%s %s (mesh %s)", *key)
+    if chosen == "pallas" and mesh is not None:
+        return _sharded_flash(q, k, v, masks, scale=scale, mesh=mesh)
     if chosen == "pallas":
         return flash.flash_attention(q, k, v, **masks, scale=scale)
     if chosen == "cudnn":
