@@ -36,26 +36,28 @@ from fomo_jax.train import losses  # noqa: E402
 GIB = 2**30
 
 
-def variants(mesh, chunk):
-    """name -> (loss of (image, text, scale, bias), uses the bias)."""
-    return {
-        "clip (dense)": (lambda i, t, s, b: losses.clip_loss(i, t, s)[0], False),
-        f"clip_chunked (chunk {chunk})": (
-            lambda i, t, s, b: losses.chunked_clip_loss(i, t, s, mesh=mesh, chunk_size=chunk)[0],
-            False,
-        ),
-        f"clip_chunked, no mesh (chunk {chunk})": (
-            lambda i, t, s, b: losses.chunked_clip_loss(i, t, s, chunk_size=chunk)[0],
-            False,
-        ),
-        "siglip (dense)": (lambda i, t, s, b: losses.siglip_loss(i, t, s, b)[0], True),
-        f"siglip_chunked (chunk {chunk})": (
-            lambda i, t, s, b: losses.chunked_siglip_loss(i, t, s, b, mesh=mesh, chunk_size=chunk)[
-                0
-            ],  # fmt: skip
-            True,
-        ),
-    }
+def variants(mesh, chunks):
+    """name -> (loss of (image, text, scale, bias), uses the bias): the dense losses, the
+    chunked ones at each chunk size, and the chunked CLIP loss without a mesh."""
+
+    def clip_chunked(c, on_mesh=True):
+        m = mesh if on_mesh else None
+        return lambda i, t, s, b: losses.chunked_clip_loss(i, t, s, mesh=m, chunk_size=c)[0]
+
+    def siglip_chunked(c):
+        def loss(i, t, s, b):
+            return losses.chunked_siglip_loss(i, t, s, b, mesh=mesh, chunk_size=c)[0]
+
+        return loss
+
+    out = {"clip (dense)": (lambda i, t, s, b: losses.clip_loss(i, t, s)[0], False)}
+    for c in chunks:
+        out[f"clip_chunked (chunk {c})"] = (clip_chunked(c), False)
+    out[f"clip_chunked, no mesh (chunk {chunks[0]})"] = (clip_chunked(chunks[0], False), False)
+    out["siglip (dense)"] = (lambda i, t, s, b: losses.siglip_loss(i, t, s, b)[0], True)
+    for c in chunks:
+        out[f"siglip_chunked (chunk {c})"] = (siglip_chunked(c), True)
+    return out
 
 
 def measure(fn, bias, mesh, batch, dim):
@@ -88,7 +90,8 @@ def markdown(report) -> str:
         "temporaries per device from `compiled.memory_analysis()`. This is the CPU compiler's "
         "buffer assignment, a proxy for an accelerator's (compare rows, not absolute numbers "
         "with a GPU). *no mesh*: the chunked loss traced outside `jax.set_mesh` (one shard "
-        "partitioned by XLA).",
+        "partitioned by XLA). At 8 devices a device holds B/8 = 4096 rows: chunk 4096 is one "
+        "block per ring step.",
         "",
         "| loss | batch | dim | temp per device (MiB) | vs dense | args (MiB) |",
         "|---|---|---|---|---|---|",
@@ -105,7 +108,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=32768)
     parser.add_argument("--dims", default="768,1024")
-    parser.add_argument("--chunk", type=int, default=1024)
+    parser.add_argument("--chunks", default="1024,256,4096", help="chunk sizes (texts)")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results",
                                                       "contrastive_memory_cpu"))  # fmt: skip
     args = parser.parse_args()
@@ -113,7 +116,8 @@ def main():
     rows = []
     for dim in (int(d) for d in args.dims.split(",")):
         dense = {}
-        for name, (fn, bias) in variants(mesh, args.chunk).items():
+        chunks = [int(c) for c in args.chunks.split(",")]
+        for name, (fn, bias) in variants(mesh, chunks).items():
             r = dict(loss=name, batch=args.batch, dim=dim, **measure(fn, bias, mesh, args.batch,
                                                                      dim))  # fmt: skip
             family = name.split(" ")[0].split("_")[0]
@@ -128,7 +132,7 @@ def main():
         "command": "python " + " ".join(sys.argv),
         "hardware": hardware(),
         "devices": 8,
-        "chunk": args.chunk,
+        "chunks": args.chunks,
         "rows": rows,
     }
     write_report(args.out, report, markdown(report))
