@@ -206,3 +206,19 @@ def test_siglip_needs_the_bias(tiny_model):
     with pytest.raises(ValueError, match="needs the model's logit_bias"):
         jax.eval_shape(clip.with_loss("siglip").loss(graphdef), params,
                        _batch(tiny_model, size=4), None)  # fmt: skip
+
+
+def test_siglip_from_a_clip_checkpoint_gets_the_bias(tiny_model, tmp_path):
+    """θ0 given as a CLIP checkpoint (no bias): the SigLIP run keeps its weights and scale
+    and starts the bias at -10."""
+    models.export_hf(tiny_model, tmp_path / "clip")
+    config = _config("siglip")
+    config.theta0.checkpoint = str(tmp_path / "clip")
+    family = runner.family_of(config)
+    model_config = family.model_config(config)
+    assert model_config.logit_bias == -10.0
+    params = family.load_params(config.theta0.checkpoint, model_config)
+    assert float(params["logit_bias"]) == -10.0
+    want = params_lib.split(tiny_model)[1]
+    np.testing.assert_allclose(float(params["logit_scale"]), float(want["logit_scale"]), rtol=1e-6)
+    models.convert.model_from_params(params, model_config)  # the shapes the model expects
