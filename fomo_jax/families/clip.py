@@ -18,6 +18,7 @@ import math
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from fomo_jax import evaluate as evaluate_lib
@@ -59,7 +60,7 @@ class Evaluator:
         return self.inner.subset_manifest()
 
 
-# SigLIP's initial temperature and bias (Zhai et al. 2023, §3.1: t' = log 10, b = -10).
+# SigLIP's initial log-temperature and bias (Zhai et al. 2023: t' = log 10, b = -10).
 SIGLIP_LOGIT_SCALE_INIT, SIGLIP_LOGIT_BIAS_INIT = math.log(10.0), -10.0
 
 
@@ -124,7 +125,7 @@ class Clip(Family):
         starts the bias at `model_config.logit_bias`."""
         params = jax.device_get(params_lib.split(models.load_pretrained(path))[1])
         if model_config.logit_bias is not None and "logit_bias" not in params:
-            params["logit_bias"] = jnp.asarray(model_config.logit_bias, jnp.float32)
+            params["logit_bias"] = np.asarray(model_config.logit_bias, np.float32)
         return params
 
     def loss(self, graphdef) -> LossFn:
