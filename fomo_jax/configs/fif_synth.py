@@ -41,6 +41,10 @@ def get_config(arg: str | None = None):
     c.model.attention_implementation = config_dict.placeholder(str)
     c.model.context_length = 48
     c.tokenizer = "bytes"  # or a CLIP BPE file / HF tokenizer folder (fomo_jax.tokenizer)
+    # The contrastive loss (CLIP family; fomo_jax.train.losses): "clip" (dense softmax),
+    # "clip_chunked" (the same, O(B/N x chunk) memory per device), "siglip" (sigmoid, with a
+    # learnable logit bias), "siglip_chunked".
+    c.loss = "clip"
 
     c.data = config_dict.ConfigDict()
     c.data.benchmark = "fif_synth"  # or "fif" (the released data under data.root)

@@ -122,13 +122,18 @@ def benchmark_datasets(config) -> dict:
     raise ValueError(f"config.data.benchmark must be 'fif_synth' or 'fif', got {d.benchmark!r}")
 
 
+def family_of(config) -> Family:
+    """The model family `config.family` names, set up by the config (`config.loss`)."""
+    return families.get(config.get("family", "clip")).configured(config)
+
+
 def prepare_data(config, family: Family | None = None, model_config=None, tokenizer=None,
                  mesh=None) -> Data:  # fmt: skip
     """The benchmark's datasets, the stream's tasks, the training catalogue and the pool
     (batches for the family's model; by default the config's family, model and tokenizer).
     With several processes, each loads only its rows of the global batches on `mesh`."""
     if family is None:
-        family = families.get(config.get("family", "clip"))
+        family = family_of(config)
         model_config = family.model_config(config)
         tokenizer = family.tokenizer(config, model_config)
     rows = None
@@ -215,7 +220,7 @@ def profiling_instance(config, model_config, name=None, tokenizer=None) -> metho
     running) its step."""
     name = name or config.method
     method = methods.get(name, config.methods.get(name))
-    family = families.get(config.get("family", "clip"))
+    family = family_of(config)
     if tokenizer is None:
         tokenizer = family.tokenizer(config, model_config)
     method.setup(methods.Context(
@@ -249,7 +254,7 @@ def budget_report(config, budget_info: dict, model_config) -> str:
 
 def model_and_tokenizer(config):
     """The model config (from θ0's checkpoint when one is given) and its tokenizer."""
-    family = families.get(config.get("family", "clip"))
+    family = family_of(config)
     model_config = family.model_config(config)
     return model_config, family.tokenizer(config, model_config)
 
@@ -292,7 +297,7 @@ class Setup:
 
 def _check_config(config) -> Setup:
     """Every configuration mistake that can be found without data stops here."""
-    family = families.get(config.get("family", "clip"))
+    family = family_of(config)
     method = methods.get(config.method, config.methods.get(config.method))
     method.check_family(family)
     check_budget_family(config, family)
@@ -383,7 +388,8 @@ def _config_json(config) -> str:
     hyperparameters, and methods added to the library later, do not change it), without where
     it runs (`mesh`, `resume_on_new_mesh`: a checkpoint records its mesh, and the loop refuses
     another one unless asked), where its decoded test images are kept (`eval.cache_dir`) and
-    how its images are read (`data.num_threads`, `data.decode_once`: the same batches)."""
+    how its images are read (`data.num_threads`, `data.decode_once`: the same batches); the
+    default `loss` is left out too (runs made before the key resume)."""
     recorded = ml_collections.ConfigDict(config.to_dict())
     recorded.methods = {config.method: config.methods.get(config.method, {})}
     for key in ("mesh", "resume_on_new_mesh"):
@@ -392,6 +398,8 @@ def _config_json(config) -> str:
     for group, key in (("eval", "cache_dir"), ("data", "num_threads"), ("data", "decode_once")):
         if key in recorded.get(group, {}):
             del recorded[group][key]
+    if recorded.get("loss") == "clip":  # the default loss: config.json as before the key
+        del recorded["loss"]
     return json.dumps(json.loads(recorded.to_json_best_effort()), indent=2, sort_keys=True)
 
 

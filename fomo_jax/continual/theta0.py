@@ -94,6 +94,8 @@ def load_or_make(config, family, model_config, data, cache_dir: str, mesh) -> di
     t = config.theta0
     recipe = dict(steps=t.steps, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
                   seed=config.seed, pool=pool_fingerprint(data.pool))  # fmt: skip
+    if config.get("loss", "clip") != "clip":  # made with that loss (default: keys unchanged)
+        recipe["loss"] = config.loss
     path = cache_path(cache_dir, model_config, recipe)
     workdir = path.removesuffix(".npz") + ".work"
     distributed.barrier("theta0 looked up")  # every process sees the cache as it was

@@ -76,6 +76,14 @@ class Family:
     # Named sets of adaptable linears: preset name -> regex fully matching module paths.
     adapter_targets: dict[str, str] = {}
 
+    def configured(self, config: ml_collections.ConfigDict) -> Family:
+        """The family as `config` sets it up (the CLIP family reads `config.loss`). Default:
+        itself; a `config.loss` other than "clip" is an error (a loss of another family)."""
+        if config.get("loss", "clip") != "clip":
+            raise ValueError(f"config.loss={config.loss!r} is a CLIP family loss; the "
+                             f"{self.name} family has its own")  # fmt: skip
+        return self
+
     # ---- model ---------------------------------------------------------------------------------
     def model_config(self, config: ml_collections.ConfigDict) -> ModelConfig:
         """The architecture a run's config asks for (θ0's checkpoint's when one is given)."""

@@ -1,18 +1,24 @@
 """The CLIP family: two towers trained with the contrastive loss, evaluated zero-shot.
 
 Batches carry uint8 `images` (normalized on the device) and int32 `token_ids`; the loss is
-CLIP's symmetric InfoNCE over the whole (global) batch; the parameter groups are the towers
-(`logit_scale` belongs to the text tower, as in the reference's per-tower merges); the
-evaluator is the benchmark's zero-shot classification and retrieval (A_KA, A_ZS, GM; spec §10).
+CLIP's symmetric InfoNCE over the whole (global) batch, or another of `losses.LOSSES` that
+`config.loss` picks (`FAMILY.configured(config)`: a chunked form on the mesh, SigLIP's sigmoid
+loss, whose model then carries a learnable `logit_bias`); the parameter groups are the towers
+(`logit_scale` and `logit_bias` belong to the text tower, as in the reference's per-tower
+merges); the evaluator is the benchmark's zero-shot classification and retrieval (A_KA, A_ZS,
+GM; spec §10).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from fomo_jax import evaluate as evaluate_lib
@@ -21,7 +27,7 @@ from fomo_jax import params as params_lib
 from fomo_jax.families.base import Data, Family, LossFn, Params
 from fomo_jax.models import clip as clip_lib
 from fomo_jax.tokenizer import load_tokenizer
-from fomo_jax.train.losses import clip_loss
+from fomo_jax.train import losses
 
 METRIC_KEYS = ("knowledge_accumulation", "zero_shot_retention", "geometric_mean")
 
@@ -54,13 +60,27 @@ class Evaluator:
         return self.inner.subset_manifest()
 
 
+# SigLIP's initial log-temperature and bias (Zhai et al. 2023: t' = log 10, b = -10).
+SIGLIP_LOGIT_SCALE_INIT, SIGLIP_LOGIT_BIAS_INIT = math.log(10.0), -10.0
+
+
 class Clip(Family):
+    """The CLIP family with contrastive loss `loss` (`losses.LOSSES`, `config.loss`)."""
+
     name = "clip"
     metric_keys = METRIC_KEYS
     groups = ("image", "text")
     batch_keys = ("images", "token_ids")
     rules = sharding.CLIP_RULES
     adapter_targets = clip_lib.ADAPTER_TARGETS
+
+    def __init__(self, loss: str = "clip"):
+        self.contrastive = losses.check_loss(loss)
+        self.sigmoid = loss in losses.SIGMOID_LOSSES
+
+    def configured(self, config: ml_collections.ConfigDict) -> Clip:
+        """The family with `config.loss` (default "clip")."""
+        return with_loss(config.get("loss", "clip"))
 
     def model_config(self, config: ml_collections.ConfigDict) -> clip_lib.CLIPConfig:
         if config.theta0.checkpoint:
@@ -71,9 +91,18 @@ class Clip(Family):
                 text = dataclasses.replace(model_config.text,
                                            context_length=config.model.context_length)  # fmt: skip
                 model_config = model_config.replace(text=text)
-        return model_config.replace(
+        model_config = model_config.replace(
             dtype=config.model.dtype, attention_implementation=config.model.attention_implementation
         )
+        if self.sigmoid and model_config.logit_bias is None:  # SigLIP's b and t' (a CLIP θ0
+            # keeps its own scale and gets the bias, `load_params`)
+            scale = model_config.logit_scale_init
+            if not config.theta0.checkpoint:
+                scale = SIGLIP_LOGIT_SCALE_INIT
+            model_config = model_config.replace(
+                logit_bias=SIGLIP_LOGIT_BIAS_INIT, logit_scale_init=scale
+            )
+        return model_config
 
     def tokenizer(self, config, model_config):
         tokenizer = load_tokenizer(config.tokenizer,
@@ -92,20 +121,40 @@ class Clip(Family):
         return models.create_model(model_config, seed=seed)
 
     def load_params(self, path: str, model_config) -> Params:
-        return jax.device_get(params_lib.split(models.load_pretrained(path))[1])
+        """The checkpoint's params; a SigLIP run from a CLIP checkpoint (no `logit_bias`)
+        starts the bias at `model_config.logit_bias`."""
+        params = jax.device_get(params_lib.split(models.load_pretrained(path))[1])
+        if model_config.logit_bias is not None and "logit_bias" not in params:
+            params["logit_bias"] = np.asarray(model_config.logit_bias, np.float32)
+        return params
 
     def loss(self, graphdef) -> LossFn:
+        """The contrastive loss `self.contrastive` of a batch; the chunked forms split the
+        batch over the mesh of `jax.set_mesh` (else one shard, chunk by chunk)."""
         apply = forward(graphdef)
+        kind = self.contrastive
 
         def loss_fn(params, batch, key):
             image, text, logit_scale = apply(params, batch)
-            loss, metrics = clip_loss(image, text, logit_scale)
+            if kind == "clip":
+                loss, metrics = losses.clip_loss(image, text, logit_scale)
+            elif kind == "clip_chunked":
+                loss, metrics = losses.chunked_clip_loss(image, text, logit_scale)
+            else:
+                if "logit_bias" not in params:
+                    raise ValueError(f"config.loss={kind!r} needs the model's logit_bias "
+                                     "(CLIPConfig.logit_bias); these params have none")  # fmt: skip
+                sigmoid = losses.siglip_loss if kind == "siglip" else losses.chunked_siglip_loss
+                loss, metrics = sigmoid(image, text, logit_scale, params["logit_bias"])
             return loss, metrics, {}
 
         return loss_fn
 
     def step_metrics(self, params) -> dict:
-        return {"logit_scale": params["logit_scale"]}
+        metrics = {"logit_scale": params["logit_scale"]}
+        if "logit_bias" in params:
+            metrics["logit_bias"] = params["logit_bias"]
+        return metrics
 
     def image_size(self, model_config) -> int:
         return model_config.vision.image_size
@@ -140,6 +189,12 @@ class Clip(Family):
     def export(self, params, model_config, directory: str, tokenizer) -> None:
         model = params_lib.merge(self.graphdef(model_config), params)
         models.export_hf(model, directory, tokenizer=tokenizer)
+
+
+@functools.cache
+def with_loss(loss: str) -> Clip:
+    """The CLIP family with contrastive loss `loss` (one instance per loss)."""
+    return FAMILY if loss == "clip" else Clip(loss)
 
 
 FAMILY = Clip()

@@ -83,6 +83,8 @@ class CLIPConfig:
     attention_implementation: str | None = None
     # LoRA / DoRA / VeRA on the transformer linears (fomo_jax.models.adapters); None: plain CLIP.
     adapter: AdapterConfig | None = None
+    # SigLIP's learnable logit bias b (its initial value, -10 in the paper); None: no such leaf.
+    logit_bias: float | None = None
 
     def __post_init__(self):
         if self.adapter is not None and not isinstance(self.adapter, AdapterConfig):
@@ -108,12 +110,13 @@ class CLIPConfig:
             )
 
     def __repr__(self):
-        # The dataclass repr, leaving out `adapter` when it is None so that plain configs read
-        # (and key caches such as θ0's) exactly as before the field existed.
+        # The dataclass repr, leaving out `adapter` and `logit_bias` when None so that plain
+        # configs read (and key caches such as θ0's) exactly as before the fields existed.
         fields = [
             f"{f.name}={getattr(self, f.name)!r}"
             for f in dataclasses.fields(self)
-            if f.repr and not (f.name == "adapter" and self.adapter is None)
+            if f.repr
+            and not (f.name in ("adapter", "logit_bias") and getattr(self, f.name) is None)
         ]
         return f"{type(self).__qualname__}({', '.join(fields)})"
 
@@ -389,6 +392,8 @@ class CLIP(nnx.Module):
         self.image = VisionTower(cfg, rngs=rngs, sites=sites)
         self.text = TextTower(cfg, rngs=rngs, sites=sites)
         self.logit_scale = nnx.Param(jnp.asarray(cfg.logit_scale_init, jnp.float32))
+        if cfg.logit_bias is not None:  # SigLIP's bias (config.loss "siglip*")
+            self.logit_bias = nnx.Param(jnp.asarray(cfg.logit_bias, jnp.float32))
         shared = sites.finish()
         if shared is not None:
             self.adapter_shared = shared
