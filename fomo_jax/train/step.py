@@ -132,9 +132,17 @@ def shardings_of(state: TrainState, mesh, rules: sharding.Rules) -> TrainState:
 
 
 def jit_step(step, mesh, state_sharding):
-    """jit a (state, batch, lr) step with explicit shardings, donating the incoming state."""
+    """jit a (state, batch, lr) step with explicit shardings, donating the incoming state. The
+    step is traced under the mesh (`jax.sharding.use_abstract_mesh`), so code that splits its
+    work per shard with `shard_map` finds it: the Pallas attention kernel on several devices,
+    the chunked contrastive losses' ring. The models and the dense losses do not read it."""
+
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return step(*args)
+
     return jax.jit(
-        step,
+        traced,
         in_shardings=(state_sharding, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=(0,),

@@ -99,7 +99,42 @@ def main():
             got = value_and_grads(chunked(kind, chunk_size=2), inputs, shardings)
             ring = ring_steps(chunked(kind, chunk_size=2), inputs, shardings)
             report[f"{kind} {name} no mesh"] = dict(differences(got, want), ring=ring)
+    report["train step ring"] = train_step_ring()
     print(json.dumps(report))
+
+
+def train_step_ring() -> int:
+    """Collective permutes in the runner's jitted train step (`step.jit_step`) of a tiny CLIP
+    with `config.loss="clip_chunked"` on 2 data x 4 fsdp: the step is traced under its mesh,
+    so the chunked loss takes the ring."""
+    import functools
+
+    import jax.numpy as jnp
+    import ml_collections
+
+    from fomo_jax import families, models
+    from fomo_jax import params as params_lib
+    from fomo_jax.continual import methods
+    from fomo_jax.train import optimizer
+    from fomo_jax.train import step as step_lib
+
+    config = ml_collections.ConfigDict({"family": "clip", "loss": "clip_chunked", "seed": 0})
+    family = families.get("clip").configured(config)
+    model_config = models.get_config("tiny")
+    method = methods.get("finetune")
+    method.setup(methods.Context(config=config, family=family, model_config=model_config,
+                                 tokenizer=None, data=None, workdir="",
+                                 steps_per_task=1))  # fmt: skip
+    params = params_lib.split(family.init_model(model_config, 0))[1]
+    mesh, tx, key = sharding.make_mesh(2, 4, 1), optimizer.adamw(), step_lib.step_key(0)
+    state = jax.eval_shape(lambda: step_lib.fresh_state(params, method, tx, key))
+    shardings = step_lib.shardings_of(state, mesh, family.rules)
+    fn = functools.partial(step_lib.step_fn, loss_fn=family.loss(method.graphdef), tx=tx,
+                           method=method, family=family, multipliers=None)  # fmt: skip
+    lowered = step_lib.jit_step(fn, mesh, shardings).lower(
+        state, family.abstract_batch(model_config, 16), jax.ShapeDtypeStruct((), jnp.float32)
+    )
+    return lowered.as_text().count("collective_permute")
 
 
 if __name__ == "__main__":

@@ -124,6 +124,11 @@ def test_chunked_equals_dense_on_8_devices(equivalence, kind):
     assert equivalence[f"{kind} dense"]["metrics"]["i2t_accuracy"] > 0  # the metrics say something
 
 
+def test_the_runners_train_step_takes_the_ring(equivalence):
+    """`step.jit_step` traces the step under its mesh: the chunked loss finds it."""
+    assert equivalence["train step ring"] > 0
+
+
 # ------------------------------------------------------------------- the family and the model
 
 
