@@ -27,7 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from fomo_jax import budget, distributed, families, profiling, schedules, sharding
+from fomo_jax import budget, distributed, families, models, profiling, schedules, sharding
 from fomo_jax import evaluate as evaluate_lib
 from fomo_jax.continual import checkpoints as checkpoints_lib
 from fomo_jax.continual import loop as loop_lib
@@ -380,8 +380,10 @@ def _config_json(config) -> str:
     hyperparameters, and methods added to the library later, do not change it), without where
     it runs (`mesh`, `resume_on_new_mesh`: a checkpoint records its mesh, and the loop refuses
     another one unless asked), where its decoded test images are kept (`eval.cache_dir`) and
-    how its images are read (`data.num_threads`, `data.decode_once`: the same batches)."""
-    recorded = ml_collections.ConfigDict(config.to_dict())
+    how its images are read (`data.num_threads`, `data.decode_once`: the same batches), and
+    the model's memory levers at their defaults (`model.remat`, `model.scan`: identities of runs
+    from before they existed stay the same)."""
+    recorded = ml_collections.ConfigDict(models.drop_default_memory_options(config.to_dict()))
     recorded.methods = {config.method: config.methods.get(config.method, {})}
     for key in ("mesh", "resume_on_new_mesh"):
         if key in recorded:
