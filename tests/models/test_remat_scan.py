@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fomo_jax import models
+from fomo_jax import cli, models
 from fomo_jax import params as params_lib
 from fomo_jax.configs import fif_synth
 from fomo_jax.continual import runner, theta0
@@ -76,7 +76,9 @@ def test_clip_levers_match_the_plain_model(clip_reference, remat, scan):
     model = models.create_model("tiny", seed=1, remat=remat, scan=scan)
     graphdef, own = params_lib.split(model)
     assert list(params_lib.flatten(own)) == list(params_lib.flatten(params))  # same paths
-    _assert_same(_clip_loss(graphdef)(params), reference)
+    loss = _clip_loss(graphdef)
+    _assert_same(loss(params), reference)
+    _assert_levers_in(list(_equations(jax.make_jaxpr(loss)(params).jaxpr)), remat, scan, 2)
 
 
 def test_clip_scan_with_vera_adapters():
@@ -216,20 +218,24 @@ def test_scan_keeps_the_traced_program_one_block_deep():
     assert dots[False, 8] > dots[False, 2]
 
 
-@pytest.mark.parametrize("remat,scan", LEVERS)
-def test_levers_are_applied(remat, scan):
-    """The flag is in the program: a checkpoint with the documented policy, a scan."""
-    program = _lm_program(LM.replace(remat=remat, scan=scan))
+def _assert_levers_in(program, remat, scan, stacks=1):
+    """The flags are in the program: `stacks` scans (each forward and backward), checkpoints
+    with the documented policy."""
+    assert _count(program, "scan") == 2 * scan * stacks
     # jax.checkpoint's equations (named "remat2" once differentiated) carry its policy.
     checkpoints = [eqn for eqn in program if {"policy", "prevent_cse"} <= set(eqn.params)]
-    assert _count(program, "scan") == 2 * scan  # forward and backward
     if remat == "none":
         assert not checkpoints
     else:
         assert checkpoints
         assert {eqn.params["policy"] for eqn in checkpoints} == {stack.POLICIES[remat]}
-    if remat == "save_matmuls":
-        assert stack.POLICIES[remat] is jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+
+
+@pytest.mark.parametrize("remat,scan", LEVERS)
+def test_levers_are_applied(remat, scan):
+    _assert_levers_in(_lm_program(LM.replace(remat=remat, scan=scan)), remat, scan)
+    policies = jax.checkpoint_policies
+    assert stack.POLICIES["save_matmuls"] is policies.dots_with_no_batch_dims_saveable
 
 
 # ---- bad input --------------------------------------------------------------------------------
@@ -263,14 +269,21 @@ def test_blocks_with_state_other_than_parameters_are_refused():
 
 
 def test_levers_reach_the_models_from_run_configs():
-    config = fif_synth.get_config("smoke")
     family = clip_family.Clip()
+    config = cli.load_config(["--config=fif_synth:smoke"])
     assert (family.model_config(config).remat, family.model_config(config).scan) == ("none", False)
-    config.model.remat, config.model.scan = "save_matmuls", True
+    config = cli.load_config(["--config=fif_synth:smoke", "--config.model.remat=save_matmuls",
+                              "--config.model.scan=True"])  # fmt: skip
     cfg = family.model_config(config)
     assert (cfg.remat, cfg.scan) == ("save_matmuls", True)
+    # The pretraining job (clip_synth) builds its model config from `config.model` the same way.
+    config = cli.load_config(["--config=clip_synth:smoke", "--config.model.remat=full"])
+    run = ml_collections.ConfigDict(
+        dict(theta0=dict(checkpoint=None), model=config.model.to_dict())
+    )
+    assert family.model_config(run).remat == "full"
     run = ml_collections.ConfigDict(dict(
-        theta0=dict(checkpoint=None), remat="x",
+        theta0=dict(checkpoint=None),
         model=dict(vlm=dict(vision="tiny", lm=LM.to_dict(), image_token_id=49), remat="full",
                    scan=True)))  # fmt: skip
     cfg = vlm_family.VLM().model_config(run)
