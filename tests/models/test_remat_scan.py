@@ -3,6 +3,7 @@
 parameters (same tree, same paths), the traced program stays one block deep under scan, the
 levers reach the models from run configs, and default configs keep their cache identities."""
 
+import dataclasses
 import hashlib
 
 import jax
@@ -205,17 +206,52 @@ def _count(equations, name):
     return sum(eqn.primitive.name == name for eqn in equations)
 
 
-def test_scan_keeps_the_traced_program_one_block_deep():
+def _clip_program(depth, scan):
+    """The equations of a CLIP's loss and gradient (both towers at `depth`), on shapes only."""
+    base = models.get_config("tiny", scan=scan)
+    cfg = base.replace(vision=dataclasses.replace(base.vision, layers=depth),
+                       text=dataclasses.replace(base.text, layers=depth))  # fmt: skip
+    graphdef, params = params_lib.split(models.clip.abstract_clip(cfg))
+
+    def loss(p):
+        image, text, _ = params_lib.merge(graphdef, p)(PIXELS, IDS)
+        return jnp.mean(image) + jnp.mean(text)
+
+    return list(_equations(jax.make_jaxpr(jax.value_and_grad(loss))(params).jaxpr))
+
+
+@pytest.mark.parametrize("model", ["lm", "clip"])
+def test_scan_keeps_the_traced_program_one_block_deep(model):
     """Matmuls in the traced loss + gradient: under scan the same at depth 2 and 8 (one block
-    body, forward and backward); without scan they grow with depth (the count sees blocks)."""
+    body per stack, forward and backward); without scan they grow with depth (the count sees
+    blocks)."""
+    stacks = {"lm": 1, "clip": 2}[model]
     dots = {}
     for scan in (False, True):
         for depth in (2, 8):
-            program = _lm_program(LM.replace(num_hidden_layers=depth, scan=scan))
+            if model == "lm":
+                program = _lm_program(LM.replace(num_hidden_layers=depth, scan=scan))
+            else:
+                program = _clip_program(depth, scan)
             dots[scan, depth] = _count(program, "dot_general")
-            assert _count(program, "scan") == 2 * scan  # forward and backward
+            assert _count(program, "scan") == 2 * scan * stacks  # forward and backward
     assert dots[True, 2] == dots[True, 8]
     assert dots[False, 8] > dots[False, 2]
+
+
+def test_scan_keeps_the_lowered_program_one_block_deep():
+    """The same in the StableHLO handed to XLA (what it compiles): the LM's matmuls at depth
+    2 and 8 under scan, in two while loops (forward and backward; not unrolled)."""
+    dots = []
+    for depth in (2, 8):
+        graphdef, params = params_lib.split(
+            llama.abstract_lm(LM.replace(num_hidden_layers=depth, scan=True))
+        )
+        loss = lambda p, graphdef=graphdef: jnp.mean(params_lib.merge(graphdef, p)(TOKENS))
+        text = jax.jit(jax.grad(loss)).lower(params).as_text()
+        dots.append(text.count("stablehlo.dot_general"))
+        assert text.count("stablehlo.while") == 2
+    assert dots[0] == dots[1] > 0
 
 
 def _assert_levers_in(program, remat, scan, stacks=1):
