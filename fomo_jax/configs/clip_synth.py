@@ -21,6 +21,8 @@ def get_config(arg: str | None = None):
     c.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators
     c.model.attention_implementation = config_dict.placeholder(str)  # None: choose per platform
     c.model.context_length = 48  # fif_synth captions fit in 48 byte tokens; None: the variant's
+    c.model.remat = "none"  # or "full", "save_matmuls": recompute blocks in the backward pass
+    c.model.scan = False  # True: scan over the blocks (compile time flat in depth)
 
     c.data = config_dict.ConfigDict()  # fif_synth, generated once under `root`
     c.data.root = "runs/fif_synth_data"

@@ -40,6 +40,8 @@ def get_config(arg: str | None = None):
     c.model.dtype = "float32"
     c.model.attention_implementation = config_dict.placeholder(str)
     c.model.context_length = 48
+    c.model.remat = "none"  # or "full", "save_matmuls": recompute blocks in the backward pass
+    c.model.scan = False  # True: scan over the blocks (compile time flat in depth)
     c.tokenizer = "bytes"  # or a CLIP BPE file / HF tokenizer folder (fomo_jax.tokenizer)
     # The contrastive loss (CLIP family; fomo_jax.train.losses): "clip" (dense softmax),
     # "clip_chunked" (the same, O(B/N x chunk) memory per device), "siglip" (sigmoid, with a

@@ -36,6 +36,8 @@ def get_config(arg: str | None = None):
 
     c.model = config_dict.ConfigDict()
     c.model.name = "vlm_synth"  # what the start-up budget table calls the model
+    c.model.remat = "none"  # memory levers of the image tower and the LM (fomo_jax.models.stack)
+    c.model.scan = False
     c.model.vlm = config_dict.ConfigDict(dict(
         vision="tiny",  # CLIP's tiny image tower: 32 px, patches of 8 -> 16 visual tokens
         lm=dict(vocab_size=len(vlm_synth.VOCAB), hidden_size=128, intermediate_size=256,

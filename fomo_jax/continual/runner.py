@@ -27,7 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from fomo_jax import budget, distributed, families, profiling, schedules, sharding
+from fomo_jax import budget, distributed, families, models, profiling, schedules, sharding
 from fomo_jax import evaluate as evaluate_lib
 from fomo_jax.continual import checkpoints as checkpoints_lib
 from fomo_jax.continual import loop as loop_lib
@@ -389,8 +389,9 @@ def _config_json(config) -> str:
     it runs (`mesh`, `resume_on_new_mesh`: a checkpoint records its mesh, and the loop refuses
     another one unless asked), where its decoded test images are kept (`eval.cache_dir`) and
     how its images are read (`data.num_threads`, `data.decode_once`: the same batches); the
-    default `loss` is left out too (runs made before the key resume)."""
-    recorded = ml_collections.ConfigDict(config.to_dict())
+    default `loss` and the model's memory levers at their defaults (`model.remat`,
+    `model.scan`) are left out too (runs made before those keys resume)."""
+    recorded = ml_collections.ConfigDict(models.drop_default_memory_options(config.to_dict()))
     recorded.methods = {config.method: config.methods.get(config.method, {})}
     for key in ("mesh", "resume_on_new_mesh"):
         if key in recorded:

@@ -91,6 +91,7 @@ class Clip(Family):
                 text = dataclasses.replace(model_config.text,
                                            context_length=config.model.context_length)  # fmt: skip
                 model_config = model_config.replace(text=text)
+        model_config = models.with_memory_options(model_config, config.model)  # remat, scan
         model_config = model_config.replace(
             dtype=config.model.dtype, attention_implementation=config.model.attention_implementation
         )

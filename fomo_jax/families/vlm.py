@@ -65,17 +65,18 @@ class VLM(Family):
     def model_config(self, config: ml_collections.ConfigDict) -> vlm.VLMConfig:
         """θ0's checkpoint's architecture (a LLaVA checkpoint) or `config.model.vlm`, a dict of
         `VLMConfig` fields whose `vision` may name a CLIP variant."""
+        from fomo_jax import models
+
         if config.theta0.checkpoint:
-            return hf_lm.load_pretrained(config.theta0.checkpoint).config
+            model_config = hf_lm.load_pretrained(config.theta0.checkpoint).config
+            return models.with_memory_options(model_config, config.model)  # remat, scan
         if "vlm" not in config.model:
             raise ValueError("config.model.vlm: the VLM's architecture (VLMConfig fields) is "
                              "missing, and no θ0 checkpoint is given")  # fmt: skip
         fields = dict(config.model.vlm.to_dict())
         if isinstance(fields.get("vision"), str):
-            from fomo_jax import models
-
             fields["vision"] = models.get_config(fields["vision"]).to_dict()
-        return vlm.VLMConfig.from_dict(fields)
+        return models.with_memory_options(vlm.VLMConfig.from_dict(fields), config.model)
 
     def tokenizer(self, config, model_config):
         """The synthetic world's word tokenizer (`config.tokenizer="words"`), whose size the LM's

@@ -5,7 +5,7 @@ import os
 
 from flax import nnx
 
-from fomo_jax.models import convert, hf_lm
+from fomo_jax.models import convert, hf_lm, stack
 from fomo_jax.models.adapters import (
     AdapterConfig,
     add_adapters,
@@ -81,6 +81,33 @@ def export_hf(model: CLIP | LanguageModel | VisionLanguageModel, directory, toke
 export_openclip = convert.export_openclip
 
 
+def drop_default_memory_options(run_config: dict) -> dict:
+    """A run config's dict without `model.remat` / `model.scan` where they hold their defaults
+    (run identities, such as a work directory's recorded config, stay those of before the
+    levers existed)."""
+    model = run_config.get("model")
+    if not isinstance(model, dict):
+        return run_config
+    model = {k: v for k, v in model.items() if not (k in stack.OPTIONS and v == stack.OPTIONS[k])}
+    return {**run_config, "model": model}
+
+
+def with_memory_options(config, options):
+    """`config` (CLIPConfig, LlamaConfig, or VLMConfig: both its image tower and LM) with the
+    memory levers `remat` and `scan` (`fomo_jax.models.stack`) that `options` holds, e.g. a run
+    config's `model` block (`--config.model.remat=full --config.model.scan=True`); those it
+    does not hold keep the config's values."""
+    changes = {name: options[name] for name in stack.OPTIONS if name in options}
+    if not changes:
+        return config
+    if isinstance(config, VLMConfig):
+        return config.replace(vision=config.vision.replace(**changes),
+                              lm=config.lm.replace(**changes))  # fmt: skip
+    if not isinstance(config, CLIPConfig | LlamaConfig):
+        raise TypeError(f"with_memory_options: {type(config).__name__} has no remat / scan")
+    return config.replace(**changes)
+
+
 __all__ = [
     "CLIP",
     "CLIPConfig",
@@ -92,6 +119,8 @@ __all__ = [
     "load_pretrained",
     "export_hf",
     "export_openclip",
+    "with_memory_options",
+    "drop_default_memory_options",
     "LlamaConfig",
     "LanguageModel",
     "VLMConfig",

@@ -24,6 +24,7 @@ from flax import nnx
 from fomo_jax import kernels
 from fomo_jax.kernels.attention import IMPLEMENTATIONS
 from fomo_jax.models import adapters as adapters_lib
+from fomo_jax.models import stack
 from fomo_jax.models.adapters import AdapterConfig
 
 # OpenAI CLIP normalisation statistics (spec/fif.md §2.6), used by every CLIP here.
@@ -85,10 +86,15 @@ class CLIPConfig:
     adapter: AdapterConfig | None = None
     # SigLIP's learnable logit bias b (its initial value, -10 in the paper); None: no such leaf.
     logit_bias: float | None = None
+    # Memory / compile levers of both towers' blocks (`fomo_jax.models.stack`): "none", "full"
+    # or "save_matmuls" rematerialisation; scan over the blocks. Same parameters either way.
+    remat: str = "none"
+    scan: bool = False
 
     def __post_init__(self):
         if self.adapter is not None and not isinstance(self.adapter, AdapterConfig):
             raise ValueError(f"adapter={self.adapter!r}; expected an AdapterConfig or None")
+        stack.check_options(self.remat, self.scan)
         if self.attention_implementation not in IMPLEMENTATIONS:
             raise ValueError(
                 f"attention_implementation={self.attention_implementation!r}; "
@@ -110,13 +116,15 @@ class CLIPConfig:
             )
 
     def __repr__(self):
-        # The dataclass repr, leaving out `adapter` and `logit_bias` when None so that plain
-        # configs read (and key caches such as θ0's) exactly as before the fields existed.
+        # The dataclass repr, leaving out `adapter` and `logit_bias` when None (and `remat`,
+        # `scan` at their defaults) so that plain configs read (and key caches such as θ0's)
+        # exactly as before the fields existed.
         fields = [
             f"{f.name}={getattr(self, f.name)!r}"
             for f in dataclasses.fields(self)
             if f.repr
             and not (f.name in ("adapter", "logit_bias") and getattr(self, f.name) is None)
+            and not _default_option(self, f.name)
         ]
         return f"{type(self).__qualname__}({', '.join(fields)})"
 
@@ -135,6 +143,11 @@ class CLIPConfig:
         if d.get("adapter") is not None:
             d["adapter"] = AdapterConfig(**d["adapter"])
         return cls(**d)
+
+
+def _default_option(cfg, name: str) -> bool:
+    """Whether field `name` is one of the memory levers (`stack.OPTIONS`) at its default."""
+    return name in stack.OPTIONS and getattr(cfg, name) == stack.OPTIONS[name]
 
 
 # encode_text trims padding to a multiple of this many tokens (bounds the compiled shapes).
@@ -268,11 +281,15 @@ class Transformer(nnx.Module):
             ResidualBlock, width, heads, mlp_dim, layers, cfg, rngs=rngs, sites=sites
         )
         self.resblocks = nnx.List([block(path=f"{path}/resblocks/{i}") for i in range(layers)])
+        self.remat, self.scan = cfg.remat, cfg.scan
 
-    def __call__(self, x, *, causal=False):
-        for block in self.resblocks:
-            x = block(x, causal=causal)
-        return x
+    def __call__(self, x, *, causal=False, upto: int | None = None, collect: bool = False):
+        """The blocks on x (the first `upto` of them); with `collect`, [x, after block 0, ...]
+        (`stack.run`, with the config's remat and scan)."""
+        return stack.run(
+            self.resblocks[:upto], x, lambda block, h: block(h, causal=causal), remat=self.remat,
+            scan=self.scan, collect=collect,
+        )  # fmt: skip
 
 
 class VisionTower(nnx.Module):
@@ -315,12 +332,7 @@ class VisionTower(nnx.Module):
         """[after ln_pre, after block 0, ..., after block L-1] (HF's `hidden_states` of a
         `CLIPVisionModel`), each float32 [batch, 1 + patches, width]; with `upto`, only the
         first `upto + 1` of them (the later blocks are not run)."""
-        x = self.ln_pre(self._embed(pixels))
-        states = [x]
-        for block in self.transformer.resblocks[:upto]:
-            x = block(x)
-            states.append(x)
-        return states
+        return self.transformer(self.ln_pre(self._embed(pixels)), upto=upto, collect=True)
 
     def _embed(self, pixels):
         """Patch embeddings with the class token first, plus positions: [batch, 1 + n, width]."""

@@ -28,7 +28,8 @@ from flax import nnx
 
 from fomo_jax import kernels
 from fomo_jax.kernels.attention import IMPLEMENTATIONS
-from fomo_jax.models.clip import _init, _normal, shape_only
+from fomo_jax.models import stack
+from fomo_jax.models.clip import _default_option, _init, _normal, shape_only
 
 ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -74,8 +75,14 @@ class LlamaConfig:
     # rows (`lm/added_embeddings`, `lm/added_head`), so they can train while the LM is frozen;
     # `fold_added_tokens` makes them ordinary rows of a vocabulary that much larger (export).
     added_tokens: int = 0
+    # Memory / compile levers of the blocks (`fomo_jax.models.stack`): "none", "full" or
+    # "save_matmuls" rematerialisation; scan over the blocks (not while decoding with a KV
+    # cache: that runs the loop). Same parameters either way.
+    remat: str = "none"
+    scan: bool = False
 
     def __post_init__(self):
+        stack.check_options(self.remat, self.scan)
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(
                 f"hidden_act={self.hidden_act!r} is not supported; expected one of "
@@ -100,6 +107,16 @@ class LlamaConfig:
                 f"rope_scaling.rope_type={kind!r} is not supported (supported: {ROPE_TYPES})"
             )
         object.__setattr__(self, "rope_scaling", tuple(sorted(scaling.items())))
+
+    def __repr__(self):
+        # The dataclass repr without `remat`, `scan` at their defaults: configs read (and key
+        # caches) as before the fields existed.
+        fields = [
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if not _default_option(self, f.name)
+        ]
+        return f"{type(self).__qualname__}({', '.join(fields)})"
 
     def replace(self, **changes) -> LlamaConfig:
         return dataclasses.replace(self, **changes)
@@ -304,14 +321,21 @@ class Decoder(nnx.Module):
     def __call__(self, hidden, positions, kv_mask, cache=None, cache_index=None,
                  prefix_length=None):  # fmt: skip
         inv_freq = rope_frequencies(self.cfg)
-        new_cache = []
+        if cache is None:  # training and scoring: the config's remat and scan
+
+            def call(block, h):
+                return block(h, positions, inv_freq, kv_mask, None, cache_index, prefix_length)[0]
+
+            hidden = stack.run(self.transformer.resblocks, hidden, call, remat=self.cfg.remat,
+                               scan=self.cfg.scan)  # fmt: skip
+            return self.logits(hidden), None
+        new_cache = []  # with a KV cache: the loop, whatever remat and scan say
         for i, block in enumerate(self.transformer.resblocks):
             hidden, layer_cache = block(
-                hidden, positions, inv_freq, kv_mask,
-                None if cache is None else cache[i], cache_index, prefix_length,
-            )  # fmt: skip
+                hidden, positions, inv_freq, kv_mask, cache[i], cache_index, prefix_length
+            )
             new_cache.append(layer_cache)
-        return self.logits(hidden), (new_cache if cache is not None else None)
+        return self.logits(hidden), new_cache
 
 
 class LanguageModel(nnx.Module):

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from fomo_jax import distributed, families, sharding
+from fomo_jax import distributed, families, models, sharding
 from fomo_jax import evaluate as evaluate_lib
 from fomo_jax import params as params_lib
 from fomo_jax.continual import loop as loop_lib
@@ -76,7 +76,9 @@ def _logged_rate(workdir: str) -> float:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Run (or resume, or report) the pretraining job of `config` in `workdir`."""
     results_path = os.path.join(workdir, "results.json")
-    config_json = config.to_json_best_effort(indent=2)
+    # The run's identity; the model's memory levers only where not at their defaults.
+    recorded = models.drop_default_memory_options(json.loads(config.to_json_best_effort()))
+    config_json = json.dumps(recorded, indent=2)
     os.makedirs(workdir, exist_ok=True)
     # One writer (process 0 of a multi-process run) holds the lock and writes the files.
     lock = workdir_lib.locked(workdir) if distributed.primary() else contextlib.nullcontext()
