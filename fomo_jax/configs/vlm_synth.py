@@ -56,12 +56,13 @@ def get_config(arg: str | None = None):
     c.data.skills = SKILLS  # task k trains skill k
     c.data.unit = "examples"  # or "supervised_tokens": what mixture weights are shares of
     c.data.max_length = config_dict.ConfigDict(dict(
-        lm_text=80, pairs=32, documents=256, docs_pairs=32, reordered=256, vqa=64, text_instr=48,
-        count=40, new_shapes=40, reading=40, knowledge=40,
+        lm_text=80, lm_text_open=80, pairs=32, documents=256, docs_pairs=32, reordered=256,
+        vqa=64, text_instr=48, count=40, new_shapes=40, reading=40, knowledge=40,
     ))  # fmt: skip
-    # The stream's pretraining pool: θ0's VL data and text-only data.
+    # The stream's pretraining pool: θ0's VL data and text-only data (LM text without the
+    # held-out facts: text retention measures what the LM keeps, not their replay).
     c.data.pretraining_pool = config_dict.ConfigDict(dict(pairs=0.25, vqa=0.45, text_instr=0.15,
-                                                          lm_text=0.15))  # fmt: skip
+                                                          lm_text_open=0.15))  # fmt: skip
     c.data.num_threads = 0
     c.data.bad_images = "error"  # (generated pictures are never bad)
     c.data.max_bad_image_fraction = 0.0
@@ -75,7 +76,7 @@ def get_config(arg: str | None = None):
         lm=dict(steps=600, lr=3e-3, sources=dict(lm_text=1.0)),
         clip=dict(steps=300, lr=2e-3),  # the CLIP family on the world's pairs
         connector=dict(steps=100, lr=3e-3, sources=dict(pairs=1.0)),
-        vl=dict(steps=300, lr=1e-3, sources=dict(pairs=0.4, documents=0.3, lm_text=0.3)),
+        vl=dict(steps=300, lr=1e-3, sources=dict(pairs=0.4, documents=0.3, lm_text_open=0.3)),
         sft=dict(steps=300, lr=1e-3, sources=dict(vqa=0.7, text_instr=0.3)),
     ))  # fmt: skip
 

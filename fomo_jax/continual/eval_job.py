@@ -60,6 +60,8 @@ def evaluate_model(
     evaluated (model path, checkpoint step and its task/step, config name, benchmark).
     `config_name` is recorded only (e.g. the --config string of the command line).
     """
+    if config.data.benchmark == "vlm_synth":
+        return _evaluate_vlm(config, model, workdir, step=step, config_name=config_name)
     started = time.perf_counter()
     loaded = load_model(model, step, dtype=config.model.dtype,
                         attention_implementation=config.model.attention_implementation)  # fmt: skip
@@ -94,6 +96,39 @@ def evaluate_model(
     logging.info("eval: %s in %.1fs -> %s", _headline(record),
                  record["wall_seconds"], os.path.join(workdir, "eval.json"))  # fmt: skip
     print(format_eval_table(record, datasets))
+    return record
+
+
+def _evaluate_vlm(config, model: str, workdir: str, *, step, config_name) -> dict:
+    """A VLM (a LLaVA directory, a run's `model/`, or the run directory) on the synthetic
+    world's evaluation (`fomo_jax.evaluate_vlm`), as a vlm_synth run evaluates its final model."""
+    from fomo_jax import evaluate_vlm
+    from fomo_jax.data import vlm_synth
+    from fomo_jax.models import hf_lm
+
+    if step is not None:
+        raise ValueError("--step: evaluating a VLM run's checkpoint is not supported; evaluate "
+                         "its exported model (the run directory or its model/)")  # fmt: skip
+    started = time.perf_counter()
+    path = os.path.join(model, "model") if is_run_dir(model) else model
+    vlm = hf_lm.load_pretrained(path)
+    graphdef, params = params_lib.split(vlm)
+    evaluator = evaluate_vlm.Evaluator(
+        vlm_synth.World(config.data.synth_seed), vlm_synth.WordTokenizer(), vlm.config,
+        items=config.eval.kinds.to_dict(), skills=tuple(config.data.skills),
+        batch_size=config.eval.batch_size,
+    )  # fmt: skip
+    result = evaluator.evaluate(graphdef, params, subset=False)
+    record = dict(result, evaluation="full", model=os.path.abspath(path), step=None,
+                  config=config_name, benchmark=config.data.benchmark,
+                  wall_seconds=time.perf_counter() - started)  # fmt: skip
+    os.makedirs(workdir, exist_ok=True)
+    workdir_lib.write_atomic(os.path.join(workdir, "eval.json"), json.dumps(record, indent=1))
+    lines = [record["model"], f"{'evaluation':28s} {'score':>8s}"]
+    lines += [f"{kind:28s} {entry['accuracy']:8.2f}"
+              for kind, entry in sorted(result["per_dataset"].items())]  # fmt: skip
+    lines += [f"{key:28s} {record[key]:8.2f}" for key in evaluate_vlm.METRIC_KEYS]
+    print("\n".join(lines))
     return record
 
 

@@ -56,7 +56,7 @@ from fomo_jax.train import optimizer
 UNITS = ("examples", "supervised_tokens")
 MEASURE = 64  # examples per source measured for the token-unit conversion
 # The most images a source puts in one row (documents: binding episodes of up to 5 pictures).
-MAX_IMAGES = {"lm_text": 0, "text_instr": 0, "documents": 5, "reordered": 5}
+MAX_IMAGES = {"lm_text": 0, "lm_text_open": 0, "text_instr": 0, "documents": 5, "reordered": 5}
 
 
 def example_stats(example: vb.Example, encode, seq: int) -> dict:

@@ -21,6 +21,8 @@ grammar's words (`WordTokenizer`). The vocabulary is the same for every world se
 **Sources** (`SOURCES`; each an `vlm_batches.Example` with the §3.2 supervision):
 - `lm_text`: LM pretraining paragraphs: every fact (held-out ones included), looks, scene
   sentences, arithmetic, and text binding episodes with nonce words.
+- `lm_text_open`: the same generator without the held-out facts: the text later stages and
+  the stream may replay without replaying the text-retention test.
 - `pairs`: ⟨image⟩ short caption ("a red circle and a blue square.").
 - `documents`: 2-3 images, each before a sentence that weakly refers to it, followed by
   sentences of the LM-text generator (no held-out fact), at least 5x the text per image of
@@ -50,7 +52,7 @@ import numpy as np
 
 from fomo_jax.data import vlm_batches as vb
 
-VERSION = 1  # of the generator: part of every cache key made from the world's data
+VERSION = 2  # of the generator: part of every cache key made from the world's data
 IMAGE_SIZE = 32
 
 COLOURS = {
@@ -261,8 +263,8 @@ def slot_f1(prediction: str, reference: str) -> float:
 
 # ---------------------------------------------------------------------------------- the world
 
-SOURCES = ("lm_text", "pairs", "documents", "docs_pairs", "reordered", "vqa", "text_instr",
-           "count", "new_shapes", "reading", "knowledge")  # fmt: skip
+SOURCES = ("lm_text", "lm_text_open", "pairs", "documents", "docs_pairs", "reordered", "vqa",
+           "text_instr", "count", "new_shapes", "reading", "knowledge")  # fmt: skip
 # The stream's skills (a continual task each): its SFT conversations and captioned pictures.
 SKILLS = ("count", "new_shapes", "reading", "knowledge")
 # Evaluation kinds: VQA types (exact match), captions (slot F1), held-out facts, binding.
@@ -351,11 +353,14 @@ class World:
             return self._derived(source, index)
         return getattr(self, f"_{source}")(rng)
 
-    def _lm_text(self, rng) -> vb.Example:
+    def _lm_text(self, rng, held_out: bool = True) -> vb.Example:
         count = int(rng.integers(3, 7))
-        body = [self._text_binding(rng) if rng.random() < 0.15 else self._sentence(rng, True)
+        body = [self._text_binding(rng) if rng.random() < 0.15 else self._sentence(rng, held_out)
                 for _ in range(count)]  # fmt: skip
         return vb.text(_within(body, LM_TEXT_TOKENS))
+
+    def _lm_text_open(self, rng) -> vb.Example:
+        return dataclasses.replace(self._lm_text(rng, held_out=False), source="lm_text_open")
 
     def _pairs(self, rng) -> vb.Example:
         things = _things(rng, int(rng.integers(1, 3)))

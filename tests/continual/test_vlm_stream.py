@@ -81,6 +81,22 @@ def test_smoke_stream_writes_the_four_metrics(reference):
     assert os.path.exists(base / "reference" / "plots" / "ka_zs_trajectory.png")
 
 
+def test_eval_command_scores_the_exported_vlm_as_the_run_did(reference, tmp_path):
+    """`fomo-jax eval --config=vlm_synth:smoke --model=<run>` on the run's exported model gives
+    the run's final evaluation."""
+    from fomo_jax.continual import eval_job
+
+    base, root = reference
+    config = vlm_synth_config.get_config("smoke")
+    config.data.root = str(root)
+    record = eval_job.evaluate_model(config, str(base / "reference"), str(tmp_path))
+    results = json.loads((base / "reference" / "results.json").read_text())
+    for key in evaluate_vlm.METRIC_KEYS:
+        assert record[key] == results["final"][key], key
+    assert record["per_dataset"] == results["per_dataset"]["final_full"]
+    assert json.loads((tmp_path / "eval.json").read_text())["model"].endswith("model")
+
+
 def test_kill_9_in_a_theta0_stage_and_in_the_stream_resumes_bit_identical(reference):
     base, root = reference
     cache, workdir = base / "cache_b", base / "killed"
