@@ -113,34 +113,32 @@ class Evaluator:
         return np.concatenate(exact), np.concatenate(first)
 
     def greedy_answers(self, graphdef, params, kind, items) -> list[str]:
-        """Greedy continuations of the prompts of `items`, decoded, up to and with ⟨eou⟩ when
-        it came within `max_new_tokens` ("red <eou>")."""
+        """Greedy continuations of the prompts of `items` (left-padded), decoded, up to and with
+        ⟨eou⟩ when it came within `max_new_tokens` ("red <eou>")."""
         model = params_lib.merge(graphdef, params)
+        rows = _rows(items, answers=False)
+        lengths = [len(vb._tokens(r, self.tokenizer.encode, vlm_synth.SPECIALS, self.seq)[0])
+                   for r in rows]  # fmt: skip
         out = []
         for start in range(0, len(items), self.batch_size):
-            chunk = items[start : start + self.batch_size]
+            chunk = rows[start: start + self.batch_size]
             chunk = chunk + [chunk[-1]] * (self.batch_size - len(chunk))  # one shape
-            batch = vb.collate(_rows(chunk, answers=False), self.tokenizer.encode,
-                               vlm_synth.SPECIALS, self.seq, self._prompt_length(kind, chunk),
-                               self._shapes[kind][1], self.size)  # fmt: skip
+            batch = vb.collate(chunk, self.tokenizer.encode, vlm_synth.SPECIALS, self.seq,
+                               max(lengths), self._shapes[kind][1], self.size)  # fmt: skip
+            tokens, mask = batch["tokens"], batch["attention_mask"]
+            for row in range(len(chunk)):  # right padding -> left padding
+                shift = len(mask[row]) - int(mask[row].sum())
+                tokens[row], mask[row] = np.roll(tokens[row], shift), np.roll(mask[row], shift)
             images = pixels(batch["images"]) if batch["images"].shape[1] else None
             result = generate.greedy_generate(
-                model, batch["tokens"], batch["attention_mask"],
-                max_new_tokens=self.max_new_tokens, stop_tokens=vlm_synth.SPECIALS.eou,
-                pad_id=vlm_synth.SPECIALS.pad, images=images, image_valid=batch["image_valid"],
+                model, tokens, mask, max_new_tokens=self.max_new_tokens,
+                stop_tokens=vlm_synth.SPECIALS.eou, pad_id=vlm_synth.SPECIALS.pad,
+                images=images, image_valid=batch["image_valid"],
             )  # fmt: skip
-            tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
+            generated, counts = np.asarray(result.tokens), np.asarray(result.lengths)
             for row in range(min(self.batch_size, len(items) - start)):
-                out.append(self.tokenizer.decode(tokens[row, : lengths[row]]))
+                out.append(self.tokenizer.decode(generated[row, : counts[row]]))
         return out
-
-    def _prompt_length(self, kind, items) -> int:
-        lengths = {len(vb._tokens(r, self.tokenizer.encode, vlm_synth.SPECIALS, self.seq)[0])
-                   for r in _rows(items, answers=False)}  # fmt: skip
-        if len(lengths) != 1:  # right padding would put pads inside the prompt
-            raise ValueError(f"greedy decoding of {kind!r} needs prompts of one length; got "
-                             f"{sorted(lengths)}")  # fmt: skip
-        return lengths.pop()
 
     # ---- the evaluation ----------------------------------------------------------------------
     def evaluate(self, graphdef, params, *, subset: bool) -> dict:
