@@ -17,10 +17,10 @@ are) and returns the same structure. Conventions shared by all of them:
   the tree given (the runner merges one tower at a time, which is the reference's per-tower trim;
   aliases "tower", "model"); `trim="per_leaf"` treats each leaf as its own TIES problem
   (threshold and majority sign per leaf; alias "tensor").
-- k-th smallest values are exact: a 32-step bisection over the float32 bit patterns of the
-  (non-negative) magnitudes, counting entries ≤ a candidate with fused reductions on device. No
-  sort, no host round trip, no concatenation; the counts are global reductions, so sharded
-  inputs stay sharded.
+- k-th smallest values are exact: radix selection on the float32 bit patterns of the
+  (non-negative) magnitudes, a histogram of the high 16 bits over all merged leaves, then one of
+  the low 16 bits among the entries sharing the rank's high half. Integer counts, no sort, no
+  concatenation; the histograms of sharded leaves are sharded reductions.
 - Randomised merges take an explicit key. The key of leaf `path` is
   `leaf_key = fold_in(key, zlib.crc32(path.encode()))`; DARE's draw for model i is
   `uniform(fold_in(leaf_key, i), (size,), float32).reshape(shape)`; `random_merge` draws
@@ -31,10 +31,14 @@ are) and returns the same structure. Conventions shared by all of them:
   to apply s in place of the scale λ without the extra rounding of a round trip:
   `ties(base, trees, lines=True)` ≈ `lines(base, ties(base, trees, scale=1))`.
 
-The functions are plain Python over pytrees: jit them with the configuration static
-(`jax.jit(ties, static_argnames=("prune_fraction", "merge", "trim"))`) or, better, use
-`merge(name, ...)`, which caches the compiled call per configuration and compiles the TIES family
-as two programs (statistics, then the merge), about 3× faster to compile for a ViT-B/16 tree.
+The functions are plain Python over pytrees and run leaf by leaf: called eagerly (or through
+`merge(name, ...)`) each leaf's arithmetic is one compiled program, cached per leaf shape and
+configuration, so a merge holds its inputs, its result and one leaf's temporaries, never a
+model-sized temporary (the TIES family makes two histogram passes for the thresholds, one for
+the majority sign and one to merge; DARE remakes its draws from the leaf keys in each pass).
+A leaf sharded over a mesh (NamedSharding) is merged in place: the result keeps its sharding.
+Under `jax.jit` (configuration static, e.g. `jax.jit(ties, static_argnames=("prune_fraction",
+"merge", "trim"))`) the same code traces into one program.
 `streamed(...)` merges many models leaf by leaf (and chunk by chunk) from files, holding only the
 base, the result and one chunk per model.
 """
