@@ -214,8 +214,10 @@ def _leafwise(fn, *arrays, out_sharding=None, **static):
     """fn(*arrays, **static) for one leaf (or one leaf's statistics).
 
     Called eagerly it runs as one compiled program per (fn, static arguments, shapes), cached,
-    so a merge's temporaries are one leaf's, never a whole model's; `out_sharding` (a leaf's
-    NamedSharding) is the result's sharding. Under an outer trace (a merge inside `jax.jit`) it
+    so a merge's temporaries are one leaf's, never a whole model's. Python floats among
+    `arrays` (scales) are traced weakly typed, as constants would be, so LiNeS's per-depth
+    scales share one program. `out_sharding` (a leaf's NamedSharding) is the result's
+    sharding. Under an outer trace (a merge inside `jax.jit`) it
     is traced inline, and the merge is one program as before."""
     if _tracing(arrays, static):
         return fn(*arrays, **static)
@@ -329,13 +331,13 @@ def lines(base, tree, alpha=0.5, beta=0.5, shape="linear", *, exclude=None):
     scales = lines_scales(t.paths, alpha, beta, shape)
     return t.build(
         {
-            j: _leafwise(_scaled_tau, t.anchor[j], t.models(j)[0], s=scales[j], **t.out(j))
+            j: _leafwise(_scaled_tau, t.anchor[j], t.models(j)[0], scales[j], **t.out(j))
             for j in t.merged
         }
     )
 
 
-def _scaled_tau(base, theta, *, s, out_dtype):
+def _scaled_tau(base, theta, s, *, out_dtype):
     b = _cast(base)
     return (b + s * (_cast(theta) - b)).astype(out_dtype)
 
@@ -488,30 +490,30 @@ def _disjoint(hats, majority, mode):
 # merged leaf in `out_dtype`; `_leafwise` runs it as one compiled program per leaf shape.
 
 
-def _interp_kernel(base, thetas, *, weights, s, out_dtype):
+def _interp_kernel(base, thetas, s, *, weights, out_dtype):
     if s is None:
         return _interp_leaf([_cast(x) for x in thetas], weights).astype(out_dtype)
     b = _cast(base)
     return (b + s * _interp_leaf([_cast(x) - b for x in thetas], weights)).astype(out_dtype)
 
 
-def _task_arithmetic_kernel(base, thetas, *, s, out_dtype):
+def _task_arithmetic_kernel(base, thetas, s, *, out_dtype):
     b = _cast(base)
     return (b + s * _sum([_cast(x) - b for x in thetas])).astype(out_dtype)
 
 
-def _magmax_kernel(base, thetas, *, s, out_dtype):
+def _magmax_kernel(base, thetas, s, *, out_dtype):
     b = _cast(base)
     return (b + s * _magmax_leaf([_cast(x) - b for x in thetas])).astype(out_dtype)
 
 
-def _tall_kernel(base, thetas, *, threshold, tall_lambda, s, out_dtype):
+def _tall_kernel(base, thetas, s, *, threshold, tall_lambda, out_dtype):
     b = _cast(base)
     taus = [_cast(x) - b for x in thetas]
     return (b + s * _tall_leaf(taus, threshold, tall_lambda)).astype(out_dtype)
 
 
-def _random_kernel(base, thetas, key, *, s, out_dtype):
+def _random_kernel(base, thetas, key, s, *, out_dtype):
     b = _cast(base)
     taus = [_cast(x) - b for x in thetas]
     choice = _draw(jax.random.randint, key, b.shape, 0, len(taus))
@@ -571,8 +573,8 @@ def interpolate(trees, weights=None, *, base=None, exclude=None, lines=None):
                 _interp_kernel,
                 t.anchor[j] if scales else None,
                 t.models(j),
+                scales.get(j),
                 weights=weights,
-                s=scales.get(j),
                 **t.out(j),
             )
             for j in t.merged
@@ -597,7 +599,7 @@ def task_arithmetic(base, trees, scale=1.0, *, exclude=None, lines=None):
     scales = _scales(t, scale, lines)
     return t.build(
         {
-            j: _leafwise(_task_arithmetic_kernel, t.anchor[j], t.models(j), s=scales[j], **t.out(j))
+            j: _leafwise(_task_arithmetic_kernel, t.anchor[j], t.models(j), scales[j], **t.out(j))
             for j in t.merged
         }
     )
@@ -608,7 +610,7 @@ def magmax(base, trees, scale=1.0, *, exclude=None):
     t = _Trees(base, _check_trees(trees, "magmax"), exclude)
     return t.build(
         {
-            j: _leafwise(_magmax_kernel, t.anchor[j], t.models(j), s=scale, **t.out(j))
+            j: _leafwise(_magmax_kernel, t.anchor[j], t.models(j), scale, **t.out(j))
             for j in t.merged
         }
     )
@@ -625,7 +627,7 @@ def random_merge(base, trees, key, scale=1.0, *, exclude=None):
                 t.anchor[j],
                 t.models(j),
                 leaf_key(key, t.paths[j]),
-                s=scale,
+                scale,
                 **t.out(j),
             )
             for j in t.merged
@@ -650,10 +652,10 @@ def tall_masks(base, trees, threshold=2, tall_lambda=0.4, scale=1.0, *, exclude=
     Σ_i m_i ≥ κ (`threshold`), θ = θ0 + λ·(Σ_i τ_i) ⊙ consensus. κ = 0 is task arithmetic
     (the reference default); κ = 2 is the method's intended setting."""
     t = _Trees(base, _check_trees(trees, "tall_masks"), exclude)
-    config = {"threshold": threshold, "tall_lambda": tall_lambda, "s": scale}
+    config = {"threshold": threshold, "tall_lambda": tall_lambda}
     return t.build(
         {
-            j: _leafwise(_tall_kernel, t.anchor[j], t.models(j), **config, **t.out(j))
+            j: _leafwise(_tall_kernel, t.anchor[j], t.models(j), scale, **config, **t.out(j))
             for j in t.merged
         }
     )
@@ -690,7 +692,7 @@ def _ties_sign_total(base, thetas, key, lo, hi, *, kind, p):
     return _sign_total(_hats(kind, base, thetas, key, lo, hi, p=p))
 
 
-def _ties_apply(base, thetas, key, lo, hi, majority, *, kind, p, mode, s, out_dtype):
+def _ties_apply(base, thetas, key, lo, hi, majority, s, *, kind, p, mode, out_dtype):
     hats = _hats(kind, base, thetas, key, lo, hi, p=p)
     return (_cast(base) + s * _disjoint(hats, majority, mode)).astype(out_dtype)
 
@@ -747,8 +749,8 @@ def _ties_family(kind, base, trees, key, scale, prune_fraction, top_prune_fracti
         majority = jnp.sign(total)
         for j in group:
             results[j] = _leafwise(
-                _ties_apply, *inputs(j), lo, hi, majority, kind=kind, p=p, mode=merge,
-                s=scales[j], **t.out(j),
+                _ties_apply, *inputs(j), lo, hi, majority, scales[j], kind=kind, p=p,
+                mode=merge, **t.out(j),
             )  # fmt: skip
     return t.build(results)
 
