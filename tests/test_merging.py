@@ -685,7 +685,8 @@ plain = M._jitted
 def recording(fn, static, out_sharding):  # keeps the compiled text of every leaf program
     jitted = plain(fn, static, out_sharding)
     def call(*args):
-        sig = (fn, static, out_sharding, str(jax.tree.map(lambda a: (a.shape, a.sharding), args)))
+        where = jax.tree.map(lambda a: (np.shape(a), getattr(a, "sharding", type(a))), args)
+        sig = (fn, static, out_sharding, str(where))
         if sig not in compiled:
             compiled[sig] = jitted.lower(*args).compile()
             texts.append(compiled[sig].as_text())
