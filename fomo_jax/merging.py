@@ -89,6 +89,11 @@ def _dtype(leaf) -> np.dtype:
     return np.dtype(dtype if dtype is not None else jnp.asarray(leaf).dtype)
 
 
+def _shape(leaf) -> tuple:
+    shape = getattr(leaf, "shape", None)
+    return tuple(shape) if shape is not None else np.shape(leaf)
+
+
 def _is_float(leaf) -> bool:
     return bool(jnp.issubdtype(_dtype(leaf), jnp.floating))
 
@@ -120,7 +125,14 @@ class _Trees:
                     f"{what} {i} does not have the structure of the base tree: "
                     f"{structure} vs {self.treedef}"
                 )
-            self.trees.append(self.treedef.flatten_up_to(tree))
+            leaves = self.treedef.flatten_up_to(tree)
+            for path, leaf, anchor_leaf in zip(self.paths, leaves, self.anchor, strict=True):
+                if _shape(leaf) != _shape(anchor_leaf):
+                    raise ValueError(
+                        f"{what} {i}: leaf {path} has shape {_shape(leaf)}, the base tree's has "
+                        f"{_shape(anchor_leaf)}"
+                    )
+            self.trees.append(leaves)
         rules = _rules(exclude)
         self.merged = [
             j

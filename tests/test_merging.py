@@ -595,7 +595,7 @@ def test_jittable_and_merge_dispatch():
         assert_tree_close(jax.jit(fn)(base, models), f64(fn(base, models)), rtol=1e-6, atol=1e-7)
     for fn in (M.dare_ties, M.random_merge):
         assert_tree_close(jax.jit(fn)(base, models, KEY), f64(fn(base, models, KEY)), 1e-6, 1e-7)
-    # merge() compiles the TIES family as two programs (statistics, then the merge).
+    # merge() runs the TIES family leaf by leaf (histograms, majority sign, then the merge).
     for name, fn in [("ties", M.ties), ("breadcrumbs", M.breadcrumbs)]:
         want = f64(fn(base, models, prune_fraction=0.3, trim="per_leaf"))
         assert_tree_close(M.merge(name, base, models, prune_fraction=0.3, trim="per_leaf"), want)
@@ -617,6 +617,9 @@ def test_jittable_and_merge_dispatch():
         M.merge("average", base, models)
     with pytest.raises(ValueError, match="structure"):
         M.task_arithmetic(base, [models[0], {"x": np.zeros(2)}])
+    wrong = {**models[0], "w": np.zeros((3, 4), np.float32)}  # a transposed leaf
+    with pytest.raises(ValueError, match=r"tree 1: leaf w has shape \(3, 4\), .* \(4, 3\)"):
+        M.merge("ties", base, [models[0], wrong])
 
 
 # ----------------------------------------------------------------------------- leaf by leaf
