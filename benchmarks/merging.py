@@ -2,12 +2,13 @@
 
     python benchmarks/merging.py --out benchmarks/results/merging_cpu
 
-Part 1 — every merge of two models as ONE compiled call (jax.jit of `merging.merge`'s
-uniform calling convention) on random trees with the exact parameter shapes of the ViT-B/16 CLIP
-(both towers and `logit_scale`, 149.6M parameters, from `nnx.eval_shape`, filled with random
-values: θ0 ~ N(0, 0.02²), θ_i = θ0 + N(0, 0.001²)). Compile time is measured apart from run
-time (`lower().compile()`, then `--repeats` runs). Each merge runs in its own subprocess so that
-its peak RSS (VmHWM, reset after the trees are built) is its own.
+Part 1 — every merge of two models by `merging.merge` (leaf by leaf, one compiled program per
+leaf shape and configuration) on random trees with the exact parameter shapes of the ViT-B/16
+CLIP (both towers and `logit_scale`, 149.6M parameters, from `nnx.eval_shape`, filled with
+random values: θ0 ~ N(0, 0.02²), θ_i = θ0 + N(0, 0.001²)). The first call (compiling the leaf
+programs, then merging) is timed apart from `--repeats` further runs. Each merge runs in its own
+subprocess so that its peak RSS (VmHWM, reset after the trees are built and again before the
+runs) is its own; the increase includes the result (one model).
 
 Part 2 — `merging.streamed` over `--streamed_models` (20) such models written as per-leaf .npy
 files (read back through memmaps, chunk by chunk) for interpolation, task arithmetic, TIES
@@ -122,21 +123,24 @@ def run_in_memory(model_name: str, index: int, repeats: int) -> dict:
     base, trees = random_trees(model_name, 2)
     jax.block_until_ready((base, trees))
     key = jax.random.key(1)
-    frozen = tuple(sorted((k, merging._hashable(v)) for k, v in kwargs.items()))
-    fn = merging._compiled(merging.canonical_name(name), frozen)
+
+    def call():
+        return jax.block_until_ready(merging.merge(name, base, trees, key=key, **kwargs))
+
+    # First call: compiles the leaf programs (one per leaf shape and configuration) and runs.
     reset_peak()
     rss0 = memory_status()["VmRSS"]
     t = time.perf_counter()
-    compiled = fn.lower(base, trees, key).compile()
-    compile_s = time.perf_counter() - t
-    compile_peak = memory_status()["VmHWM"] - rss0
-    analysis = compiled.memory_analysis()
+    out = call()
+    first_s = time.perf_counter() - t
+    first_peak = memory_status()["VmHWM"] - rss0
+    del out
     reset_peak()
     rss0 = memory_status()["VmRSS"]
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        out = jax.block_until_ready(compiled(base, trees, key))
+        out = call()
         times.append(time.perf_counter() - t)
         del out
     peak = memory_status()["VmHWM"]
@@ -145,12 +149,10 @@ def run_in_memory(model_name: str, index: int, repeats: int) -> dict:
         "label": label,
         "merge": name,
         "kwargs": {k: v for k, v in kwargs.items()},
-        "compile_seconds": compile_s,
+        "first_call_seconds": first_s,
+        "first_call_peak_rss_increase_bytes": first_peak,
         "run_seconds": times,
         "run_seconds_min": min(times),
-        "xla_temp_bytes": getattr(analysis, "temp_size_in_bytes", None),
-        "xla_output_bytes": getattr(analysis, "output_size_in_bytes", None),
-        "compile_peak_rss_increase_bytes": compile_peak,
         "peak_rss_increase_bytes": peak - rss0,
         "peak_rss_increase_models": (peak - rss0) / model_bytes,
         "model_bytes": model_bytes,
@@ -252,30 +254,52 @@ def markdown(report) -> str:
         f"({hw['platform']}), jax {hw['jax']}.  ",
         f"Command: `{report['command']}`",
         "",
-        f"## Two {report['model']} CLIPs, one compiled call per merge",
+        f"## Two {report['model']} CLIPs, merged leaf by leaf",
         "",
         f"Trees: the full {report['model']} CLIP parameter tree (both towers and "
         f"`logit_scale`, {report['params'] / 1e6:.1f}M float32 parameters, "
         f"{report['model_bytes'] / gib:.2f} GiB per model); θ0 and two models are resident "
-        "(3 models) before each merge. Global trim spans the whole tree given (here both "
-        "towers; the runner merges one tower at a time). Peak RSS increases are measured from "
-        "just before compiling (compile) and from just before the runs (run: the output and "
-        "XLA's temporaries), with the high-water mark reset in between. Run time is the "
-        f"fastest of {report['repeats']}.",
+        "(3 models) before each merge. `merging.merge` runs each leaf's arithmetic as one "
+        "compiled program (cached per leaf shape and configuration); the TIES family's global "
+        "trim (over the whole tree given, here both towers; the runner merges one tower at a "
+        "time) takes two 16-bit histogram passes over the leaves for the exact thresholds, one "
+        "for the majority sign and one to merge. Peak RSS increases are measured from just "
+        "before the first call (compiling the leaf programs, then merging) and from just "
+        "before the runs, with the high-water mark reset in between; both include the result "
+        "(1 model; after the first call the allocator reuses freed pages, so the runs' increase "
+        f"can be below it). Run time is the fastest of {report['repeats']}.",
         "",
-        "| merge | settings | compile (s) | compile peak RSS (GiB) | run (s) | XLA temp (GiB) "
-        "| run peak RSS increase (GiB) | × one model |",
-        "|---|---|---|---|---|---|---|---|",
+        "| merge | settings | first call (s) | first call peak RSS increase (GiB) | × one model "
+        "| run (s) | run peak RSS increase (GiB) | × one model "
+        "| before: run (s) | before: × one model |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    previous = report.get("previous", {}).get("in_memory", {})
     for r in report["in_memory"]:
         settings = ", ".join(f"{k}={v}" for k, v in r["kwargs"].items()) or "defaults"
-        temp = "" if r["xla_temp_bytes"] is None else f"{r['xla_temp_bytes'] / gib:.2f}"
-        lines.append(
-            f"| {r['label']} | {settings} | {r['compile_seconds']:.1f} | "
-            f"{r['compile_peak_rss_increase_bytes'] / gib:.2f} | {r['run_seconds_min']:.2f} | "
-            f"{temp} | "
-            f"{r['peak_rss_increase_bytes'] / gib:.2f} | {r['peak_rss_increase_models']:.2f} |"
+        old = previous.get(r["label"])
+        before = (
+            f"{old['run_seconds_min']:.2f} | {old['peak_rss_increase_models']:.2f}"
+            if old
+            else " | "
         )
+        lines.append(
+            f"| {r['label']} | {settings} | {r['first_call_seconds']:.1f} | "
+            f"{r['first_call_peak_rss_increase_bytes'] / gib:.2f} | "
+            f"{r['first_call_peak_rss_increase_bytes'] / r['model_bytes']:.2f} | "
+            f"{r['run_seconds_min']:.2f} | "
+            f"{r['peak_rss_increase_bytes'] / gib:.2f} | {r['peak_rss_increase_models']:.2f} | "
+            f"{before} |"
+        )
+    if previous:
+        was = report["previous"]
+        lines += [
+            "",
+            f"Before: the same measurement on {was['date']} ({was['hardware']['cpu']} x "
+            f"{was['hardware']['nproc']} cores) with the merges compiled as whole-tree programs "
+            "(the global threshold a 32-step bisection over all leaves at once, DARE's draws "
+            "materialised).",
+        ]
     s = report["streamed"]
     lines += [
         "",
@@ -307,14 +331,19 @@ def markdown(report) -> str:
         f"- The {s['models']} models' files fit in this machine's page cache, so the streamed "
         "times are reads from memory. From cold storage (this disk reads about 1.1 GB/s with "
         "O_DIRECT) one pass over 20 models takes at least ~10 s more, and TIES makes 4 passes.",
-        "- Compile time grows with the number of leaves (XLA CPU compiles a few fusions per "
-        "leaf; the global threshold is a 32-step bisection whose loop counts every leaf). It is "
-        "paid once per configuration and tree structure and kept by the persistent compilation "
-        "cache. `merge()` compiles the TIES family (ties, dare_ties, breadcrumbs) as two "
-        "programs, statistics then merge (about 3× less compile time than one program); their "
-        "compile times are summed, XLA temp is the larger of the two. DARE's compile is "
-        "dominated by the random-bits (threefry) code, one vmapped draw per distinct leaf "
-        "size.",
+        *(
+            [
+                f"- The streamed results are from the run of {s['date']} on the machine of "
+                "'Before' (`streamed` is unchanged)."
+            ]
+            if s.get("date")
+            else []
+        ),
+        "- First-call time is mostly compiling the leaf programs: one per distinct leaf "
+        "shape and configuration (a ViT-B/16 tree has few distinct shapes), kept by the "
+        "persistent compilation cache. DARE remakes its uniform draws from the leaf keys in "
+        "each of its four passes instead of holding them (they would be one model per merged "
+        "model).",
         f"- The machine was shared with other jobs (1-minute load average "
         f"{load.get('start', float('nan')):.1f} at the start, "
         f"{load.get('end', float('nan')):.1f} at the end on 2 cores), so times are noisy; "
@@ -331,6 +360,11 @@ def main():
     parser.add_argument("--chunk", type=int, default=1 << 18)
     parser.add_argument("--only", default="", help="comma-separated in-memory labels to run")
     parser.add_argument("--skip_streamed", action="store_true")
+    parser.add_argument(
+        "--reuse_streamed",
+        action="store_true",
+        help="skip part 2 and keep the streamed results of the existing <out>.json",
+    )
     parser.add_argument("--workdir", default=None, help="where the streamed models are written")
     parser.add_argument("--out", default="benchmarks/results/merging_cpu")
     # Internal: one measurement in this process.
@@ -369,6 +403,19 @@ def main():
         "in_memory": [],
         "notes": [],
     }
+    if os.path.exists(args.out + ".json"):  # the last results, shown as "before"
+        with open(args.out + ".json") as f:
+            last = json.load(f)
+        report["previous"] = {
+            "date": last["date"],
+            "hardware": last["hardware"],
+            "in_memory": {
+                r["label"]: {k: r[k] for k in ("run_seconds_min", "peak_rss_increase_models")}
+                for r in last["in_memory"]
+            },
+        }
+        if args.reuse_streamed and "streamed" in last:
+            report["streamed"] = {"date": last["date"], **last["streamed"]}
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     common = ["--model", args.model]
     for index, (label, _, _) in enumerate(IN_MEMORY):
@@ -379,7 +426,7 @@ def main():
         print(json.dumps(result), file=sys.stderr, flush=True)
         report["in_memory"].append(result)
 
-    if not args.skip_streamed:
+    if not (args.skip_streamed or args.reuse_streamed):
         directory = tempfile.mkdtemp(prefix="merging_bench_", dir=args.workdir)
         try:
             need = (args.streamed_models + 1) * report["model_bytes"]

@@ -17,10 +17,10 @@ are) and returns the same structure. Conventions shared by all of them:
   the tree given (the runner merges one tower at a time, which is the reference's per-tower trim;
   aliases "tower", "model"); `trim="per_leaf"` treats each leaf as its own TIES problem
   (threshold and majority sign per leaf; alias "tensor").
-- k-th smallest values are exact: a 32-step bisection over the float32 bit patterns of the
-  (non-negative) magnitudes, counting entries ≤ a candidate with fused reductions on device. No
-  sort, no host round trip, no concatenation; the counts are global reductions, so sharded
-  inputs stay sharded.
+- k-th smallest values are exact: radix selection on the float32 bit patterns of the
+  (non-negative) magnitudes, a histogram of the high 16 bits over all merged leaves, then one of
+  the low 16 bits among the entries sharing the rank's high half. Integer counts, no sort, no
+  concatenation; the histograms of sharded leaves are sharded reductions.
 - Randomised merges take an explicit key. The key of leaf `path` is
   `leaf_key = fold_in(key, zlib.crc32(path.encode()))`; DARE's draw for model i is
   `uniform(fold_in(leaf_key, i), (size,), float32).reshape(shape)`; `random_merge` draws
@@ -31,10 +31,14 @@ are) and returns the same structure. Conventions shared by all of them:
   to apply s in place of the scale λ without the extra rounding of a round trip:
   `ties(base, trees, lines=True)` ≈ `lines(base, ties(base, trees, scale=1))`.
 
-The functions are plain Python over pytrees: jit them with the configuration static
-(`jax.jit(ties, static_argnames=("prune_fraction", "merge", "trim"))`) or, better, use
-`merge(name, ...)`, which caches the compiled call per configuration and compiles the TIES family
-as two programs (statistics, then the merge), about 3× faster to compile for a ViT-B/16 tree.
+The functions are plain Python over pytrees and run leaf by leaf: called eagerly (or through
+`merge(name, ...)`) each leaf's arithmetic is one compiled program, cached per leaf shape and
+configuration, so a merge holds its inputs, its result and one leaf's temporaries, never a
+model-sized temporary (the TIES family makes two histogram passes for the thresholds, one for
+the majority sign and one to merge; DARE remakes its draws from the leaf keys in each pass).
+A leaf sharded over a mesh (NamedSharding) is merged in place: the result keeps its sharding.
+Under `jax.jit` (configuration static, e.g. `jax.jit(ties, static_argnames=("prune_fraction",
+"merge", "trim"))`) the same code traces into one program.
 `streamed(...)` merges many models leaf by leaf (and chunk by chunk) from files, holding only the
 base, the result and one chunk per model.
 """
@@ -42,11 +46,9 @@ base, the result and one chunk per model.
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 import os
 import re
-import types
 import urllib.parse
 import zlib
 from collections.abc import Callable, Sequence
@@ -55,6 +57,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from fomo_jax.params import key_path_str
 
@@ -84,6 +87,11 @@ _BLOCK = re.compile(r"(?:^|[/.])resblocks[/.](\d+)(?=[/.]|$)")
 def _dtype(leaf) -> np.dtype:
     dtype = getattr(leaf, "dtype", None)
     return np.dtype(dtype if dtype is not None else jnp.asarray(leaf).dtype)
+
+
+def _shape(leaf) -> tuple:
+    shape = getattr(leaf, "shape", None)
+    return tuple(shape) if shape is not None else np.shape(leaf)
 
 
 def _is_float(leaf) -> bool:
@@ -117,7 +125,14 @@ class _Trees:
                     f"{what} {i} does not have the structure of the base tree: "
                     f"{structure} vs {self.treedef}"
                 )
-            self.trees.append(self.treedef.flatten_up_to(tree))
+            leaves = self.treedef.flatten_up_to(tree)
+            for path, leaf, anchor_leaf in zip(self.paths, leaves, self.anchor, strict=True):
+                if _shape(leaf) != _shape(anchor_leaf):
+                    raise ValueError(
+                        f"{what} {i}: leaf {path} has shape {_shape(leaf)}, the base tree's has "
+                        f"{_shape(anchor_leaf)}"
+                    )
+            self.trees.append(leaves)
         rules = _rules(exclude)
         self.merged = [
             j
@@ -125,26 +140,26 @@ class _Trees:
             if _is_float(leaf) and not any(rule.search(path) for rule in rules)
         ]
 
-    def leaf(self, i: int, j: int):
-        """Leaf j of tree i in its compute dtype."""
-        x = jnp.asarray(self.trees[i][j])
-        return x.astype(_compute_dtype(x.dtype))
+    def models(self, j: int) -> list:
+        """Leaf j of every tree, as given."""
+        return [tree[j] for tree in self.trees]
 
-    def base(self, j: int):
-        x = jnp.asarray(self.anchor[j])
-        return x.astype(_compute_dtype(x.dtype))
+    def size(self, j: int) -> int:
+        return int(np.prod(np.shape(self.anchor[j]), dtype=np.int64))
 
-    def taus(self, j: int) -> list:
-        base = self.base(j)
-        return [self.leaf(i, j) - base for i in range(len(self.trees))]
+    def out(self, j: int) -> dict:
+        """The static arguments of a kernel producing leaf j: the anchor leaf's dtype and, for
+        a leaf sharded over a mesh, its sharding (the result keeps it)."""
+        sharding = getattr(self.anchor[j], "sharding", None)
+        return {
+            "out_dtype": _dtype(self.anchor[j]).name,
+            "out_sharding": sharding if isinstance(sharding, NamedSharding) else None,
+        }
 
     def build(self, results: dict[int, Any]):
-        """The output tree: merged leaves cast to the anchor leaf's dtype, the rest passed
-        through from the anchor."""
-        leaves = [
-            results[j].astype(_dtype(leaf)) if j in results else leaf
-            for j, leaf in enumerate(self.anchor)
-        ]
+        """The output tree: merged leaves (already in the anchor leaf's dtype) and the rest
+        passed through from the anchor."""
+        leaves = [results.get(j, leaf) for j, leaf in enumerate(self.anchor)]
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
 
@@ -192,43 +207,49 @@ def leaf_key(key, path: str):
     return jax.random.fold_in(key, zlib.crc32(path.encode("utf-8")))
 
 
-def _by_size(key, t: _Trees, leaves: Sequence[int], draw, models: int | None = None):
-    """Per-leaf random draws, {j: array of leaf j's shape} (or {j: [array per model]}).
-
-    Leaf j's key is `leaf_key(key, path_j)`, model i's key `fold_in(leaf key, i)`, and its
-    draw is `draw(key, (size,))` reshaped to the leaf's shape. The keys of all leaves come from
-    one vmapped computation and leaves of equal size share one vmapped draw (exactly equal to
-    drawing leaf by leaf), because every random-bits call site costs compile time."""
-    leaves = list(leaves)
-    crcs = jnp.asarray([zlib.crc32(t.paths[j].encode("utf-8")) for j in leaves], jnp.uint32)
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, crcs)
-    if models is not None:
-        index = jnp.arange(models, dtype=jnp.uint32)
-        keys = jax.vmap(lambda k: jax.vmap(lambda i: jax.random.fold_in(k, i))(index))(keys)
-    groups: dict[int, list[int]] = {}
-    for g, j in enumerate(leaves):
-        groups.setdefault(int(np.prod(np.shape(t.anchor[j]), dtype=np.int64)), []).append(g)
-    out = {}
-    for size, members in groups.items():
-        fn = functools.partial(draw, shape=(size,))
-        fn = jax.vmap(fn) if models is None else jax.vmap(jax.vmap(fn))
-        # The barrier materialises the draws once, so that XLA does not fuse the random-bits
-        # computation into every consumer of every slice (compile time).
-        drawn = jax.lax.optimization_barrier(fn(keys[np.asarray(members)]))
-        for row, g in enumerate(members):
-            j = leaves[g]
-            shape = np.shape(t.anchor[j])
-            if models is None:
-                out[j] = drawn[row].reshape(shape)
-            else:
-                out[j] = [drawn[row, i].reshape(shape) for i in range(models)]
-    return out
+def _cast(x):
+    """A leaf in its compute dtype (float32, or its own dtype if wider)."""
+    x = jnp.asarray(x)
+    return x.astype(_compute_dtype(x.dtype))
 
 
-def _uniform_draws(key, t: _Trees, leaves: Sequence[int], n: int) -> dict[int, list]:
-    """DARE's u for model i of leaf j: uniform(fold_in(leaf_key(key, path_j), i), (size,))
-    reshaped to the leaf's shape."""
-    return _by_size(key, t, leaves, lambda k, shape: jax.random.uniform(k, shape), models=n)
+def _tracing(*values) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(values))
+
+
+@functools.lru_cache(maxsize=1024)
+def _jitted(fn, static: tuple, out_sharding):
+    return jax.jit(functools.partial(fn, **dict(static)), out_shardings=out_sharding)
+
+
+def _leafwise(fn, *arrays, out_sharding=None, **static):
+    """fn(*arrays, **static) for one leaf (or one leaf's statistics).
+
+    Called eagerly it runs as one compiled program per (fn, static arguments, shapes), cached,
+    so a merge's temporaries are one leaf's, never a whole model's. Python floats among
+    `arrays` (scales) are traced weakly typed, as constants would be, so LiNeS's per-depth
+    scales share one program. `out_sharding` (a leaf's NamedSharding) is the result's
+    sharding. Under an outer trace (a merge inside `jax.jit`) it
+    is traced inline, and the merge is one program as before."""
+    if _tracing(arrays, static):
+        return fn(*arrays, **static)
+    return _jitted(fn, tuple(sorted(static.items())), out_sharding)(*arrays)
+
+
+def _uniform(key, i, shape):
+    """DARE's u for model i of a leaf with key `key`: uniform(fold_in(key, i), (size,))
+    reshaped to `shape`."""
+    return _draw(jax.random.uniform, jax.random.fold_in(key, i), shape)
+
+
+def _draw(sample, key, shape, *args):
+    """sample(key, (size,), *args).reshape(shape). With partitionable threefry (jax's default)
+    the draw of the flat shape equals the draw of `shape` (counters are flat indices), and
+    drawing `shape` directly keeps a sharded leaf's draw sharded."""
+    if jax.config.jax_threefry_partitionable:
+        return sample(key, shape, *args)
+    size = int(np.prod(shape, dtype=np.int64))
+    return sample(key, (size,), *args).reshape(shape)
 
 
 # ----------------------------------------------------------------------------- LiNeS
@@ -320,44 +341,90 @@ def lines(base, tree, alpha=0.5, beta=0.5, shape="linear", *, exclude=None):
     `lines(base, ties(base, trees, scale=1))` (or pass `lines=` to the merge itself)."""
     t = _Trees(base, [tree], exclude)
     scales = lines_scales(t.paths, alpha, beta, shape)
-    return t.build({j: t.base(j) + scales[j] * (t.leaf(0, j) - t.base(j)) for j in t.merged})
+    return t.build(
+        {
+            j: _leafwise(_scaled_tau, t.anchor[j], t.models(j)[0], scales[j], **t.out(j))
+            for j in t.merged
+        }
+    )
+
+
+def _scaled_tau(base, theta, s, *, out_dtype):
+    b = _cast(base)
+    return (b + s * (_cast(theta) - b)).astype(out_dtype)
 
 
 # ----------------------------------------------------------------------------- exact selection
+# The k-th smallest of non-negative floats by radix selection on their float32 bit patterns
+# (monotone in the value): a histogram of the high 16 bits over all leaves gives each rank's
+# high half, then a histogram of the low 16 bits among the entries with that high half gives
+# the rest. Exact (integer counts), no sort, no concatenation; a leaf's histogram is its own
+# compiled program, and the histograms of sharded leaves are sharded reductions.
+
+_HALVES = ((16, 16), (0, 16))  # (shift, width) of the two passes, high half first
+_BINS = (1 << 16) + 2
+
+
+def _histogram(bits, found, *, shift: int, width: int):
+    """bits[i]: model i's uint32 bit patterns (any shape); found (n, r): the bits above
+    `shift + width` of each rank's answer. Returns (n, r, 2^width + 2) uint32 counts: [0] of
+    entries whose high bits are below found's, [1 + d] of those equal to found's with digit
+    d in bits [shift, shift + width), [-1] of those above."""
+    top = shift + width
+    rows = []
+    for i, x in enumerate(bits):
+        digit = ((x >> shift) & ((1 << width) - 1)).astype(jnp.int32)
+        prefix = x >> top if top < 32 else jnp.zeros_like(x)
+        per_rank = []
+        for r in range(found.shape[1]):
+            want = found[i, r] >> top if top < 32 else jnp.uint32(0)
+            index = jnp.where(
+                prefix < want, 0, jnp.where(prefix == want, 1 + digit, (1 << width) + 1)
+            )
+            counts = jnp.zeros((1 << width) + 2, jnp.uint32)
+            per_rank.append(counts.at[index].add(jnp.uint32(1)))
+        rows.append(jnp.stack(per_rank))
+    return jnp.stack(rows)
+
+
+@functools.partial(jax.jit, static_argnames=("shift", "width"))
+def _next_digits(found, hist, targets, *, shift: int, width: int):
+    """found with bits [shift, shift + width) set: the smallest digit d whose count of
+    entries ≤ (found's high bits, d, all ones below) reaches the 1-based target rank."""
+    cum = jnp.cumsum(hist[..., :-1], axis=-1, dtype=jnp.uint32)
+    digit = jnp.sum(cum[..., 1:-1] < targets[None, :, None], axis=-1, dtype=jnp.uint32)
+    return found | (digit << shift)
+
+
+def _select(histogram_of, n: int, ranks: Sequence[int]):
+    """(n, len(ranks)) float32: entry [i, r] is the ranks[r]-th smallest (0-based) of model
+    i's values. histogram_of(found, shift, width) sums `_histogram` over all leaves."""
+    targets = jnp.asarray(np.asarray(ranks, np.int64) + 1, jnp.uint32)
+    found = jnp.zeros((n, len(ranks)), jnp.uint32)
+    for shift, width in _HALVES:
+        hist = histogram_of(found, shift, width)
+        found = _next_digits(found, hist, targets, shift=shift, width=width)
+    return jax.lax.bitcast_convert_type(found, jnp.float32)
+
+
+def _bits(x):
+    return jax.lax.bitcast_convert_type(jnp.asarray(x).astype(jnp.float32), jnp.uint32)
 
 
 def _kth_smallest(values: list[list], ranks: Sequence[int]):
     """Exact order statistics. values[i] lists the non-negative float leaves of model i (all
     models have the same leaves); returns the float32 array (n, len(ranks)) whose entry [i, r]
-    is the ranks[r]-th smallest (0-based) of model i's entries.
+    is the ranks[r]-th smallest (0-based) of model i's entries."""
+    n = len(values)
 
-    Bisection over the bit patterns (monotone for non-negative floats): 32 passes, each a fused
-    count of entries ≤ a candidate per model; nothing is sorted or concatenated."""
-    return _select(values, jnp.asarray(np.asarray(ranks, np.int64) + 1, jnp.uint32))
+    def histogram_of(found, shift, width):
+        total = 0
+        for leaves in zip(*values, strict=True):
+            bits = [_bits(x) for x in leaves]
+            total = total + _histogram(bits, found, shift=shift, width=width)
+        return total
 
-
-@jax.jit
-def _select(values, targets):
-    # Jitted with the ranks traced, so eager callers compile once per set of leaf shapes.
-    n, m = len(values), targets.shape[0]
-    bits = [
-        [jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32) for x in leaves]
-        for leaves in values
-    ]
-
-    def count(leaf, cand):  # cand (m,) → (m,) entries of `leaf` ≤ cand
-        c = cand.reshape((m,) + (1,) * leaf.ndim)
-        axes = tuple(range(1, leaf.ndim + 1))
-        return jnp.sum(leaf[None] <= c, axis=axes, dtype=jnp.uint32)
-
-    def body(step, found):  # found (n, m): the bits above the current one
-        bit = jnp.left_shift(jnp.uint32(1), (31 - step).astype(jnp.uint32))
-        cand = found | (bit - jnp.uint32(1))
-        counts = jnp.stack([sum(count(x, cand[i]) for x in bits[i]) for i in range(n)])
-        return jnp.where(counts < targets, found | bit, found)
-
-    found = jax.lax.fori_loop(0, 32, body, jnp.zeros((n, m), jnp.uint32))
-    return jax.lax.bitcast_convert_type(found, jnp.float32)
+    return _select(histogram_of, n, ranks)
 
 
 # ----------------------------------------------------------------------------- leaf kernels
@@ -430,6 +497,68 @@ def _disjoint(hats, majority, mode):
     return total / jnp.maximum(count, 1).astype(total.dtype)
 
 
+# ----------------------------------------------------------------------------- per-leaf merges
+# Each takes one leaf of θ0 and of the models (as given: numpy or jax arrays) and returns the
+# merged leaf in `out_dtype`; `_leafwise` runs it as one compiled program per leaf shape.
+
+
+def _interp_kernel(base, thetas, s, *, weights, out_dtype):
+    if s is None:
+        return _interp_leaf([_cast(x) for x in thetas], weights).astype(out_dtype)
+    b = _cast(base)
+    return (b + s * _interp_leaf([_cast(x) - b for x in thetas], weights)).astype(out_dtype)
+
+
+def _task_arithmetic_kernel(base, thetas, s, *, out_dtype):
+    b = _cast(base)
+    return (b + s * _sum([_cast(x) - b for x in thetas])).astype(out_dtype)
+
+
+def _magmax_kernel(base, thetas, s, *, out_dtype):
+    b = _cast(base)
+    return (b + s * _magmax_leaf([_cast(x) - b for x in thetas])).astype(out_dtype)
+
+
+def _tall_kernel(base, thetas, s, *, threshold, tall_lambda, out_dtype):
+    b = _cast(base)
+    taus = [_cast(x) - b for x in thetas]
+    return (b + s * _tall_leaf(taus, threshold, tall_lambda)).astype(out_dtype)
+
+
+def _random_kernel(base, thetas, key, s, *, out_dtype):
+    b = _cast(base)
+    taus = [_cast(x) - b for x in thetas]
+    choice = _draw(jax.random.randint, key, b.shape, 0, len(taus))
+    selected = taus[0]
+    for i in range(1, len(taus)):
+        selected = jnp.where(choice == i, taus[i], selected)
+    return (b + s * selected).astype(out_dtype)
+
+
+def _slerp_kernel(a, b, *, t, out_dtype):
+    v0, v1 = _cast(a), _cast(b)
+    n0, n1 = jnp.sqrt(jnp.sum(v0 * v0)), jnp.sqrt(jnp.sum(v1 * v1))
+    u0 = jnp.where(n0 > SLERP_NORM_EPS, v0 / jnp.where(n0 > SLERP_NORM_EPS, n0, 1), v0)
+    u1 = jnp.where(n1 > SLERP_NORM_EPS, v1 / jnp.where(n1 > SLERP_NORM_EPS, n1, 1), v1)
+    c = jnp.sum(u0 * u1)
+    lerp = (1 - t) * v0 + t * v1
+    parallel = jnp.abs(c) > SLERP_DOT_THRESHOLD
+    omega = jnp.arccos(jnp.clip(c, -1, 1))
+    sin_omega = jnp.where(parallel, 1, jnp.sin(omega))
+    spherical = (jnp.sin((1 - t) * omega) / sin_omega) * v0 + (jnp.sin(t * omega) / sin_omega) * v1
+    return jnp.where(parallel, lerp, spherical).astype(out_dtype)
+
+
+def _model_stock_kernel(base, a, b, *, eps, out_dtype):
+    theta0 = _cast(base)
+    t1, t2 = _cast(a) - theta0, _cast(b) - theta0
+    norms = jnp.sqrt(jnp.sum(t1 * t1)) * jnp.sqrt(jnp.sum(t2 * t2))
+    c = jnp.clip(jnp.sum(t1 * t2) / (norms + eps), -1, 1)
+    # max(·, 0) keeps XLA from folding 1 + ε (= 1 in float32) before adding c.
+    r = 2 * c / (jnp.maximum(c + 1, 0) + eps)
+    return (r * (_cast(a) + _cast(b)) / 2 + (1 - r) * theta0).astype(out_dtype)
+
+
 # ----------------------------------------------------------------------------- merges
 
 
@@ -441,17 +570,28 @@ def interpolate(trees, weights=None, *, base=None, exclude=None, lines=None):
     trees = _check_trees(trees, "interpolation")
     n = len(trees)
     if not isinstance(weights, jax.core.Tracer):
-        weights = _weights(n, weights)
+        weights = tuple(_weights(n, weights))
+    scales = {}
     if lines is not None and lines is not False:
         if base is None:
             raise ValueError("interpolation with LiNeS needs base (θ0)")
         t = _Trees(base, trees, exclude)
         scales = _scales(t, 1, lines)
-        return t.build(
-            {j: t.base(j) + scales[j] * _interp_leaf(t.taus(j), weights) for j in t.merged}
-        )
-    t = _Trees(trees[0] if base is None else base, trees, exclude)
-    return t.build({j: _interp_leaf([t.leaf(i, j) for i in range(n)], weights) for j in t.merged})
+    else:
+        t = _Trees(trees[0] if base is None else base, trees, exclude)
+    return t.build(
+        {
+            j: _leafwise(
+                _interp_kernel,
+                t.anchor[j] if scales else None,
+                t.models(j),
+                scales.get(j),
+                weights=weights,
+                **t.out(j),
+            )
+            for j in t.merged
+        }
+    )
 
 
 def slerp(tree_a, tree_b, t=0.5, *, base=None, exclude=None):
@@ -460,67 +600,63 @@ def slerp(tree_a, tree_b, t=0.5, *, base=None, exclude=None):
     Unit copies use the Frobenius norm (a tensor with norm ≤ 1e-8 is left unnormalised); if
     |cos| > 0.9995 it falls back to (1 − t)·a + t·b."""
     tr = _Trees(tree_a if base is None else base, [tree_a, tree_b], exclude)
-    results = {}
-    for j in tr.merged:
-        v0, v1 = tr.leaf(0, j), tr.leaf(1, j)
-        n0, n1 = jnp.sqrt(jnp.sum(v0 * v0)), jnp.sqrt(jnp.sum(v1 * v1))
-        u0 = jnp.where(n0 > SLERP_NORM_EPS, v0 / jnp.where(n0 > SLERP_NORM_EPS, n0, 1), v0)
-        u1 = jnp.where(n1 > SLERP_NORM_EPS, v1 / jnp.where(n1 > SLERP_NORM_EPS, n1, 1), v1)
-        c = jnp.sum(u0 * u1)
-        lerp = (1 - t) * v0 + t * v1
-        parallel = jnp.abs(c) > SLERP_DOT_THRESHOLD
-        omega = jnp.arccos(jnp.clip(c, -1, 1))
-        sin_omega = jnp.where(parallel, 1, jnp.sin(omega))
-        spherical = (jnp.sin((1 - t) * omega) / sin_omega) * v0 + (
-            jnp.sin(t * omega) / sin_omega
-        ) * v1
-        results[j] = jnp.where(parallel, lerp, spherical)
-    return tr.build(results)
+    return tr.build(
+        {j: _leafwise(_slerp_kernel, *tr.models(j), t=t, **tr.out(j)) for j in tr.merged}
+    )
 
 
 def task_arithmetic(base, trees, scale=1.0, *, exclude=None, lines=None):
     """θ = θ0 + λ·Σ_i τ_i."""
     t = _Trees(base, _check_trees(trees, "task_arithmetic"), exclude)
     scales = _scales(t, scale, lines)
-    return t.build({j: t.base(j) + scales[j] * _sum(t.taus(j)) for j in t.merged})
+    return t.build(
+        {
+            j: _leafwise(_task_arithmetic_kernel, t.anchor[j], t.models(j), scales[j], **t.out(j))
+            for j in t.merged
+        }
+    )
 
 
 def magmax(base, trees, scale=1.0, *, exclude=None):
     """Per entry the τ_i of largest magnitude (the first on ties); θ = θ0 + λ·τ_sel."""
     t = _Trees(base, _check_trees(trees, "magmax"), exclude)
-    return t.build({j: t.base(j) + scale * _magmax_leaf(t.taus(j)) for j in t.merged})
+    return t.build(
+        {
+            j: _leafwise(_magmax_kernel, t.anchor[j], t.models(j), scale, **t.out(j))
+            for j in t.merged
+        }
+    )
 
 
 def random_merge(base, trees, key, scale=1.0, *, exclude=None):
     """Per entry the τ_i of a uniformly random i (drawn from the leaf's key, see the module
     docstring); θ = θ0 + λ·τ_sel."""
     t = _Trees(base, _check_trees(trees, "random"), exclude)
-    n = len(t.trees)
-    choices = _by_size(key, t, t.merged, lambda k, shape: jax.random.randint(k, shape, 0, n))
-    results = {}
-    for j in t.merged:
-        taus = t.taus(j)
-        choice = choices[j]
-        selected = taus[0]
-        for i in range(1, n):
-            selected = jnp.where(choice == i, taus[i], selected)
-        results[j] = t.base(j) + scale * selected
-    return t.build(results)
+    return t.build(
+        {
+            j: _leafwise(
+                _random_kernel,
+                t.anchor[j],
+                t.models(j),
+                leaf_key(key, t.paths[j]),
+                scale,
+                **t.out(j),
+            )
+            for j in t.merged
+        }
+    )
 
 
 def model_stock(base, tree_a, tree_b, eps=1e-8, *, exclude=None):
     """Per tensor: c = ⟨τ1, τ2⟩/(‖τ1‖‖τ2‖ + ε) clipped to [−1, 1], r = 2c/(c + 1 + ε),
     θ = r·(θ1 + θ2)/2 + (1 − r)·θ0."""
     t = _Trees(base, [tree_a, tree_b], exclude)
-    results = {}
-    for j in t.merged:
-        t1, t2 = t.taus(j)
-        norms = jnp.sqrt(jnp.sum(t1 * t1)) * jnp.sqrt(jnp.sum(t2 * t2))
-        c = jnp.clip(jnp.sum(t1 * t2) / (norms + eps), -1, 1)
-        # max(·, 0) keeps XLA from folding 1 + ε (= 1 in float32) before adding c.
-        r = 2 * c / (jnp.maximum(c + 1, 0) + eps)
-        results[j] = r * (t.leaf(0, j) + t.leaf(1, j)) / 2 + (1 - r) * t.base(j)
-    return t.build(results)
+    return t.build(
+        {
+            j: _leafwise(_model_stock_kernel, t.anchor[j], *t.models(j), eps=eps, **t.out(j))
+            for j in t.merged
+        }
+    )
 
 
 def tall_masks(base, trees, threshold=2, tall_lambda=0.4, scale=1.0, *, exclude=None):
@@ -528,36 +664,57 @@ def tall_masks(base, trees, threshold=2, tall_lambda=0.4, scale=1.0, *, exclude=
     Σ_i m_i ≥ κ (`threshold`), θ = θ0 + λ·(Σ_i τ_i) ⊙ consensus. κ = 0 is task arithmetic
     (the reference default); κ = 2 is the method's intended setting."""
     t = _Trees(base, _check_trees(trees, "tall_masks"), exclude)
+    config = {"threshold": threshold, "tall_lambda": tall_lambda}
     return t.build(
-        {j: t.base(j) + scale * _tall_leaf(t.taus(j), threshold, tall_lambda) for j in t.merged}
+        {
+            j: _leafwise(_tall_kernel, t.anchor[j], t.models(j), scale, **config, **t.out(j))
+            for j in t.merged
+        }
     )
 
 
-def _groups(t: _Trees, trim: str) -> list[list[int]]:
-    return [t.merged] if trim == "global" else [[j] for j in t.merged]
+# ----------------------------------------------------------------------------- TIES family
 
 
-def _ties_family(
-    kind,
-    base,
-    trees,
-    key,
-    scale,
-    prune_fraction,
-    top_prune_fraction,
-    merge,
-    trim,
-    exclude,
-    lines,
-    *,
-    stage="both",
-    stats=None,
-):
-    """TIES / DARE-TIES / Breadcrumbs. stage="stats" returns only the statistics: per group
-    (lo, hi, majority sign) — thresholds and elected majority — and DARE's draws; passing them
-    back as `stats` computes the merge from them. `merge()` compiles the two stages as
-    separate programs: XLA's fusion pass is superlinear when every output leaf depends on a
-    reduction over all leaves, and splitting there cuts a ViT-B/16 TIES compile about 3×."""
+def _hats(kind, base, thetas, key, lo, hi, *, p):
+    """τ̂_i of one leaf: TIES / Breadcrumbs keep lo_i ≤ |τ_i| ≤ hi_i; DARE keeps entries
+    whose draw u ≥ lo_i, rescaled by 1/(1 − p)."""
+    b = _cast(base)
+    taus = [_cast(x) - b for x in thetas]
+    if kind != "dare_ties":
+        return _trim(taus, lo, hi)
+    hats = []
+    for i, tau in enumerate(taus):
+        keep = _uniform(key, i, b.shape) >= lo[i] if lo is not None else True
+        hats.append(jnp.where(keep, tau / jnp.asarray(1 - p, tau.dtype), 0).astype(tau.dtype))
+    return hats
+
+
+def _ties_histogram(base, thetas, key, found, *, kind, shift, width):
+    """`_histogram` of one leaf's trim values: |τ_i| (TIES, Breadcrumbs) or DARE's u_i."""
+    if kind == "dare_ties":
+        values = [_uniform(key, i, np.shape(base)) for i in range(len(thetas))]
+    else:
+        b = _cast(base)
+        values = [jnp.abs(_cast(x) - b) for x in thetas]
+    return _histogram([_bits(v) for v in values], found, shift=shift, width=width)
+
+
+def _ties_sign_total(base, thetas, key, lo, hi, *, kind, p):
+    return _sign_total(_hats(kind, base, thetas, key, lo, hi, p=p))
+
+
+def _ties_apply(base, thetas, key, lo, hi, majority, s, *, kind, p, mode, out_dtype):
+    hats = _hats(kind, base, thetas, key, lo, hi, p=p)
+    return (_cast(base) + s * _disjoint(hats, majority, mode)).astype(out_dtype)
+
+
+def _ties_family(kind, base, trees, key, scale, prune_fraction, top_prune_fraction, merge, trim,
+                 exclude, lines):  # fmt: skip
+    """TIES / DARE-TIES / Breadcrumbs, leaf by leaf: per trim group (the tree, or each leaf)
+    the exact thresholds (two histogram passes over the group's leaves), the majority sign
+    (one pass), then the merge (one pass). DARE's draws are made again in each pass from the
+    leaf's key rather than kept: they would be a model's worth per merged model."""
     if merge not in MERGE_MODES:
         raise ValueError(f"merge={merge!r}; expected one of {MERGE_MODES}")
     trim = _check_trim(trim)
@@ -566,64 +723,47 @@ def _ties_family(
     t = _Trees(base, _check_trees(trees, kind), exclude)
     n = len(t.trees)
     scales = _scales(t, scale, lines)
-    draws = None
-    if kind == "dare_ties":
-        # The apply stage reuses the stats stage's draws rather than compiling the random-bits
-        # computation a second time.
-        draws = stats["draws"] if stats is not None else _uniform_draws(key, t, t.merged, n)
+    keys = {j: leaf_key(key, t.paths[j]) if kind == "dare_ties" else None for j in t.merged}
 
-    def trimmed(group, taus, lo, hi):
-        if kind != "dare_ties":
-            return {j: _trim(taus[j], lo, hi) for j in group}
-        hats = {}
-        for j in group:
-            hats[j] = [
-                jnp.where(
-                    draws[j][i] >= lo[i] if lo is not None else True,
-                    taus[j][i] / jnp.asarray(1 - p, taus[j][i].dtype),
-                    0,
-                ).astype(taus[j][i].dtype)
-                for i in range(n)
-            ]
-        return hats
+    def inputs(j):
+        return t.anchor[j], t.models(j), keys[j]
 
-    groups = _groups(t, trim)
-    if stats is None:
-        stats = {"groups": [], "draws": draws}
-        for group in groups:
-            size = sum(int(np.prod(np.shape(t.anchor[j]), dtype=np.int64)) for j in group)
-            k_low, k_high = _rank(p, size), _rank(q, size)
-            if kind == "breadcrumbs" and k_low + k_high >= size:
-                raise ValueError(
-                    f"breadcrumbs: ⌊p·N⌋ + ⌊q·N⌋ = {k_low} + {k_high} ≥ N = {size} "
-                    f"(prune_fraction={p}, top_prune_fraction={q}) removes every entry"
-                )
-            taus = {j: t.taus(j) for j in group}
-            low = _lower_rank(kind, k_low)
-            ranks = ([low] if low is not None else []) + (
-                [size - 1 - k_high] if kind == "breadcrumbs" and k_high > 0 else []
-            )
-            lo = hi = None
-            if ranks:
-                if kind == "dare_ties":
-                    values = [[draws[j][i] for j in group] for i in range(n)]
-                else:
-                    values = [[jnp.abs(taus[j][i]) for j in group] for i in range(n)]
-                found = _kth_smallest(values, ranks)
-                if low is not None:
-                    lo = found[:, 0]
-                if kind == "breadcrumbs" and k_high > 0:
-                    hi = found[:, -1]
-            hats = trimmed(group, taus, lo, hi)
-            majority = jnp.sign(sum(_sign_total(hats[j]) for j in group))
-            stats["groups"].append((lo, hi, majority))
-        if stage == "stats":
-            return stats
     results = {}
-    for group, (lo, hi, majority) in zip(groups, stats["groups"], strict=True):
-        hats = trimmed(group, {j: t.taus(j) for j in group}, lo, hi)
+    for group in [t.merged] if trim == "global" else [[j] for j in t.merged]:
+        size = sum(t.size(j) for j in group)
+        k_low, k_high = _rank(p, size), _rank(q, size)
+        if kind == "breadcrumbs" and k_low + k_high >= size:
+            raise ValueError(
+                f"breadcrumbs: ⌊p·N⌋ + ⌊q·N⌋ = {k_low} + {k_high} ≥ N = {size} "
+                f"(prune_fraction={p}, top_prune_fraction={q}) removes every entry"
+            )
+        low = _lower_rank(kind, k_low)
+        ranks = ([low] if low is not None else []) + (
+            [size - 1 - k_high] if kind == "breadcrumbs" and k_high > 0 else []
+        )
+        lo = hi = None
+        if ranks:
+
+            def histogram_of(found, shift, width, group=group):
+                total = 0
+                for j in group:
+                    total = total + _leafwise(
+                        _ties_histogram, *inputs(j), found, kind=kind, shift=shift, width=width
+                    )
+                return total
+
+            found = _select(histogram_of, n, ranks)
+            if low is not None:
+                lo = found[:, 0]
+            if kind == "breadcrumbs" and k_high > 0:
+                hi = found[:, -1]
+        total = sum(_leafwise(_ties_sign_total, *inputs(j), lo, hi, kind=kind, p=p) for j in group)
+        majority = jnp.sign(total)
         for j in group:
-            results[j] = t.base(j) + scales[j] * _disjoint(hats[j], majority, merge)
+            results[j] = _leafwise(
+                _ties_apply, *inputs(j), lo, hi, majority, scales[j], kind=kind, p=p,
+                mode=merge, **t.out(j),
+            )  # fmt: skip
     return t.build(results)
 
 
@@ -739,107 +879,13 @@ def _call(name, base, trees, key, kwargs):
     return MERGES[name](base, trees, **kwargs)
 
 
-def _hashable(value):
-    if isinstance(value, dict):
-        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
-    if isinstance(value, list | tuple):
-        return tuple(_hashable(v) for v in value)
-    if isinstance(value, np.ndarray):
-        return tuple(value.tolist())
-    return value
-
-
-def _unhashable(name, value):
-    if name == "lines" and isinstance(value, tuple) and value and isinstance(value[0], tuple):
-        return dict(value)
-    return value
-
-
-TIES_FAMILY = ("ties", "dare_ties", "breadcrumbs")
-
-
-def _ties_stage(name, base, trees, key, kwargs, stage, stats=None):
-    """A TIES-family merge's statistics (stage="stats") or its result from them."""
-    bound = inspect.signature(MERGES[name]).bind(
-        base, trees, *([key] if name in NEEDS_KEY else []), **kwargs
-    )
-    bound.apply_defaults()
-    a = bound.arguments
-    return _ties_family(
-        name,
-        base,
-        trees,
-        key,
-        a["scale"],
-        a["prune_fraction"],
-        a.get("top_prune_fraction", 0.0),
-        a["merge"],
-        a["trim"],
-        a["exclude"],
-        a["lines"],
-        stage=stage,
-        stats=stats,
-    )
-
-
-@functools.lru_cache(maxsize=64)
-def _compiled(name: str, frozen: tuple):
-    kwargs = {k: _unhashable(k, v) for k, v in frozen}
-    if name not in TIES_FAMILY:
-        return jax.jit(lambda base, trees, key: _call(name, base, trees, key, kwargs))
-    stats_fn = jax.jit(lambda b, t, k: _ties_stage(name, b, t, k, kwargs, "stats"))
-    apply_fn = jax.jit(lambda b, t, k, s: _ties_stage(name, b, t, k, kwargs, "apply", s))
-    return _TwoStage(stats_fn, apply_fn)
-
-
-class _TwoStage:
-    """Two jitted programs called as one: statistics (thresholds, majority signs), then the
-    merge from them. `lower(...)` returns an object whose `compile()` compiles both."""
-
-    def __init__(self, stats_fn, apply_fn):
-        self.stats_fn, self.apply_fn = stats_fn, apply_fn
-
-    def __call__(self, base, trees, key):
-        return self.apply_fn(base, trees, key, self.stats_fn(base, trees, key))
-
-    def lower(self, base, trees, key):
-        stats_shape = jax.eval_shape(self.stats_fn, base, trees, key)
-        return _TwoStageLowered(
-            self.stats_fn.lower(base, trees, key),
-            self.apply_fn.lower(base, trees, key, stats_shape),
-        )
-
-
-class _TwoStageLowered:
-    def __init__(self, stats, apply):
-        self.stats, self.apply = stats, apply
-
-    def compile(self):
-        return _TwoStageCompiled(self.stats.compile(), self.apply.compile())
-
-
-class _TwoStageCompiled:
-    def __init__(self, stats, apply):
-        self.stats, self.apply = stats, apply
-
-    def __call__(self, base, trees, key):
-        return self.apply(base, trees, key, self.stats(base, trees, key))
-
-    def memory_analysis(self):
-        """The larger of the two programs' temporaries; the apply program's output."""
-        stats, apply = self.stats.memory_analysis(), self.apply.memory_analysis()
-        return types.SimpleNamespace(
-            temp_size_in_bytes=max(stats.temp_size_in_bytes, apply.temp_size_in_bytes),
-            output_size_in_bytes=apply.output_size_in_bytes,
-        )
-
-
 def merge(name: str, base, trees, *, key=None, jit: bool = True, **kwargs):
     """Merge `trees` (a list) with anchor `base` = θ0 by the named method, e.g.
     `merge("ties", theta0, [theta1, theta2], prune_fraction=0.2)`. Keyword arguments are the
     function's (all static); `key` is required by dare_ties and random; `weighting` (§8.3) may
     replace `weights` for interpolation; `lines` applies to the task-vector merges only.
-    With jit=True one compiled call per (name, configuration) is cached."""
+    The merge runs leaf by leaf, each leaf's arithmetic a compiled program cached per shape
+    and configuration; jit=False runs it op by op instead (`jax.disable_jit`)."""
     name = canonical_name(name)
     trees = _check_trees(trees, name, 2 if name in TWO_MODELS else None)
     if name in NEEDS_KEY and key is None:
@@ -849,9 +895,9 @@ def merge(name: str, base, trees, *, key=None, jit: bool = True, **kwargs):
     if name == "interpolation" and kwargs.get("weights") is not None:
         kwargs["weights"] = [float(w) for w in np.asarray(kwargs["weights"]).reshape(-1)]
     if not jit:
-        return _call(name, base, trees, key, kwargs)
-    frozen = tuple(sorted((k, _hashable(v)) for k, v in kwargs.items()))
-    return _compiled(name, frozen)(base, trees, key)
+        with jax.disable_jit():
+            return _call(name, base, trees, key, kwargs)
+    return _call(name, base, trees, key, kwargs)
 
 
 def interpolation_weights(n: int, weighting: str | None = None) -> list[float]:

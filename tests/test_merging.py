@@ -16,6 +16,7 @@ import pytest
 
 from fomo_jax import merging as M
 from fomo_jax.params import flatten
+from tests import merging_reference as reference
 
 KEY = jax.random.key(7)
 
@@ -189,6 +190,22 @@ def test_streamed_selection_is_exact():
         if stage == "high":
             sel.settle_high()
     np.testing.assert_array_equal(sel.values()[0], np.sort(x)[ranks])
+
+
+def test_kth_smallest_resolves_both_halves_and_extremes():
+    """Radix selection: values sharing their high 16 bits (only the low pass tells them
+    apart), zeros, subnormals, huge values and inf, ranks at the ends and inside a run."""
+    rng = np.random.default_rng(3)
+    close = (np.float32(1) + rng.integers(0, 40, size=300).astype(np.float32) * 2**-23).astype(
+        np.float32
+    )
+    odd = np.array([0, 0, 1e-45, 3e-39, 1e30, np.inf, 2.0, 0.5], np.float32)
+    leaves = [close[:100].reshape(10, 10), odd, close[100:], np.float32(1.0)]
+    values = np.sort(np.concatenate([np.ravel(x) for x in leaves]))
+    ranks = [0, 1, 2, 3, 50, 150, 151, values.size - 2, values.size - 1]
+    for trees in ([[jnp.asarray(x) for x in leaves]], [[jnp.asarray(x) for x in leaves[::-1]]]):
+        got = np.asarray(M._kth_smallest(trees, ranks))[0]
+        np.testing.assert_array_equal(got, values[ranks])
 
 
 # ----------------------------------------------------------------------------- interpolation
@@ -578,7 +595,7 @@ def test_jittable_and_merge_dispatch():
         assert_tree_close(jax.jit(fn)(base, models), f64(fn(base, models)), rtol=1e-6, atol=1e-7)
     for fn in (M.dare_ties, M.random_merge):
         assert_tree_close(jax.jit(fn)(base, models, KEY), f64(fn(base, models, KEY)), 1e-6, 1e-7)
-    # merge() compiles the TIES family as two programs (statistics, then the merge).
+    # merge() runs the TIES family leaf by leaf (histograms, majority sign, then the merge).
     for name, fn in [("ties", M.ties), ("breadcrumbs", M.breadcrumbs)]:
         want = f64(fn(base, models, prune_fraction=0.3, trim="per_leaf"))
         assert_tree_close(M.merge(name, base, models, prune_fraction=0.3, trim="per_leaf"), want)
@@ -600,6 +617,129 @@ def test_jittable_and_merge_dispatch():
         M.merge("average", base, models)
     with pytest.raises(ValueError, match="structure"):
         M.task_arithmetic(base, [models[0], {"x": np.zeros(2)}])
+    wrong = {**models[0], "w": np.zeros((3, 4), np.float32)}  # a transposed leaf
+    with pytest.raises(ValueError, match=r"tree 1: leaf w has shape \(3, 4\), .* \(4, 3\)"):
+        M.merge("ties", base, [models[0], wrong])
+
+
+# ----------------------------------------------------------------------------- leaf by leaf
+
+
+EQUAL_CASES = [
+    ("interpolation", {"weights": [0.5, 0.25, 0.25]}),
+    ("interpolation", {"weighting": "exp", "lines": True}),
+    ("task_arithmetic", {"scale": 0.3}),
+    ("magmax", {"scale": 0.7}),
+    ("tall_masks", {"threshold": 2}),
+    ("random", {}),
+    ("slerp", {"t": 0.3}),
+    ("model_stock", {}),
+    ("ties", {"prune_fraction": 0.6, "merge": "mean"}),
+    ("ties", {"prune_fraction": 0.3, "merge": "max", "trim": "per_leaf"}),
+    ("ties", {"prune_fraction": 0.5, "merge": "sum", "lines": True}),
+    ("dare_ties", {"prune_fraction": 0.6}),
+    ("dare_ties", {"prune_fraction": 0.3, "trim": "per_leaf", "merge": "sum"}),
+    ("breadcrumbs", {"prune_fraction": 0.4, "top_prune_fraction": 0.1}),
+]
+
+
+@pytest.mark.parametrize("name, kwargs", EQUAL_CASES)
+def test_leaf_by_leaf_merges_equal_the_whole_tree_merges(name, kwargs):
+    """Every merge, run leaf by leaf (merge(), and the function called eagerly), is bit for
+    bit the whole-tree merge it replaced (tests/merging_reference.py, one compiled program)."""
+    base, models = make_trees(17, 2 if name in M.TWO_MODELS else 3, grid=True)
+    base["image"]["patch_embed"] = base["image"]["patch_embed"].astype(ml_dtypes.bfloat16)
+    for m in models:
+        m["image"]["patch_embed"] = m["image"]["patch_embed"].astype(ml_dtypes.bfloat16)
+    kwargs = {**kwargs, "exclude": [r"resblocks/0/ln_1"]}
+    want = flatten(reference.merge(name, base, models, key=KEY, **kwargs))
+    outs = [M.merge(name, base, models, key=KEY, **kwargs)]
+    if name not in ("interpolation", "slerp", "model_stock"):  # the functions' own signatures
+        args = (base, models, KEY) if name in M.NEEDS_KEY else (base, models)
+        outs.append(M.MERGES[name](*args, **kwargs))
+    for out in outs:
+        got = flatten(out)
+        assert sorted(got) == sorted(want)
+        for path, leaf in want.items():
+            assert np.asarray(got[path]).dtype == np.asarray(leaf).dtype, path
+            np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(leaf), err_msg=path)
+
+
+SHARDED_8 = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, numpy as np
+from fomo_jax import merging as M, runtime, sharding
+from fomo_jax.params import flatten, unflatten
+runtime.enable_compilation_cache()
+mesh = sharding.make_mesh(data=2, fsdp=2, model=2)
+shapes = {  # CLIP_RULES: (fsdp, model), (model, fsdp), (model,), (fsdp, None), replicated
+    "image/transformer/resblocks/0/attn/q_proj/kernel": (8, 16),
+    "image/transformer/resblocks/0/attn/out_proj/kernel": (16, 8),
+    "image/transformer/resblocks/0/mlp/c_fc/bias": (32,),
+    "text/token_embedding/embedding": (12, 8),
+    "logit_scale": (),
+}
+rng = np.random.default_rng(0)
+host = [unflatten({k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()})
+        for _ in range(3)]
+texts, compiled = [], {}
+plain = M._jitted
+def recording(fn, static, out_sharding):  # keeps the compiled text of every leaf program
+    jitted = plain(fn, static, out_sharding)
+    def call(*args):
+        where = jax.tree.map(lambda a: (np.shape(a), getattr(a, "sharding", type(a))), args)
+        sig = (fn, static, out_sharding, str(where))
+        if sig not in compiled:
+            compiled[sig] = jitted.lower(*args).compile()
+            texts.append(compiled[sig].as_text())
+        return compiled[sig](*args)
+    return call
+key = jax.random.key(0)
+for name, kw in [("ties", {"prune_fraction": 0.5}), ("dare_ties", {"prune_fraction": 0.5}),
+                 ("breadcrumbs", {"prune_fraction": 0.3, "top_prune_fraction": 0.1}),
+                 ("ties", {"prune_fraction": 0.3, "trim": "per_leaf", "merge": "max"}),
+                 ("task_arithmetic", {"lines": True}), ("interpolation", {}),
+                 ("magmax", {}), ("tall_masks", {}), ("random", {}),
+                 ("model_stock", {}), ("slerp", {})]:
+    ref = flatten(M.merge(name, host[0], host[1:], key=key, **kw))
+    base, trees = sharding.shard(host[0], mesh), [sharding.shard(h, mesh) for h in host[1:]]
+    M._jitted = recording
+    out = flatten(M.merge(name, base, trees, key=key, **kw))
+    M._jitted = plain
+    for k, sharded in flatten(base).items():
+        assert out[k].sharding == sharded.sharding, (name, k, out[k].sharding, sharded.sharding)
+        if name in ("model_stock", "slerp"):  # per-tensor sums, reduced shard by shard
+            np.testing.assert_allclose(np.asarray(out[k]), ref[k], rtol=1e-6, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(np.asarray(out[k]), ref[k], err_msg=f"{name} {k}")
+    moved = [ln for t in texts for ln in t.splitlines() if "all-gather" in ln or "all-to-all" in ln]
+    assert texts and not moved, (name, moved[:2])
+    texts.clear()
+# Models placed otherwise (replicated) than θ0: the result takes θ0's shardings.
+replicated = [jax.device_put(h, sharding.replicated(mesh)) for h in host[1:]]
+out = flatten(M.merge("ties", sharding.shard(host[0], mesh), replicated, prune_fraction=0.5))
+for k, want in flatten(sharding.tree_shardings(host[0], mesh)).items():
+    assert out[k].sharding == want, (k, out[k].sharding, want)
+print("ok")
+"""
+
+
+def test_sharded_merges_on_eight_devices():
+    """On a 2×2×2 (data, fsdp, model) mesh of fake CPU devices, leaves sharded by CLIP_RULES:
+    every merge equals the single-device merge (bit for bit but for the per-tensor sums of
+    model_stock and slerp), its leaves keep the inputs' shardings, and no leaf program
+    gathers a leaf (no all-gather or all-to-all: the thresholds' histograms are all-reduced)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARDED_8],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": root},
+        timeout=600,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------- streamed
