@@ -82,6 +82,27 @@ def test_frozen_groups_stay_bitwise_and_multipliers_scale_their_group():
     assert any(np.abs(after[p] - before[p]).max() > 0 for p in before if p.startswith("lm/"))
 
 
+@pytest.mark.parametrize("trainable", [
+    (("lm/.*", "frozen"), (".*", "full")),  # the LM frozen (VILA's frozen-LM arm)
+    (("connector/.*", "full"),),  # the connector alone (alignment); unmatched: frozen
+    (("image/.*", "frozen"), ("connector/.*", "frozen"), ("lm/.*", "full")),
+])  # fmt: skip
+def test_frozen_leaves_stay_bitwise_under_each_rule_set(trainable):
+    """Whatever the rules freeze does not move by a bit in two steps; what they train moves."""
+    cfg = _config()
+    params, step, state, method = _step(vlm_family.FAMILY, cfg, trainable)
+    for seed in range(2):
+        state, _ = step(state, _batch(cfg, seed=seed), 1e-2)
+    before, after = (params_lib.flatten(jax.device_get(p)) for p in (params, state.params))
+    frozen = [p for p in before if not method.trainable(p)]
+    trained = [p for p in before if method.trainable(p)]
+    assert frozen and trained
+    for path in frozen:
+        assert np.array_equal(after[path], before[path]), path
+    assert all(any(np.abs(after[p] - before[p]).max() > 0 for p in trained if p.startswith(g))
+               for g in {p.split("/")[0] for p in trained})  # fmt: skip
+
+
 def test_loss_falls_with_either_normalisation_and_fusion():
     for family, fusion in ((vlm_family.FAMILY, "interleave"), (vlm_family.PER_EXAMPLE, "prefix")):
         cfg = _config(fusion=fusion, connector="mlp_downsample")
