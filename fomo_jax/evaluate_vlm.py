@@ -121,7 +121,7 @@ class Evaluator:
                    for r in rows]  # fmt: skip
         out = []
         for start in range(0, len(items), self.batch_size):
-            chunk = rows[start: start + self.batch_size]
+            chunk = rows[start : start + self.batch_size]
             chunk = chunk + [chunk[-1]] * (self.batch_size - len(chunk))  # one shape
             batch = vb.collate(chunk, self.tokenizer.encode, vlm_synth.SPECIALS, self.seq,
                                max(lengths), self._shapes[kind][1], self.size)  # fmt: skip

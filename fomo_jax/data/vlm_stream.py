@@ -13,8 +13,9 @@ source has its own maximum length; an example longer than it is an error naming 
 step's rows come from up to three pools (update, buffer, pretraining, `mixture.pool_batch_sizes`),
 each a mixture read at consecutive positions, collated to the static shapes of the job
 (`vlm_batches.collate`: the longest source's maximum length, the most images a source puts in a
-row). `sizes` also holds per-source counts of the task (examples, tokens, supervised tokens,
-images), which the runner keeps in `results.json`.
+row), with each row's `source` (its index in `vlm_synth.SOURCES`: the VLM family logs a loss
+per source). `sizes` also holds per-source counts of the task (examples, tokens, supervised
+tokens, images), which the runner keeps in `results.json`.
 
 **The stream** (`StreamData`): task k trains on skill k of `config.data.skills` (its SFT
 conversations and captioned pictures); the buffer mixes the earlier skills; the pretraining pool
@@ -157,7 +158,8 @@ class Batches:
             examples = [examples[i] for i in self.rows]
         batch = vb.collate(examples, self.encode, vlm_synth.SPECIALS, self.seq, self.length,
                            self.max_images, self.image_size)  # fmt: skip
-        return dict(batch, skipped=np.int32(0))
+        source = np.array([vlm_synth.SOURCES.index(e.source) for e in examples], np.int32)
+        return dict(batch, source=source, skipped=np.int32(0))
 
     def dataset(self, start_step: int):
         for step in range(start_step, self.steps):
@@ -353,7 +355,8 @@ def _train_stage(config, data, model_config, stage, start_params, workdir, mesh)
         tokenizer = ByteTokenizer(context_length=CLIP_CONTEXT)
         batches = _ClipBatches(data.world, tokenizer, batch_size, s.steps, data.rows)
     else:
-        family, cfg, tokenizer = families.get(config.family), model_config, data.tokenizer
+        family = families.get(config.family).configured(config)
+        cfg, tokenizer = model_config, data.tokenizer
         mixture = data.mixture(s.sources.to_dict(), f"theta0/{stage}")
         batches = Batches({"update": Pool(mixture, batch_size)}, s.steps,
                           encode=tokenizer.encode, seq=data.seq, image_size=data.image_size,

@@ -350,8 +350,10 @@ class World:
             raise ValueError(f"unknown source {source!r}; the world's sources are {SOURCES}")
         rng = _rng(self.seed, source, index)
         if source in ("docs_pairs", "reordered"):
-            return self._derived(source, index)
-        return getattr(self, f"_{source}")(rng)
+            example = self._derived(source, index)
+        else:
+            example = getattr(self, f"_{source}")(rng)
+        return dataclasses.replace(example, source=source)  # its source's name
 
     def _lm_text(self, rng, held_out: bool = True) -> vb.Example:
         count = int(rng.integers(3, 7))

@@ -55,11 +55,27 @@ class VLM(Family):
                        r"|lm/transformer/resblocks/\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"),
     }  # fmt: skip
 
-    def __init__(self, normalization: str = "token"):
+    def __init__(self, normalization: str = "token", sources: tuple[str, ...] = ()):
         if normalization not in vlm_batches.NORMALIZATIONS:
             raise ValueError(f"normalization={normalization!r}; expected one of "
                              f"{vlm_batches.NORMALIZATIONS}")  # fmt: skip
         self.normalization = normalization
+        # Named sources: batches carry `source` [B] (an index into them) and the step logs
+        # each source's loss (`loss/<source>`, the mean over its rows' supervised tokens; 0
+        # for a source without rows in the batch).
+        self.sources = tuple(sources)
+        if self.sources:
+            self.batch_keys = (*VLM.batch_keys, "source")
+
+    def configured(self, config):
+        """With the synthetic world's data, the family that logs each source's loss."""
+        super().configured(config)
+        data = config.get("data") or {}
+        if data.get("benchmark") == "vlm_synth" and not self.sources:
+            from fomo_jax.data import vlm_synth
+
+            return VLM(self.normalization, vlm_synth.SOURCES)
+        return self
 
     # ---- model -----------------------------------------------------------------------------
     def model_config(self, config: ml_collections.ConfigDict) -> vlm.VLMConfig:
@@ -111,7 +127,7 @@ class VLM(Family):
 
     # ---- training --------------------------------------------------------------------------
     def loss(self, graphdef) -> LossFn:
-        normalization = self.normalization
+        normalization, sources = self.normalization, self.sources
 
         def loss_fn(params, batch, key):
             model = params_lib.merge(graphdef, params)
@@ -124,7 +140,10 @@ class VLM(Family):
             loss = vlm_batches.next_token_loss(logits, batch["tokens"], batch["loss_mask"],
                                                normalization)  # fmt: skip
             supervised = jnp.sum(jnp.asarray(batch["loss_mask"], jnp.float32)[:, :-1])
-            return loss, {"supervised_tokens": supervised}, {}
+            metrics = {"supervised_tokens": supervised}
+            if sources:
+                metrics.update(source_losses(logits, batch, sources))
+            return loss, metrics, {}
 
         return loss_fn
 
@@ -145,7 +164,7 @@ class VLM(Family):
             "attention_mask": shape((batch_size, length), jnp.bool_),
             "loss_mask": shape((batch_size, length), jnp.bool_),
             "prefix_length": shape((batch_size,), jnp.int32),
-        }
+        } | ({"source": shape((batch_size,), jnp.int32)} if self.sources else {})
 
     # ---- parameter paths -------------------------------------------------------------------
     def group_of(self, path: str) -> str:
@@ -176,6 +195,19 @@ class VLM(Family):
     def export(self, params, model_config, directory: str, tokenizer) -> None:
         """A LLaVA checkpoint (transformers' layout; the `mlp2x_gelu` connector only)."""
         hf_lm.export_hf(params_lib.merge(self.graphdef(model_config), params), directory)
+
+
+def source_losses(logits, batch, sources) -> dict:
+    """{"loss/<source>": mean next-token loss of the batch's rows of each source} (0 where a
+    source has no supervised token in the batch)."""
+    logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32)[:, :-1], axis=-1)
+    mask = jnp.asarray(batch["loss_mask"], jnp.float32)[:, :-1]
+    targets = jnp.asarray(batch["tokens"])[:, 1:, None]
+    nll = (-jnp.take_along_axis(logp, targets, axis=-1)[..., 0] * mask).sum(axis=1)
+    rows = jax.nn.one_hot(batch["source"], len(sources), dtype=jnp.float32)  # [B, S]
+    total, count = rows.T @ nll, rows.T @ mask.sum(axis=1)
+    mean = total / jnp.maximum(count, 1.0)
+    return {f"loss/{name}": mean[i] for i, name in enumerate(sources)}
 
 
 FAMILY = VLM("token")

@@ -202,3 +202,36 @@ def test_evaluation_items_are_fixed_and_apart_from_training():
     assert shots == [0, 1, 2, 4, 0, 1, 2, 4]
     with pytest.raises(ValueError, match="unknown evaluation kind 'smell'"):
         WORLD.eval_items("smell", 1)
+
+
+def test_batches_carry_each_rows_source_and_the_family_logs_its_loss():
+    """`source` [B] indexes `vlm_synth.SOURCES`; `loss/<source>` is the mean next-token loss of
+    that source's rows (float64 numpy reference on random logits)."""
+    import jax.numpy as jnp
+    import ml_collections
+
+    from fomo_jax.families import vlm as vlm_family
+
+    mixture = _mixture({"pairs": 1.0, "vqa": 1.0, "lm_text": 1.0}, "examples")
+    pool = vlm_stream.Pool(mixture, 6)
+    batches = vlm_stream.Batches({"update": pool}, 1, encode=TOKENIZER.encode, seq=SEQ,
+                                 image_size=32)  # fmt: skip
+    batch = batches.batch(0)
+    names = [mixture.locate(p)[0] for p in range(6)]
+    assert [vlm_synth.SOURCES[i] for i in batch["source"]] == names
+    family = vlm_family.FAMILY.configured(ml_collections.ConfigDict(
+        {"data": {"benchmark": "vlm_synth"}}))  # fmt: skip
+    assert "source" in family.batch_keys and family.sources == vlm_synth.SOURCES
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(*batch["tokens"].shape, TOKENIZER.vocab_size))
+    got = vlm_family.source_losses(jnp.asarray(logits, jnp.float32), batch, family.sources)
+    for name in vlm_synth.SOURCES:
+        rows = [r for r, n in enumerate(names) if n == name]
+        nll, count = 0.0, 0
+        for r in rows:
+            for t in np.flatnonzero(batch["loss_mask"][r, :-1]):
+                z = logits[r, t]
+                nll += np.log(np.exp(z - z.max()).sum()) + z.max() - z[batch["tokens"][r, t + 1]]
+                count += 1
+        want = nll / count if count else 0.0
+        np.testing.assert_allclose(float(got[f"loss/{name}"]), want, rtol=1e-5, err_msg=name)
