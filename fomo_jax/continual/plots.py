@@ -1,4 +1,5 @@
-"""Plots of a continual run: the A_KA-A_ZS trajectory, a per-dataset heatmap, the schedule."""
+"""Plots of a continual run: the A_KA-A_ZS trajectory, a per-dataset heatmap, every headline
+metric along the stream (the VLM's text retention too), the schedule."""
 
 from __future__ import annotations
 
@@ -49,6 +50,17 @@ def write_all(results: dict, learning_rates, directory: str) -> None:
     ax.set_title("Per dataset over the stream")
     fig.tight_layout()
     fig.savefig(os.path.join(directory, "per_dataset.png"), dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))  # every headline metric along the stream
+    for key in results["final"]:
+        ax.plot(range(len(trajectory)), [p[key] for p in trajectory], "-o", label=key)
+    ax.set_xticks(range(len(trajectory)), labels, fontsize=8)
+    ax.set(ylabel="%", title="Headline metrics over the stream (subsets; θ0 and final: full)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(directory, "metrics.png"), dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 2.5))

@@ -64,7 +64,7 @@ def test_outputs_and_final_table(uninterrupted):
     assert results["batch_sizes"][0] == {"pretraining": 8, "update": 8, "buffer": 0}
     assert results["batch_sizes"][1] == {"pretraining": 6, "update": 5, "buffer": 5}
     assert "A_KA" in result.stdout and "final (full)" in result.stdout
-    for plot in ("ka_zs_trajectory.png", "per_dataset.png", "learning_rate.png"):
+    for plot in ("ka_zs_trajectory.png", "per_dataset.png", "metrics.png", "learning_rate.png"):
         assert (workdir / "plots" / plot).stat().st_size > 1000
     # The exported model carries the run's tokenizer (here the byte tokenizer's tokenizer.json).
     from fomo_jax.tokenizer import ByteTokenizer, load_tokenizer

@@ -78,7 +78,8 @@ def test_smoke_stream_writes_the_four_metrics(reference):
     assert stages == sorted(vlm_stream.STAGES)
     world = json.loads((root / "world.json").read_text())
     assert world["held_out"] == vlm_synth.World(0).held_out_facts()
-    assert os.path.exists(base / "reference" / "plots" / "ka_zs_trajectory.png")
+    for plot in ("ka_zs_trajectory.png", "metrics.png", "per_dataset.png"):
+        assert os.path.exists(base / "reference" / "plots" / plot), plot
 
 
 def test_eval_command_scores_the_exported_vlm_as_the_run_did(reference, tmp_path):
