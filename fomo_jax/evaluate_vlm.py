@@ -74,11 +74,8 @@ class Evaluator:
             raise ValueError(f"config.eval.kinds needs items of {sorted(missing)} and of at "
                              f"least one of {RETENTION_KINDS}")  # fmt: skip
         self.world, self.tokenizer, self.config = world, tokenizer, model_config
-        self.skills, self.batch_size, self.max_new_tokens = (
-            tuple(skills),
-            batch_size,
-            max_new_tokens,
-        )
+        self.skills, self.batch_size = tuple(skills), batch_size
+        self.max_new_tokens = max_new_tokens
         self.items = {kind: world.eval_items(kind, int(n)) for kind, n in items.items() if n}
         self.seq = model_config.image_seq_length
         self.size = model_config.vision.vision.image_size
@@ -149,9 +146,8 @@ class Evaluator:
                 items = items[: max(1, len(items) // 2)]
             if kind == "caption":
                 predictions = self.greedy_answers(graphdef, params, kind, items)
-                scores = [
-                    vlm_synth.slot_f1(p, i.answer) for p, i in zip(predictions, items, strict=True)
-                ]
+                pairs = zip(predictions, items, strict=True)
+                scores = [vlm_synth.slot_f1(p, i.answer) for p, i in pairs]
                 per_dataset[kind] = {"accuracy": 100 * float(np.mean(scores)), "n": len(items)}
                 continue
             exact, first = self._batched(kind, items, graphdef, params)
