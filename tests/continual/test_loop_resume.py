@@ -5,10 +5,7 @@ written before the loop's checkpoint format is refused by name."""
 import glob
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -17,6 +14,7 @@ import pytest
 from fomo_jax import runtime
 from fomo_jax.configs import fif_synth as fif_synth_config
 from fomo_jax.continual import runner
+from tests.continual import processes
 
 RUN = os.path.join(runtime.REPO_ROOT, "run.py")
 STEPS = 24  # long enough to kill in the middle (checkpoints every 2 steps in the smoke configs)
@@ -39,25 +37,6 @@ def _pretraining(data_root, workdir):
             f"--workdir={workdir}"]  # fmt: skip
 
 
-def _run(command):
-    result = subprocess.run(command, cwd=runtime.REPO_ROOT, capture_output=True, text=True,
-                            timeout=600)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
-
-
-def _kill_when(command, marker: str):
-    """Start `command`, kill -9 it once the path pattern `marker` exists."""
-    process = subprocess.Popen(command, cwd=runtime.REPO_ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 300
-    while not glob.glob(marker):
-        assert process.poll() is None and time.time() < deadline, "ended before the kill"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-
-
 def _npz(pattern):
     (path,) = glob.glob(pattern)
     with np.load(path) as f:
@@ -65,11 +44,11 @@ def _npz(pattern):
 
 
 def test_kill_while_theta0_is_made_resumes_bitwise(data_root, tmp_path):
-    _run(_continual(data_root, tmp_path / "cache_a", tmp_path / "reference"))
+    processes.run(_continual(data_root, tmp_path / "cache_a", tmp_path / "reference"))
     command = _continual(data_root, tmp_path / "cache_b", tmp_path / "killed")
-    _kill_when(command, str(tmp_path / "cache_b" / "theta0-*.work" / "checkpoints" / "8"))
+    processes.kill_when(command, str(tmp_path / "cache_b" / "theta0-*.work" / "checkpoints" / "8"))
     assert not glob.glob(str(tmp_path / "cache_b" / "theta0-*.npz"))  # killed while making it
-    result = _run(command)
+    result = processes.run(command)
     assert "θ0: resuming from checkpoint" in result.stderr
     want, got = _npz(str(tmp_path / "cache_a" / "theta0-*.npz")), _npz(
         str(tmp_path / "cache_b" / "theta0-*.npz"))  # fmt: skip
@@ -88,10 +67,10 @@ def test_kill_while_theta0_is_made_resumes_bitwise(data_root, tmp_path):
 
 def test_kill_during_the_pretraining_job_resumes_bitwise(data_root, tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    _run(_pretraining(data_root, reference))
-    _kill_when(_pretraining(data_root, killed), str(killed / "checkpoints" / "8"))
+    processes.run(_pretraining(data_root, reference))
+    processes.kill_when(_pretraining(data_root, killed), str(killed / "checkpoints" / "8"))
     assert not (killed / "results.json").exists()
-    result = _run(_pretraining(data_root, killed))
+    result = processes.run(_pretraining(data_root, killed))
     assert "resuming from checkpoint" in result.stderr
     want = json.loads((reference / "results.json").read_text())
     got = json.loads((killed / "results.json").read_text())

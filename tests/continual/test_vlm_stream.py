@@ -7,10 +7,7 @@ import dataclasses
 import glob
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import jax
 import ml_collections
@@ -22,6 +19,7 @@ from fomo_jax import params as params_lib
 from fomo_jax.configs import vlm_synth as vlm_synth_config
 from fomo_jax.data import vlm_stream, vlm_synth
 from fomo_jax.families import vlm as vlm_family
+from tests.continual import processes
 
 RUN = os.path.join(runtime.REPO_ROOT, "run.py")
 
@@ -32,30 +30,11 @@ def _command(root, cache, workdir):
             f"--workdir={workdir}"]  # fmt: skip
 
 
-def _run(command):
-    result = subprocess.run(command, cwd=runtime.REPO_ROOT, capture_output=True, text=True,
-                            timeout=900)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
-
-
-def _kill_when(command, marker: str):
-    """Start `command`, kill -9 it once the path pattern `marker` exists."""
-    process = subprocess.Popen(command, cwd=runtime.REPO_ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 600
-    while not glob.glob(marker):
-        assert process.poll() is None and time.time() < deadline, "ended before the kill"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     base = tmp_path_factory.mktemp("vlm_stream")
     root = base / "root"  # empty: the world and every θ0 stage are made
-    _run(_command(root, root, base / "reference"))
+    processes.run(_command(root, root, base / "reference"))
     return base, root
 
 
@@ -102,11 +81,13 @@ def test_kill_9_in_a_theta0_stage_and_in_the_stream_resumes_bit_identical(refere
     base, root = reference
     cache, workdir = base / "cache_b", base / "killed"
     command = _command(root, cache, workdir)
-    _kill_when(command, str(cache / "vlm_theta0" / "vl-*.work" / "checkpoints" / "2"))
+    processes.kill_when(command, str(cache / "vlm_theta0" / "vl-*.work" / "checkpoints" / "2"))
     assert not glob.glob(str(cache / "vlm_theta0" / "vl-*.npz"))  # killed inside the stage
-    _kill_when(command, str(workdir / "checkpoints" / "2"))  # and inside the stream's task 0
+    processes.kill_when(
+        command, str(workdir / "checkpoints" / "2")
+    )  # and inside the stream's task 0
     assert not (workdir / "results.json").exists()
-    result = _run(command)
+    result = processes.run(command)
     assert "resuming from checkpoint 2" in result.stderr
     for want in glob.glob(str(root / "vlm_theta0" / "*.npz")):
         got = cache / "vlm_theta0" / os.path.basename(want)
