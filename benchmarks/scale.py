@@ -30,6 +30,7 @@ os.environ["XLA_FLAGS"] = (
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
@@ -43,6 +44,7 @@ from benchmarks.clip_step import hardware, write_report  # noqa: E402
 from fomo_jax import families, models, runtime, sharding  # noqa: E402
 from fomo_jax import params as params_lib  # noqa: E402
 from fomo_jax.continual.methods import Method  # noqa: E402
+from fomo_jax.models import stack  # noqa: E402
 from fomo_jax.models.llama import LlamaConfig  # noqa: E402
 from fomo_jax.models.vlm import VLMConfig  # noqa: E402
 from fomo_jax.train import optimizer  # noqa: E402
@@ -116,9 +118,32 @@ def count_collectives(hlo: str) -> dict:
     return counts
 
 
+@contextlib.contextmanager
+def batch_constraint(enabled: bool):
+    """An experiment outside the project's step (`--batch_constraint`): every transformer
+    block's input and output constrained to the batch sharding (`P(("data", "fsdp"))`), as
+    FSDP means, by wrapping `models.stack.run` (which every tower calls) for the duration."""
+    if not enabled:
+        yield
+        return
+    run = stack.run
+
+    def constrained(blocks, x, call, **options):
+        pin = lambda h: jax.lax.with_sharding_constraint(h, jax.P(sharding.BATCH))  # noqa: E731
+        return run(blocks, pin(x), lambda block, h: pin(call(block, pin(h))), **options)
+
+    stack.run = constrained
+    try:
+        yield
+    finally:
+        stack.run = run
+
+
 def measure(name: str, kind: str, devices: int, *, tp: int, per_device_batch: int, dtype: str,
-            scan: bool, remat: str = "none") -> dict:  # fmt: skip
-    """Compile the train step of `name` on a `kind` mesh of the first `devices` devices."""
+            scan: bool, remat: str = "none", compile: bool = True,
+            constrain: bool = False) -> dict:  # fmt: skip
+    """Compile the train step of `name` on a `kind` mesh of the first `devices` devices (only
+    the per-device parameter and optimizer bytes without `compile`)."""
     family, cfg = model_config(name, dtype, scan, remat)
     graphdef, params = params_lib.split(family.abstract_model(cfg))
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
@@ -128,7 +153,8 @@ def measure(name: str, kind: str, devices: int, *, tp: int, per_device_batch: in
     row = dict(model=name, kind=kind, devices=devices, dtype=dtype, scan=scan, remat=remat,
                param_count=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
                param_bytes_total=full_bytes(params),
-               opt_bytes_total=full_bytes(state.opt_state), rule_error=None)  # fmt: skip
+               opt_bytes_total=full_bytes(state.opt_state), rule_error=None, compiled=compile,
+               batch_constraint=constrain)  # fmt: skip
     shape = mesh_shape(kind, devices, tp)
     try:
         sharding.tree_specs(params, jax.sharding.AbstractMesh(shape, sharding.AXES), family.rules)
@@ -140,11 +166,15 @@ def measure(name: str, kind: str, devices: int, *, tp: int, per_device_batch: in
     row["param_bytes"] = shard_bytes(params, mesh, family.rules)
     row["opt_bytes"] = shard_bytes(state.opt_state, mesh, family.rules)
     batch_size = per_device_batch * devices
+    row["batch"] = batch_size
+    if not compile:
+        return row
     batch = family.abstract_batch(cfg, batch_size)
     shardings = step_lib.shardings_of(state, mesh, family.rules)
     jitted = step_lib.compile_step(family, graphdef, tx, method, mesh, shardings)
     start = time.perf_counter()
-    lowered = jitted.lower(state, batch, jax.ShapeDtypeStruct((), jnp.float32))
+    with batch_constraint(constrain):
+        lowered = jitted.lower(state, batch, jax.ShapeDtypeStruct((), jnp.float32))
     lower_seconds = time.perf_counter() - start
     compiled = lowered.compile()
     compile_seconds = time.perf_counter() - start - lower_seconds
@@ -152,7 +182,6 @@ def measure(name: str, kind: str, devices: int, *, tp: int, per_device_batch: in
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     row.update(
-        batch=batch_size,
         argument_bytes=int(memory.argument_size_in_bytes),
         output_bytes=int(memory.output_size_in_bytes),
         temp_bytes=int(memory.temp_size_in_bytes),
@@ -163,6 +192,25 @@ def measure(name: str, kind: str, devices: int, *, tp: int, per_device_batch: in
         compile_seconds=compile_seconds,
     )
     return row
+
+
+def cell(row) -> tuple:
+    """A row's cell of the matrix (rows of earlier runs may lack `batch_constraint`)."""
+    keys = ("model", "kind", "devices", "remat", "scan")
+    return (*(row.get(k) for k in keys), bool(row.get("batch_constraint")))
+
+
+def read_part(path: str) -> dict:
+    """An earlier run: its .json report, or the JSON rows it printed (a log; its first line
+    the command, `# command: ...`)."""
+    with open(path) as f:
+        if path.endswith(".json"):
+            return json.load(f)
+        lines = f.read().splitlines()
+    rows = [json.loads(line) for line in lines if line.startswith("{")]
+    command = next((ln[len("# command: ") :] for ln in lines if ln.startswith("# command: ")), path)
+    seconds = sum(r.get("lower_seconds", 0) + r.get("compile_seconds", 0) for r in rows)
+    return dict(rows=rows, total_seconds=seconds, command=command)
 
 
 def contrastive_figure(path: str) -> list[dict]:
@@ -201,38 +249,46 @@ def markdown(report) -> str:
         "loop body is counted once, not per layer: compare rows of one model only). "
         "Collectives: instructions in the compiled HLO (AG all-gather, RS reduce-scatter, AR "
         "all-reduce, CP collective-permute, A2A all-to-all; one per instruction, a loop body's "
-        "once). Compile: lowering + XLA compile on this shared 2-core machine, one sample.",
+        "once). Compile: lowering + XLA compile on this shared 2-core machine, one sample. "
+        "(p+o) x N/N0: params + optimizer bytes per device over those at the model's first "
+        "device count N0, times N/N0 (1.00: exactly 1/N); ideal: all parameters split evenly "
+        "over all N devices. *not compiled*: bytes from the "
+        "rules only (compiling every cell did not fit the time; the text says which).",
         "",
         "| model | params (M) | devices | mesh (data x fsdp x model) | batch | params/dev "
-        "(MiB) | opt/dev (MiB) | x N/8 at 8 | args/dev (MiB) | temp/dev (MiB) | TFLOP/dev | "
-        "AG | RS | AR | CP | A2A | compile (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "(MiB) | ideal params/dev (MiB) | opt/dev (MiB) | (p+o) x N/N0 | args/dev (MiB) | "
+        "temp/dev (MiB) | TFLOP/dev | AG | RS | AR | CP | A2A | compile (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     first = {}
     for r in report["rows"]:
-        if r.get("skipped"):
-            lines.append(f"| {r['model']} | | {r['devices']} | {r['kind']}: skipped | "
-                         f"| | | | | | | | | | | | {r['skipped']} |")  # fmt: skip
-            continue
-        key = (r["model"], r["kind"], r["remat"], r["scan"])
+        key = (r["model"], r["kind"], r["remat"], r["scan"], r.get("batch_constraint"))
         base = first.setdefault(key, r)
-        # (params + opt) per device relative to the first device count, times N / N_first:
-        # 1.00 is an exact 1/N fall.
+        # (params + opt) per device relative to the model's first device count, times N over
+        # that count: 1.00 is an exact 1/N fall.
         ratio = ((r["param_bytes"] + r["opt_bytes"]) / (base["param_bytes"] + base["opt_bytes"])
                  * r["devices"] / base["devices"])  # fmt: skip
-        c = r["collectives"]
-        remat = f" remat={r['remat']}" if r["remat"] != "none" else ""
-        remat += "" if r["scan"] else " (no scan)"
-        note = " (*)" if r["rule_error"] else ""
-        lines.append(
-            f"| {r['model']}{remat} | {r['param_count'] / 1e6:,.0f} | {r['devices']} | "
-            f"{r['kind']}: {r['data']} x {r['fsdp']} x {r['model_axis']}{note} | {r['batch']} | "
-            f"{fmt_mib(r['param_bytes'])} | {fmt_mib(r['opt_bytes'])} | {ratio:.2f} | "
-            f"{fmt_mib(r['argument_bytes'])} | {fmt_mib(r['temp_bytes'])} | "
-            f"{r['flops_per_device'] / 1e12:.3g} | {c['all-gather']} | {c['reduce-scatter']} | "
-            f"{c['all-reduce']} | {c['collective-permute']} | {c['all-to-all']} | "
-            f"{r['lower_seconds'] + r['compile_seconds']:.0f} |"
+        name = r["model"] + (f" remat={r['remat']}" if r["remat"] != "none" else "")
+        name += ("" if r["scan"] else " (no scan)") + (
+            " (batch constraint)" if r.get("batch_constraint") else ""
         )
+        note = " (*)" if r["rule_error"] else ""
+        cells = [
+            name, f"{r['param_count'] / 1e6:,.0f}", r["devices"],
+            f"{r['kind']}: {r['data']} x {r['fsdp']} x {r['model_axis']}{note}", r["batch"],
+            fmt_mib(r["param_bytes"]), fmt_mib(r["param_bytes_total"] / r["devices"]),
+            fmt_mib(r["opt_bytes"]), f"{ratio:.2f}",
+        ]  # fmt: skip
+        if r.get("compiled", True):
+            c = r["collectives"]
+            cells += [
+                fmt_mib(r["argument_bytes"]), fmt_mib(r["temp_bytes"]),
+                f"{r['flops_per_device'] / 1e12:.3g}", *(c[k] for k in COLLECTIVES),
+                f"{r['lower_seconds'] + r['compile_seconds']:.0f}",
+            ]  # fmt: skip
+        else:
+            cells += ["not compiled"] + [""] * 8
+        lines.append("| " + " | ".join(str(x) for x in cells) + " |")
     errors = {r["rule_error"] for r in report["rows"] if r.get("rule_error")}
     if errors:
         lines += ["", "(*) The rules cannot split a leaf over data 1 on this mesh kind; compiled "
@@ -254,8 +310,11 @@ def markdown(report) -> str:
         ]
         lines += [f"| {r['loss']} | {r['dim']} | {r['temp_bytes'] / MIB:,.1f} | "
                   f"{r['vs_dense']:.3f} |" for r in report["contrastive"]]  # fmt: skip
-    if report.get("reading"):
-        lines += ["", "## Reading", "", report["reading"]]
+    missing = [r for r in report["rows"] if not r.get("compiled", True)]
+    if missing:
+        lines += ["", f"Not compiled ({len(missing)} of {len(report['rows'])} cells; bytes from "
+                  "the rules only): " + ", ".join(f"{r['model']} {r['kind']} {r['devices']}"
+                                                  for r in missing) + "."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -273,14 +332,26 @@ def main(argv=None):
         default="ViT-L-14",
         help="also compiled with remat=full on the first device count",
     )
+    parser.add_argument(
+        "--cells", default="", help="instead of the matrix: model:kind:devices[:remat],..."
+    )
     parser.add_argument("--no_scan", action="store_true", help="the blocks as a Python loop")
+    parser.add_argument(
+        "--shapes_only",
+        action="store_true",
+        help="only the per-device parameter and optimizer bytes (no compile)",
+    )
+    parser.add_argument(
+        "--batch_constraint",
+        action="store_true",
+        help="experiment: blocks' activations pinned to the batch sharding",
+    )
     parser.add_argument(
         "--combine",
         default="",
         help="comma-separated .json reports of earlier runs: their rows, "
         "in order, make this report (nothing is compiled)",
     )
-    parser.add_argument("--reading", default="", help="a markdown file of text for the report")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results", "scale_cpu"))
     args = parser.parse_args(argv)
     if args.smoke:  # the VLM family covers both towers' code (CLIP image tower, LM)
@@ -289,23 +360,30 @@ def main(argv=None):
     start = time.perf_counter()
     rows, seconds, commands = [], 0.0, []
     for path in filter(None, args.combine.split(",")):
-        with open(path) as f:
-            part = json.load(f)
+        part = read_part(path)
         rows += part["rows"]
         seconds += part["total_seconds"]
         commands.append(part["command"])
+    cells = {cell(r): r for r in rows}  # a compiled row replaces the shapes-only one
+    rows = [r for r in cells.values()]
     devices = [int(d) for d in args.devices.split(",")]
     kinds = args.kinds.split(",")
     common = dict(tp=args.tp, per_device_batch=args.per_device_batch, dtype=args.dtype,
                   scan=not args.no_scan)  # fmt: skip
-    for name in [] if args.combine else args.models.split(","):
-        cells = [(kind, n, "none") for kind in kinds for n in devices]
+    cells = []  # (model, kind, devices, remat, batch constraint)
+    bc = args.batch_constraint
+    for name in [] if args.combine or args.cells else args.models.split(","):
+        cells += [(name, kind, n, "none", bc) for kind in kinds for n in devices]
         if name == args.remat_model:
-            cells.append((kinds[0], devices[0], "full"))
-        for kind, n, remat in cells:
-            row = measure(name, kind, n, remat=remat, **common)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            cells.append((name, kinds[0], devices[0], "full", bc))
+    for item in filter(None, args.cells.split(",")):
+        name, kind, n, *rest = item.split(":")
+        cells.append((name, kind, int(n), rest[0] if rest else "none", bc or "bc" in rest[1:]))
+    for name, kind, n, remat, constrain in cells:
+        row = measure(name, kind, n, remat=remat, compile=not args.shapes_only,
+                      constrain=constrain, **common)  # fmt: skip
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     command = "python " + " ".join([os.path.relpath(__file__), *sys.argv[1:]])
     report = dict(
         date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -315,7 +393,6 @@ def main(argv=None):
         total_seconds=seconds + time.perf_counter() - start,
         contrastive=contrastive_figure(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                     "results", "contrastive_memory_cpu.json")),
-        reading=open(args.reading).read().strip() if args.reading else "",
     )  # fmt: skip
     write_report(args.out, report, markdown(report))
 

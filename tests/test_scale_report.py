@@ -16,8 +16,9 @@ from fomo_jax.models.vlm import VLMConfig, abstract_vlm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLUMNS = ("model", "params (M)", "devices", "mesh (data x fsdp x model)", "batch",
-           "params/dev (MiB)", "opt/dev (MiB)", "x N/8 at 8", "args/dev (MiB)", "temp/dev (MiB)",
-           "TFLOP/dev", "AG", "RS", "AR", "CP", "A2A", "compile (s)")  # fmt: skip
+           "params/dev (MiB)", "ideal params/dev (MiB)", "opt/dev (MiB)", "(p+o) x N/N0",
+           "args/dev (MiB)", "temp/dev (MiB)", "TFLOP/dev", "AG", "RS", "AR", "CP", "A2A",
+           "compile (s)")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
