@@ -319,7 +319,7 @@ class _ClipBatches:
                        skipped=np.int32(0))  # fmt: skip
 
 
-def _stage_job(config, data: StreamData, family, model_config, stage, workdir, mesh, tokenizer,
+def _stage_job(config, family, model_config, stage, workdir, mesh, tokenizer,
                batches) -> loop_lib.Job:  # fmt: skip
     from fomo_jax.continual import theta0 as theta0_lib
 
@@ -361,47 +361,44 @@ def _train_stage(config, data, model_config, stage, start_params, workdir, mesh)
         batches = Batches({"update": Pool(mixture, batch_size)}, s.steps,
                           encode=tokenizer.encode, seq=data.seq, image_size=data.image_size,
                           rows=data.rows)  # fmt: skip
-    job = _stage_job(config, data, family, cfg, stage, workdir, mesh, tokenizer, batches)
+    job = _stage_job(config, family, cfg, stage, workdir, mesh, tokenizer, batches)
     state, _ = loop_lib.train(job, start_params)
     return distributed.to_host(state.params)
 
 
 def load_or_make_theta0(config, family, model_config, data: StreamData, cache_dir: str,
                         mesh) -> dict:  # fmt: skip
-    """θ0 of a `vlm_synth` run: the staged recipe's last stage, each stage cached."""
+    """θ0 of a `vlm_synth` run: the staged recipe's last stage, each stage cached. A cache is
+    read only when a later stage starts from it, or when it is θ0."""
     directory = os.path.join(cache_dir, "vlm_theta0")
-    params = None
+    params, latest = None, None  # weights in memory; the latest cache not read into them
     for stage in STAGES:
         path = os.path.join(directory, f"{stage}-{stage_key(config, model_config, stage)}.npz")
         workdir = path.removesuffix(".npz") + ".work"
         distributed.barrier(f"θ0 stage {stage} looked up")
+        made = False
         if not os.path.exists(path):
-            if params is None:  # the stages before this one, from their caches or fresh
-                params = _start(config, family, model_config, stage, directory)
+            if latest is not None:  # the previous stage, from its cache
+                params = _read(latest)
+            elif params is None:  # the first stage starts from a fresh VLM
+                params = jax.device_get(params_lib.split(
+                    family.init_model(model_config, config.seed))[1])  # fmt: skip
             lock = (
                 workdir_lib.locked(workdir) if distributed.primary() else contextlib.nullcontext()
             )
             with lock:
-                if not os.path.exists(path):
+                if not os.path.exists(path):  # else made while this process waited for the lock
                     logging.info("making θ0 stage %s in %s", stage, workdir)
                     params = _make_stage(config, data, model_config, stage, params, workdir,
                                          mesh, path)  # fmt: skip
+                    made = True
             distributed.barrier(f"θ0 stage {stage} written")
-        if os.path.exists(path):
-            with np.load(path) as f:
-                params = params_lib.unflatten({k: f[k] for k in f.files})
+        latest = None if made else path
     logging.info("θ0 from the staged recipe's cache in %s", directory)
-    return params
+    return params if latest is None else _read(latest)
 
 
-def _start(config, family, model_config, stage, directory) -> dict:
-    """The VLM's weights before `stage`: the previous stage's cache, or fresh (the `lm` stage)."""
-    index = STAGES.index(stage)
-    if index == 0:
-        return jax.device_get(params_lib.split(family.init_model(model_config, config.seed))[1])
-    previous = STAGES[index - 1]
-    path = os.path.join(directory,
-                        f"{previous}-{stage_key(config, model_config, previous)}.npz")  # fmt: skip
+def _read(path: str) -> dict:
     with np.load(path) as f:
         return params_lib.unflatten({k: f[k] for k in f.files})
 

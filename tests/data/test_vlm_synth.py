@@ -192,12 +192,11 @@ def VOCAB_ARGMAX(row):  # noqa: N802
     return vlm_synth.VOCAB[int(np.argmax(row))]
 
 
-def test_evaluation_items_are_fixed_and_apart_from_training():
+def test_evaluation_items_are_fixed_prompts():
     a = WORLD.eval_items("colour", 10)
     b = vlm_synth.World(0).eval_items("colour", 10)
     assert [i.answer for i in a] == [i.answer for i in b]
-    train = {" ".join(vlm_synth.training_texts(WORLD.example("vqa", i))) for i in range(10)}
-    assert all(len(item.segments) == 5 for item in a) and train
+    assert all(len(item.segments) == 5 for item in a)  # User, image, question, <eou>, Assistant
     shots = [i.shots for i in WORLD.eval_items("binding", 8)]
     assert shots == [0, 1, 2, 4, 0, 1, 2, 4]
     with pytest.raises(ValueError, match="unknown evaluation kind 'smell'"):
