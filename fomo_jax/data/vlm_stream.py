@@ -369,7 +369,10 @@ def _train_stage(config, data, model_config, stage, start_params, workdir, mesh)
 def load_or_make_theta0(config, family, model_config, data: StreamData, cache_dir: str,
                         mesh) -> dict:  # fmt: skip
     """θ0 of a `vlm_synth` run: the staged recipe's last stage, each stage cached. A cache is
-    read only when a later stage starts from it, or when it is θ0."""
+    read only when a later stage starts from it, or when it is θ0. `config.theta0.checkpoint`
+    (a LLaVA directory) replaces the recipe."""
+    if config.theta0.checkpoint:
+        return family.load_params(config.theta0.checkpoint, model_config)
     directory = os.path.join(cache_dir, "vlm_theta0")
     params, latest = None, None  # weights in memory; the latest cache not read into them
     for stage in STAGES:

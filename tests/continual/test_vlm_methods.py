@@ -104,6 +104,7 @@ def test_every_method_runs_through_the_runner_on_the_vlm_or_is_refused(name, str
         assert not workdir.exists() or not any(workdir.iterdir())
         return
     results = runner.run(config, str(workdir))
+    assert not (base / "root" / "vlm_theta0").exists()  # θ0 is the checkpoint, not the recipe
     assert set(results["final"]) == set(vlm_family.FAMILY.metric_keys)
     losses = [json.loads(line)["loss"] for line in open(workdir / "metrics.jsonl")
               if '"loss"' in line]  # fmt: skip
