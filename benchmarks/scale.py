@@ -1,6 +1,7 @@
 """The scale report: the one train step compiled for large models on 8, 64 and 256 devices.
 
     nice -n 19 python benchmarks/scale.py  # 2-core dev machine: see the results file
+    python benchmarks/scale.py --compile_all  # every cell compiled (hours on 2 cores)
     python benchmarks/scale.py --smoke     # a tiny VLM on 2 and 8 devices (a minute)
 
 For every model x device count x mesh kind it lowers `fomo_jax.train.step`'s jitted step (full
@@ -12,8 +13,11 @@ device: the bytes of parameters and of optimizer state (the shards the sharding 
 (`compiled.memory_analysis()`), XLA's FLOPs (`compiled.cost_analysis()`), the collectives in
 the compiled HLO, and the lowering + compile time. Mesh kinds: `fsdp` (data=1 x fsdp=N) and
 `fsdp_tp` (fsdp=N/tp x model=tp). A model whose leaves the rules cannot split over the mesh
-(`sharding.spec_for` raises, e.g. ViT-bigG-14's width 1664 over fsdp=256) is compiled on the
-same kind of mesh with the data axis doubled (data=2 x fsdp=128) and the error is recorded.
+(`sharding.spec_for` raises, e.g. ViT-bigG-14's width 1664 over fsdp=256) is compiled with the
+FSDP degree split over two axes (fsdp=128 x fsdp_transpose=2, each large leaf split over two
+of its dimensions) and the error is recorded. The models pin each block's activations to the
+batch sharding (`sharding.constrain_batch`); rows of reports made before they did are marked
+"unconstrained" when combined.
 The CPU compiler's buffer assignment is a proxy for an accelerator's. Writes `<out>.json` and
 `<out>.md`.
 """
@@ -30,7 +34,6 @@ os.environ["XLA_FLAGS"] = (
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
@@ -44,7 +47,6 @@ from benchmarks.clip_step import hardware, write_report  # noqa: E402
 from fomo_jax import families, models, runtime, sharding  # noqa: E402
 from fomo_jax import params as params_lib  # noqa: E402
 from fomo_jax.continual.methods import Method  # noqa: E402
-from fomo_jax.models import stack  # noqa: E402
 from fomo_jax.models.llama import LlamaConfig  # noqa: E402
 from fomo_jax.models.vlm import VLMConfig  # noqa: E402
 from fomo_jax.train import optimizer  # noqa: E402
@@ -86,10 +88,10 @@ def model_config(name: str, dtype: str, scan: bool, remat: str = "none"):
     return families.get("clip"), models.get_config(name, dtype=dtype, scan=scan, remat=remat)
 
 
-def mesh_shape(kind: str, devices: int, tp: int, data: int = 1) -> tuple[int, int, int]:
-    """(data, fsdp, model) of a mesh kind on `devices` devices."""
+def mesh_shape(kind: str, devices: int, tp: int, transpose: int = 1) -> tuple[int, ...]:
+    """(data, fsdp, fsdp_transpose, model) of a mesh kind on `devices` devices."""
     model = tp if kind == "fsdp_tp" else 1
-    return data, devices // (data * model), model
+    return 1, devices // (transpose * model), transpose, model
 
 
 def shard_bytes(tree, mesh, rules) -> int:
@@ -118,30 +120,8 @@ def count_collectives(hlo: str) -> dict:
     return counts
 
 
-@contextlib.contextmanager
-def batch_constraint(enabled: bool):
-    """An experiment outside the project's step (`--batch_constraint`): every transformer
-    block's input and output constrained to the batch sharding (`P(("data", "fsdp"))`), as
-    FSDP means, by wrapping `models.stack.run` (which every tower calls) for the duration."""
-    if not enabled:
-        yield
-        return
-    run = stack.run
-
-    def constrained(blocks, x, call, **options):
-        pin = lambda h: jax.lax.with_sharding_constraint(h, jax.P(sharding.BATCH))  # noqa: E731
-        return run(blocks, pin(x), lambda block, h: pin(call(block, pin(h))), **options)
-
-    stack.run = constrained
-    try:
-        yield
-    finally:
-        stack.run = run
-
-
 def measure(name: str, kind: str, devices: int, *, tp: int, per_device_batch: int, dtype: str,
-            scan: bool, remat: str = "none", compile: bool = True,
-            constrain: bool = False) -> dict:  # fmt: skip
+            scan: bool, remat: str = "none", compile: bool = True) -> dict:  # fmt: skip
     """Compile the train step of `name` on a `kind` mesh of the first `devices` devices (only
     the per-device parameter and optimizer bytes without `compile`)."""
     family, cfg = model_config(name, dtype, scan, remat)
@@ -154,15 +134,17 @@ def measure(name: str, kind: str, devices: int, *, tp: int, per_device_batch: in
                param_count=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
                param_bytes_total=full_bytes(params),
                opt_bytes_total=full_bytes(state.opt_state), rule_error=None, compiled=compile,
-               batch_constraint=constrain)  # fmt: skip
+               batch_constraint=True)  # fmt: skip
     shape = mesh_shape(kind, devices, tp)
     try:
         sharding.tree_specs(params, jax.sharding.AbstractMesh(shape, sharding.AXES), family.rules)
-    except ValueError as error:  # the rules cannot split a leaf: double the data axis
+    except ValueError as error:  # the rules cannot split a leaf 1 x N: split FSDP over two axes
         row["rule_error"] = str(error)
-        shape = mesh_shape(kind, devices, tp, data=2)
-    mesh = sharding.make_mesh(*shape, devices=jax.devices()[:devices])
-    row.update(data=shape[0], fsdp=shape[1], model_axis=shape[2])
+        shape = mesh_shape(kind, devices, tp, transpose=2)
+    data, fsdp, transpose, model = shape
+    mesh = sharding.make_mesh(data, fsdp, model, devices=jax.devices()[:devices],
+                              fsdp_transpose=transpose)  # fmt: skip
+    row.update(data=data, fsdp=fsdp, fsdp_transpose=transpose, model_axis=model)
     row["param_bytes"] = shard_bytes(params, mesh, family.rules)
     row["opt_bytes"] = shard_bytes(state.opt_state, mesh, family.rules)
     batch_size = per_device_batch * devices
@@ -173,8 +155,7 @@ def measure(name: str, kind: str, devices: int, *, tp: int, per_device_batch: in
     shardings = step_lib.shardings_of(state, mesh, family.rules)
     jitted = step_lib.compile_step(family, graphdef, tx, method, mesh, shardings)
     start = time.perf_counter()
-    with batch_constraint(constrain):
-        lowered = jitted.lower(state, batch, jax.ShapeDtypeStruct((), jnp.float32))
+    lowered = jitted.lower(state, batch, jax.ShapeDtypeStruct((), jnp.float32))
     lower_seconds = time.perf_counter() - start
     compiled = lowered.compile()
     compile_seconds = time.perf_counter() - start - lower_seconds
@@ -227,6 +208,47 @@ def fmt_mib(n) -> str:
     return f"{n / MIB:,.1f}" if n < 100 * MIB else f"{n / MIB:,.0f}"
 
 
+def table(rows) -> list[str]:
+    """The markdown table of `rows`."""
+    lines = [
+        "| model | params (M) | devices | mesh (data x fsdp x fsdp_t x model) | batch | "
+        "params/dev (MiB) | ideal params/dev (MiB) | opt/dev (MiB) | (p+o) x N/N0 | "
+        "args/dev (MiB) | temp/dev (MiB) | TFLOP/dev | AG | RS | AR | CP | A2A | compile (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    first = {}
+    for r in rows:
+        key = (r["model"], r["kind"], r["remat"], r["scan"], r.get("batch_constraint"))
+        base = first.setdefault(key, r)
+        # (params + opt) per device relative to the model's first device count, times N over
+        # that count: 1.00 is an exact 1/N fall.
+        ratio = ((r["param_bytes"] + r["opt_bytes"]) / (base["param_bytes"] + base["opt_bytes"])
+                 * r["devices"] / base["devices"])  # fmt: skip
+        name = r["model"] + (f" remat={r['remat']}" if r["remat"] != "none" else "")
+        name += ("" if r["scan"] else " (no scan)") + (
+            "" if r.get("batch_constraint") else " (unconstrained)"
+        )
+        note = " (*)" if r["rule_error"] else ""
+        mesh = f"{r['data']} x {r['fsdp']} x {r.get('fsdp_transpose', 1)} x {r['model_axis']}"
+        cells = [
+            name, f"{r['param_count'] / 1e6:,.0f}", r["devices"],
+            f"{r['kind']}: {mesh}{note}", r["batch"],
+            fmt_mib(r["param_bytes"]), fmt_mib(r["param_bytes_total"] / r["devices"]),
+            fmt_mib(r["opt_bytes"]), f"{ratio:.2f}",
+        ]  # fmt: skip
+        if r.get("compiled", True):
+            c = r["collectives"]
+            cells += [
+                fmt_mib(r["argument_bytes"]), fmt_mib(r["temp_bytes"]),
+                f"{r['flops_per_device'] / 1e12:.3g}", *(c[k] for k in COLLECTIVES),
+                f"{r['lower_seconds'] + r['compile_seconds']:.0f}",
+            ]  # fmt: skip
+        else:
+            cells += ["not compiled"] + [""] * 8
+        lines.append("| " + " | ".join(str(x) for x in cells) + " |")
+    return lines
+
+
 def markdown(report) -> str:
     hw = report["hardware"]
     lines = [
@@ -255,44 +277,21 @@ def markdown(report) -> str:
         "over all N devices. *not compiled*: bytes from the "
         "rules only (compiling every cell did not fit the time; the text says which).",
         "",
-        "| model | params (M) | devices | mesh (data x fsdp x model) | batch | params/dev "
-        "(MiB) | ideal params/dev (MiB) | opt/dev (MiB) | (p+o) x N/N0 | args/dev (MiB) | "
-        "temp/dev (MiB) | TFLOP/dev | AG | RS | AR | CP | A2A | compile (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    first = {}
-    for r in report["rows"]:
-        key = (r["model"], r["kind"], r["remat"], r["scan"], r.get("batch_constraint"))
-        base = first.setdefault(key, r)
-        # (params + opt) per device relative to the model's first device count, times N over
-        # that count: 1.00 is an exact 1/N fall.
-        ratio = ((r["param_bytes"] + r["opt_bytes"]) / (base["param_bytes"] + base["opt_bytes"])
-                 * r["devices"] / base["devices"])  # fmt: skip
-        name = r["model"] + (f" remat={r['remat']}" if r["remat"] != "none" else "")
-        name += ("" if r["scan"] else " (no scan)") + (
-            " (batch constraint)" if r.get("batch_constraint") else ""
-        )
-        note = " (*)" if r["rule_error"] else ""
-        cells = [
-            name, f"{r['param_count'] / 1e6:,.0f}", r["devices"],
-            f"{r['kind']}: {r['data']} x {r['fsdp']} x {r['model_axis']}{note}", r["batch"],
-            fmt_mib(r["param_bytes"]), fmt_mib(r["param_bytes_total"] / r["devices"]),
-            fmt_mib(r["opt_bytes"]), f"{ratio:.2f}",
-        ]  # fmt: skip
-        if r.get("compiled", True):
-            c = r["collectives"]
-            cells += [
-                fmt_mib(r["argument_bytes"]), fmt_mib(r["temp_bytes"]),
-                f"{r['flops_per_device'] / 1e12:.3g}", *(c[k] for k in COLLECTIVES),
-                f"{r['lower_seconds'] + r['compile_seconds']:.0f}",
-            ]  # fmt: skip
-        else:
-            cells += ["not compiled"] + [""] * 8
-        lines.append("| " + " | ".join(str(x) for x in cells) + " |")
-    errors = {r["rule_error"] for r in report["rows"] if r.get("rule_error")}
+    now = [r for r in report["rows"] if r.get("batch_constraint")]
+    before = [r for r in report["rows"] if not r.get("batch_constraint")]
+    lines += table(now)
+    if before:
+        lines += ["", "## Before the batch constraint (unconstrained activations)", "",
+                  "Rows of an earlier report, compiled before the models pinned their "
+                  "activations to the batch sharding (`sharding.constrain_batch`): the "
+                  "temporaries and FLOPs per device grew with the mesh.", ""]  # fmt: skip
+        lines += table([r for r in before if r.get("compiled", True)])
+    errors = {r["rule_error"] for r in now if r.get("rule_error")}
     if errors:
-        lines += ["", "(*) The rules cannot split a leaf over data 1 on this mesh kind; compiled "
-                  "with the data axis doubled. The error `sharding.spec_for` raised:",
+        lines += ["", "(*) The rules cannot split a leaf over fsdp N on this mesh kind; "
+                  "compiled with fsdp N/2 x fsdp_transpose 2 (rows of the earlier report: "
+                  "with the data axis doubled). The error `sharding.spec_for` raised:",
                   ""]  # fmt: skip
         lines += [f"- {e}" for e in sorted(errors)]
     if report["contrastive"]:
@@ -337,14 +336,15 @@ def main(argv=None):
     )
     parser.add_argument("--no_scan", action="store_true", help="the blocks as a Python loop")
     parser.add_argument(
+        "--compile_all",
+        action="store_true",
+        help="compile every cell (default: the first kind at the first and last device "
+        "counts and the remat cell; the others bytes from the rules only)",
+    )
+    parser.add_argument(
         "--shapes_only",
         action="store_true",
         help="only the per-device parameter and optimizer bytes (no compile)",
-    )
-    parser.add_argument(
-        "--batch_constraint",
-        action="store_true",
-        help="experiment: blocks' activations pinned to the batch sharding",
     )
     parser.add_argument(
         "--combine",
@@ -356,6 +356,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.smoke:  # the VLM family covers both towers' code (CLIP image tower, LM)
         args.models, args.devices, args.tp, args.remat_model = "tiny-VLM", "2,8", 2, ""
+        args.compile_all = True
         runtime.enable_compilation_cache()
     start = time.perf_counter()
     rows, seconds, commands = [], 0.0, []
@@ -370,18 +371,19 @@ def main(argv=None):
     kinds = args.kinds.split(",")
     common = dict(tp=args.tp, per_device_batch=args.per_device_batch, dtype=args.dtype,
                   scan=not args.no_scan)  # fmt: skip
-    cells = []  # (model, kind, devices, remat, batch constraint)
-    bc = args.batch_constraint
+    cells = []  # (model, kind, devices, remat, compiled)
+    ends = (devices[0], devices[-1])
     for name in [] if args.combine or args.cells else args.models.split(","):
-        cells += [(name, kind, n, "none", bc) for kind in kinds for n in devices]
+        cells += [(name, kind, n, "none", args.compile_all or (kind == kinds[0] and n in ends))
+                  for kind in kinds for n in devices]  # fmt: skip
         if name == args.remat_model:
-            cells.append((name, kinds[0], devices[0], "full", bc))
+            cells.append((name, kinds[0], devices[0], "full", True))
     for item in filter(None, args.cells.split(",")):
         name, kind, n, *rest = item.split(":")
-        cells.append((name, kind, int(n), rest[0] if rest else "none", bc or "bc" in rest[1:]))
-    for name, kind, n, remat, constrain in cells:
-        row = measure(name, kind, n, remat=remat, compile=not args.shapes_only,
-                      constrain=constrain, **common)  # fmt: skip
+        cells.append((name, kind, int(n), rest[0] if rest else "none", True))
+    for name, kind, n, remat, compiled in cells:
+        row = measure(name, kind, n, remat=remat, compile=compiled and not args.shapes_only,
+                      **common)  # fmt: skip
         rows.append(row)
         print(json.dumps(row), flush=True)
     command = "python " + " ".join([os.path.relpath(__file__), *sys.argv[1:]])

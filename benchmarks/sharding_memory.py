@@ -31,7 +31,8 @@ from fomo_jax import params as params_lib  # noqa: E402
 from fomo_jax.models.clip import abstract_clip  # noqa: E402
 
 VARIANTS = ["ViT-B-16", "ViT-L-14", "ViT-H-14", "ViT-g-14", "ViT-bigG-14"]
-MESHES = [(1, 256, 1), (2, 128, 1), (1, 128, 2), (1, 64, 4)]  # (data, fsdp, model)
+# (data, fsdp, fsdp_transpose, model)
+MESHES = [(1, 256, 1, 1), (2, 128, 1, 1), (1, 128, 1, 2), (1, 64, 1, 4), (1, 128, 2, 1)]
 
 
 def per_device_bytes(flat: dict, mesh) -> int:
@@ -59,7 +60,7 @@ def main():
             except ValueError as e:
                 new, error = None, str(e)
             rows.append(dict(variant=name, mesh=dict(zip(sharding.AXES, axes, strict=True)),
-                             total_bytes=total, ideal_bytes=total // (axes[1] * axes[2]),
+                             total_bytes=total, ideal_bytes=total // int(np.prod(axes[1:])),
                              old_rule_bytes=old, new_rule_bytes=new, error=error))  # fmt: skip
     record = dict(
         command="python benchmarks/sharding_memory.py",
@@ -76,10 +77,11 @@ def main():
         "",
         f"`{record['command']}`: float32 CLIP parameters, one device's share under "
         "`sharding.CLIP_RULES`; old rule = a non-dividing axis dropped whatever the leaf's size "
-        "(before issue 21), new = moved to another dimension or an error for leaves > 1 MiB.",
+        "(before issue 21), new = moved to another dimension or an error for leaves > 1 MiB "
+        "(`fsdp_transpose`: a second FSDP axis; a rule's fsdp means both).",
         "",
-        "| variant | mesh (data x fsdp x model) | total (MiB) | ideal (MiB) | old rule (MiB) "
-        "| new rule (MiB) |",
+        "| variant | mesh (data x fsdp x fsdp_t x model) | total (MiB) | ideal (MiB) "
+        "| old rule (MiB) | new rule (MiB) |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -510,14 +510,15 @@ _to_pixels = jax.jit(lambda images: batch_pixels({"images": images}))
 
 class Placement:
     """How the rows of every evaluation batch are spread over a mesh: split over its batch
-    axes (data x fsdp); this process feeds `rows` of each batch and gets all the outputs."""
+    axes (data x fsdp x fsdp_transpose); this process feeds `rows` of each batch and gets all
+    the outputs."""
 
     def __init__(self, mesh, batch_size: int):
         self.sharding = sharding.batch_sharding(mesh)
         ways = sharding.batch_shards(mesh)
         if batch_size % ways:
             raise ValueError(f"eval.batch_size={batch_size} does not split over the mesh's batch "
-                             f"axes (data x fsdp = {ways} devices)")  # fmt: skip
+                             f"axes (data x fsdp x fsdp_transpose = {ways} devices)")  # fmt: skip
         self.rows = distributed.local_rows(self.sharding, batch_size)
         if distributed.multiprocess():
             logging.info("evaluation: process %d feeds rows %d-%d of every batch of %d",

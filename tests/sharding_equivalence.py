@@ -33,12 +33,21 @@ from fomo_jax.tokenizer import ByteTokenizer  # noqa: E402
 from fomo_jax.train import optimizer  # noqa: E402
 from fomo_jax.train.losses import clip_loss  # noqa: E402
 
-MESHES = {
-    "1x1": (1, 1, 1),
-    "8 data": (8, 1, 1),
-    "4 data x 2 model": (4, 1, 2),
-    "2 data x 4 fsdp": (2, 4, 1),
+MESHES = {  # (data, fsdp, fsdp_transpose, model)
+    "1x1": (1, 1, 1, 1),
+    "8 data": (8, 1, 1, 1),
+    "4 data x 2 model": (4, 1, 1, 2),
+    "2 data x 4 fsdp": (2, 4, 1, 1),
+    "2 data x 2 fsdp x 2 fsdp_transpose": (2, 2, 2, 1),
 }
+
+
+def make(shape):
+    data, fsdp, transpose, model = shape
+    return sharding.make_mesh(data, fsdp, model, devices=jax.devices()[: int(np.prod(shape))],
+                              fsdp_transpose=transpose)  # fmt: skip
+
+
 STEPS, BATCH, LR = 3, 16, 1e-3
 
 
@@ -122,7 +131,7 @@ def run(graphdef, params, data, mesh, tx, family=clip.FAMILY,
             "q_proj_moment_shard_shapes": [
                 list(m.addressable_shards[0].data.shape) for m in moments
             ],
-            "batch_shard_rows": BATCH // (mesh.shape["data"] * mesh.shape["fsdp"]),
+            "batch_shard_rows": BATCH // sharding.batch_shards(mesh),
         },
     )
 
@@ -133,7 +142,7 @@ def compare(graphdef, params, data, tx, family, path):
     ref_loss, ref_grads, ref_losses, _ = run(graphdef, params, data, one, tx, family, path)
     out = {}
     for name, shape in MESHES.items():
-        mesh = sharding.make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
+        mesh = make(shape)
         loss0, grads, losses, layout = run(graphdef, params, data, mesh, tx, family, path)
         leaves = zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads),
                      strict=True)  # fmt: skip
@@ -191,8 +200,7 @@ def main():
         "grads": max_abs_diff(plain_grads, ref_grads),
     }
     for name, shape in MESHES.items():
-        n = int(np.prod(shape))
-        mesh = sharding.make_mesh(*shape, devices=jax.devices()[:n])
+        mesh = make(shape)
         loss0, grads, losses, layout = run(graphdef, params, data, mesh, tx)
         report["meshes"][name] = dict(
             layout,

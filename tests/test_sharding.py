@@ -89,10 +89,10 @@ def _shard_bytes(shape, itemsize, spec, sizes):
 @pytest.mark.parametrize("variant", ["ViT-g-14", "ViT-bigG-14"])
 def test_giant_clips_shard_every_large_leaf_at_scale(variant):
     """On 256 devices (abstract meshes: only axis sizes) every leaf over 1 MiB is split over
-    fsdp (but the ViT's positional table, replicated by the rules on purpose) and a device
-    holds about 1/(fsdp x model) of the weights. fsdp=256 alone cannot split
-    the image tower's [w, w] kernels (w = 1408 = 11 x 128, 1664 = 13 x 128): an error that
-    names the leaf, not a silent replicate."""
+    fsdp and a device holds about 1/(fsdp x fsdp_transpose x model) of the weights. fsdp=256
+    alone cannot split the image tower's [w, w] kernels (w = 1408 = 11 x 128, 1664 = 13 x 128):
+    an error that names the leaf, not a silent replicate; fsdp=128 x fsdp_transpose=2 splits
+    every leaf over 1 MiB 256 ways but the positional table [257, w] (257 is prime: 128 ways)."""
     from jax.sharding import AbstractMesh
 
     from fomo_jax import models
@@ -102,20 +102,28 @@ def test_giant_clips_shard_every_large_leaf_at_scale(variant):
     flat = params_lib.flatten(params_lib.split(abstract_clip(models.get_config(variant)))[1])
     total = sum(leaf.size * leaf.dtype.itemsize for leaf in flat.values())
     assert total > 5 * 2**30  # 1.4 B / 2.5 B float32 parameters
-    for axes, budget in [((2, 128, 1), 1.2), ((1, 128, 2), 1.3), ((1, 64, 4), 1.35)]:
+    meshes = [((2, 128, 1, 1), 1.2), ((1, 128, 1, 2), 1.3), ((1, 64, 1, 4), 1.35),
+              ((1, 128, 2, 1), 1.25)]  # fmt: skip
+    for axes, budget in meshes:
         mesh = AbstractMesh(axes, sharding.AXES)
         sizes = dict(mesh.shape)
         specs = sharding.tree_specs(flat, mesh, sharding.CLIP_RULES)
         per_device = 0
         for path, leaf in flat.items():
             nbytes = leaf.size * leaf.dtype.itemsize
-            if nbytes > 2**20 and path != "image/positional_embedding":  # 1.4 / 1.6 MiB
+            split = _shard_bytes(leaf.shape, leaf.dtype.itemsize, specs[path], sizes)
+            if nbytes > 2**20:
                 assert "fsdp" in str(specs[path]), (axes, path, leaf.shape, specs[path])
-            per_device += _shard_bytes(leaf.shape, leaf.dtype.itemsize, specs[path], sizes)
-        ideal = total / (sizes["fsdp"] * sizes["model"])
+            if nbytes > 2**20 and axes == (1, 128, 2, 1):  # every large leaf 256 ways but one
+                ways = 128 if path == "image/positional_embedding" else 256
+                assert split * ways == nbytes, (path, leaf.shape, specs[path])
+            per_device += split
+        ideal = total / (sizes["fsdp"] * sizes["fsdp_transpose"] * sizes["model"])
         assert per_device < budget * ideal, (axes, per_device / ideal)
-    with pytest.raises(ValueError, match=r"image/.*'fsdp' of size 256.*fsdp=128 would split"):
-        sharding.tree_specs(flat, AbstractMesh((1, 256, 1), sharding.AXES), sharding.CLIP_RULES)
+    with pytest.raises(ValueError, match=r"image/.*'fsdp' of size 256.*fsdp=128 would split it; "
+                       r"or mesh fsdp=128 x fsdp_transpose=2"):  # fmt: skip
+        sharding.tree_specs(flat, AbstractMesh((1, 256, 1, 1), sharding.AXES),
+                            sharding.CLIP_RULES)  # fmt: skip
 
 
 def test_rule_with_too_many_dims_is_an_error():
@@ -199,7 +207,8 @@ def test_make_mesh_checks_device_count():
     import jax
 
     n = len(jax.devices())
-    assert dict(sharding.make_mesh().shape) == {"data": n, "fsdp": 1, "model": 1}
+    assert dict(sharding.make_mesh().shape) == {"data": n, "fsdp": 1, "fsdp_transpose": 1,
+                                                "model": 1}  # fmt: skip
     with pytest.raises(ValueError, match="devices"):
         sharding.make_mesh(data=n + 1)
 
@@ -217,33 +226,38 @@ def _processes(grid):
 
 def test_hybrid_grid_puts_data_across_hosts_and_the_rest_within_one():
     devices = _fake_devices(processes=4, per_process=4)
-    grid = sharding.hybrid_grid(8, 2, 1, devices, dcn_data=4, by_slice=False)
-    assert grid.shape == (8, 2, 1)
+    grid = sharding.hybrid_grid((8, 2, 1, 1), devices, dcn_data=4, by_slice=False)
+    assert grid.shape == (8, 2, 1, 1)
     # Rows 2k, 2k+1 of the data axis are process k's four devices; fsdp never leaves a host.
-    np.testing.assert_array_equal(_processes(grid)[:, :, 0], np.repeat(np.arange(4), 2)[:, None]
-                                  * np.ones((1, 2), int))  # fmt: skip
+    want = np.repeat(np.arange(4), 2)[:, None] * np.ones((1, 2), int)
+    np.testing.assert_array_equal(_processes(grid)[:, :, 0, 0], want)
     assert sorted(d.id for d in grid.reshape(-1)) == list(range(16))
-    mesh = types.SimpleNamespace(devices=grid, axis_names=sharding.AXES,
-                                 shape={"data": 8, "fsdp": 2, "model": 1})  # fmt: skip
+    shape = {"data": 8, "fsdp": 2, "fsdp_transpose": 1, "model": 1}
+    mesh = types.SimpleNamespace(devices=grid, axis_names=sharding.AXES, shape=shape)
     assert sharding.describe(mesh) == (
-        "mesh data=8 x fsdp=2 x model=1 on 4 processes: data crosses processes; fsdp, model "
-        "stay within one"
+        "mesh data=8 x fsdp=2 x fsdp_transpose=1 x model=1 on 4 processes: data crosses "
+        "processes; fsdp, fsdp_transpose, model stay within one"
     )
     # By TPU slices: 2 slices of 2 hosts each; the data axis splits over the slices.
-    grid = sharding.hybrid_grid(4, 4, 1, _fake_devices(4, 4, slices=2), dcn_data=2, by_slice=True)
+    grid = sharding.hybrid_grid((4, 2, 2, 1), _fake_devices(4, 4, slices=2), dcn_data=2,
+                                by_slice=True)  # fmt: skip
     slices = np.vectorize(lambda d: d.slice_index)(grid)
-    np.testing.assert_array_equal(slices[:, 0, 0], [0, 0, 1, 1])
-    assert (np.diff(slices, axis=1) == 0).all()
+    np.testing.assert_array_equal(slices[:, 0, 0, 0], [0, 0, 1, 1])
+    assert (np.diff(slices, axis=1) == 0).all() and (np.diff(slices, axis=2) == 0).all()
     with pytest.raises(ValueError, match="mesh.dcn_data=3 must be the number of processes"):
-        sharding.hybrid_grid(8, 2, 1, devices, dcn_data=3, by_slice=False)
+        sharding.hybrid_grid((8, 2, 1, 1), devices, dcn_data=3, by_slice=False)
 
 
 def test_describe_warns_of_tensor_parallelism_across_hosts():
-    grid = np.array(_fake_devices(2, 2), dtype=object).reshape(1, 1, 4)
-    mesh = types.SimpleNamespace(devices=grid, axis_names=sharding.AXES,
-                                 shape={"data": 1, "fsdp": 1, "model": 4})  # fmt: skip
+    grid = np.array(_fake_devices(2, 2), dtype=object).reshape(1, 1, 1, 4)
+    shape = {"data": 1, "fsdp": 1, "fsdp_transpose": 1, "model": 4}
+    mesh = types.SimpleNamespace(devices=grid, axis_names=sharding.AXES, shape=shape)
     text = sharding.describe(mesh)
     assert "model crosses processes" in text and "keep mesh.model within a host" in text
+
+
+MESHES = ["1x1", "8 data", "4 data x 2 model", "2 data x 4 fsdp",
+          "2 data x 2 fsdp x 2 fsdp_transpose"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +274,7 @@ def equivalence_report():
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("mesh", ["1x1", "8 data", "4 data x 2 model", "2 data x 4 fsdp"])
+@pytest.mark.parametrize("mesh", MESHES)
 def test_mesh_matches_single_device(equivalence_report, mesh):
     """Tolerances of spec/stack.md §3: losses to float noise, grads atol 1e-5 / rtol 1e-4."""
     r = equivalence_report["meshes"][mesh]
@@ -270,7 +284,7 @@ def test_mesh_matches_single_device(equivalence_report, mesh):
     assert r["grad_scale"] > 1e-2  # the gradients compared are not vanishingly small
 
 
-@pytest.mark.parametrize("mesh", ["1x1", "8 data", "4 data x 2 model", "2 data x 4 fsdp"])
+@pytest.mark.parametrize("mesh", MESHES)
 def test_vlm_mesh_matches_single_device(equivalence_report, mesh):
     """The VLM's next-token loss, gradients and 3 steps: FSDP and tensor parallel as one
     device; its LM's q_proj really split (32 x 32 kernel: 32 x 16 over model=2, 8 x 32 over
@@ -279,7 +293,8 @@ def test_vlm_mesh_matches_single_device(equivalence_report, mesh):
     assert r["loss"] < 1e-5 and r["step_losses"] < 2e-5 and r["grads_close"], r
     assert r["grad_scale"] > 1e-2
     want = {"1x1": [32, 32], "8 data": [32, 32], "4 data x 2 model": [32, 16],
-            "2 data x 4 fsdp": [8, 32]}[mesh]  # fmt: skip
+            "2 data x 4 fsdp": [8, 32],
+            "2 data x 2 fsdp x 2 fsdp_transpose": [8, 32]}[mesh]  # fmt: skip
     assert r["q_proj_shard_shape"] == want, r
 
 
@@ -288,6 +303,9 @@ def test_meshes_really_shard(equivalence_report):
     assert meshes["4 data x 2 model"]["q_proj_spec"] == "('fsdp', 'model')"
     assert meshes["4 data x 2 model"]["q_proj_shard_shape"] == [64, 32]
     assert meshes["2 data x 4 fsdp"]["q_proj_shard_shape"] == [16, 64]
+    both = meshes["2 data x 2 fsdp x 2 fsdp_transpose"]
+    assert both["q_proj_spec"] == "(('fsdp', 'fsdp_transpose'), 'model')", both
+    assert both["q_proj_shard_shape"] == [16, 64] and both["batch_shard_rows"] == 2, both
     assert meshes["8 data"]["q_proj_shard_shape"] == [64, 64]
     # Adam's two moments are sharded like their parameter.
     assert meshes["2 data x 4 fsdp"]["q_proj_moment_shard_shapes"] == [[16, 64], [16, 64]]

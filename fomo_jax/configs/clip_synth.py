@@ -50,6 +50,7 @@ def get_config(arg: str | None = None):
     c.mesh.data = -1  # all remaining devices
     c.mesh.fsdp = 1
     c.mesh.model = 1
+    c.mesh.fsdp_transpose = 1  # a second FSDP axis, for widths fsdp alone cannot split
     c.mesh.dcn_data = -1  # granules (TPU slices / processes) the data axis spans (make_mesh)
 
     if arg == "smoke":

@@ -379,7 +379,8 @@ def check_batch_divides(config, mesh) -> None:
     for key, size in sizes.items():
         if size % shards:
             raise ValueError(
-                f"config.{key}={size} does not split over the mesh's data x fsdp = {shards} devices"
+                f"config.{key}={size} does not split over the mesh's batch axes (data x fsdp x "
+                f"fsdp_transpose = {shards} devices)"
             )
 
 

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fomo_jax import sharding
+
 REMAT = ("none", "full", "save_matmuls")
 # The config fields of the levers and their defaults (left out of config reprs, which key caches).
 OPTIONS = {"remat": "none", "scan": False}
@@ -62,13 +64,17 @@ def run(
 
     Returns the last output, or with `collect` the list [x, after block 0, ..., after the last
     block]. `call` may close over arrays (masks, positions) but must not update the blocks.
+    Each block's input and output keep the batch sharding of the mesh traced under
+    (`sharding.constrain_batch`; nothing without one).
     """
     check_options(remat, scan)
     blocks = list(blocks)
-    if remat == "none" and not scan:  # the plain loop (the default; unchanged)
+    pin = sharding.constrain_batch
+    x = pin(x)
+    if remat == "none" and not scan:  # the plain loop (the default)
         states = [x]
         for block in blocks:
-            x = call(block, x)
+            x = pin(call(block, x))
             states.append(x)
         return states if collect else x
     if not blocks:
@@ -76,7 +82,7 @@ def run(
     graphdefs, states = _split(blocks, same_structure=scan)
 
     def apply(graphdef, state, x):
-        return call(nnx.merge(graphdef, state), x)
+        return pin(call(nnx.merge(graphdef, state), x))
 
     if remat != "none":
         apply = jax.checkpoint(

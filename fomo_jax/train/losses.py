@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 LOSSES = ("clip", "clip_chunked", "siglip", "siglip_chunked")
 SIGMOID_LOSSES = ("siglip", "siglip_chunked")  # need the model's `logit_bias`
-BATCH_AXES = ("data", "fsdp")  # `sharding.BATCH`: the mesh axes the batch is split over
+BATCH_AXES = ("data", "fsdp", "fsdp_transpose")  # `sharding.BATCH`: the batch axes
 DEFAULT_CHUNK = 1024
 
 

@@ -124,7 +124,7 @@ def test_choice_on_several_devices():
     known (abstract meshes suffice: the choice reads axis sizes only)."""
     long_q = jnp.zeros((8, 4096, 8, 64), jnp.bfloat16)
     masks = dict(causal=True, kv_mask=None, prefix_length=None, segment_ids=None)
-    mesh = AbstractMesh((2, 2, 2), sharding.AXES)
+    mesh = AbstractMesh((2, 2, 1, 2), sharding.AXES)
     with (
         unittest.mock.patch.object(jax, "default_backend", return_value="gpu"),
         unittest.mock.patch.object(jax, "device_count", return_value=8),
@@ -133,4 +133,4 @@ def test_choice_on_several_devices():
         assert dispatcher._choose(long_q, long_q, **masks, mesh=mesh) == "pallas"
         assert dispatcher._mesh(mesh) is mesh
         assert dispatcher._mesh(None) is None  # no jax.set_mesh here
-        assert dispatcher._mesh(AbstractMesh((1, 1, 1), sharding.AXES)) is None
+        assert dispatcher._mesh(AbstractMesh((1, 1, 1, 1), sharding.AXES)) is None
