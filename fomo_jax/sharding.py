@@ -151,10 +151,12 @@ def describe(mesh) -> str:
     """Which axes of `mesh` cross processes (hosts), e.g. "mesh data=2 x fsdp=2 x model=1 on
     2 processes: data crosses processes; fsdp, model stay within one"."""
     processes = np.vectorize(lambda d: d.process_index)(mesh.devices)
+    shown = [name for name in mesh.axis_names  # fsdp_transpose only where it is used
+             if name != "fsdp_transpose" or mesh.shape[name] > 1]  # fmt: skip
     crossing = [name for axis, name in enumerate(mesh.axis_names)
-                if (np.diff(processes, axis=axis) != 0).any()]  # fmt: skip
-    within = [name for name in mesh.axis_names if name not in crossing]
-    shape = " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
+                if name in shown and (np.diff(processes, axis=axis) != 0).any()]  # fmt: skip
+    within = [name for name in shown if name not in crossing]
+    shape = " x ".join(f"{name}={mesh.shape[name]}" for name in shown)
     text = (
         f"mesh {shape} on {len(np.unique(processes))} processes: "
         f"{', '.join(crossing) or 'no axis'} cross{'es' * (len(crossing) == 1)} processes"
@@ -288,7 +290,7 @@ def constrain_batch(x: jax.Array) -> jax.Array:
 
 def batch_shards(mesh) -> int:
     """The number of pieces a batch is split into: data x fsdp x fsdp_transpose."""
-    return int(np.prod([mesh.shape[axis] for axis in BATCH]))
+    return int(np.prod([dict(mesh.shape).get(axis, 1) for axis in BATCH]))
 
 
 def batch_sharding(mesh) -> NamedSharding:

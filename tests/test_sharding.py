@@ -235,8 +235,8 @@ def test_hybrid_grid_puts_data_across_hosts_and_the_rest_within_one():
     shape = {"data": 8, "fsdp": 2, "fsdp_transpose": 1, "model": 1}
     mesh = types.SimpleNamespace(devices=grid, axis_names=sharding.AXES, shape=shape)
     assert sharding.describe(mesh) == (
-        "mesh data=8 x fsdp=2 x fsdp_transpose=1 x model=1 on 4 processes: data crosses "
-        "processes; fsdp, fsdp_transpose, model stay within one"
+        "mesh data=8 x fsdp=2 x model=1 on 4 processes: data crosses processes; fsdp, model "
+        "stay within one"
     )
     # By TPU slices: 2 slices of 2 hosts each; the data axis splits over the slices.
     grid = sharding.hybrid_grid((4, 2, 2, 1), _fake_devices(4, 4, slices=2), dcn_data=2,
@@ -244,6 +244,11 @@ def test_hybrid_grid_puts_data_across_hosts_and_the_rest_within_one():
     slices = np.vectorize(lambda d: d.slice_index)(grid)
     np.testing.assert_array_equal(slices[:, 0, 0, 0], [0, 0, 1, 1])
     assert (np.diff(slices, axis=1) == 0).all() and (np.diff(slices, axis=2) == 0).all()
+    shape = {"data": 4, "fsdp": 2, "fsdp_transpose": 2, "model": 1}
+    mesh = types.SimpleNamespace(devices=grid, axis_names=sharding.AXES, shape=shape)
+    assert "mesh data=4 x fsdp=2 x fsdp_transpose=2 x model=1 on 4 processes: data crosses" in (
+        sharding.describe(mesh)
+    )
     with pytest.raises(ValueError, match="mesh.dcn_data=3 must be the number of processes"):
         sharding.hybrid_grid((8, 2, 1, 1), devices, dcn_data=3, by_slice=False)
 
