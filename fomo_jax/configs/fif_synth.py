@@ -47,6 +47,7 @@ def get_config(arg: str | None = None):
     # "clip_chunked" (the same, O(B/N x chunk) memory per device), "siglip" (sigmoid, with a
     # learnable logit bias), "siglip_chunked".
     c.loss = "clip"
+    c.loss_chunk_size = 1024  # texts per block of the chunked losses (memory O(B/N x chunk))
 
     c.data = config_dict.ConfigDict()
     c.data.benchmark = "fif_synth"  # or "fif" (the released data under data.root)

@@ -390,8 +390,9 @@ def _config_json(config) -> str:
     it runs (`mesh`, `resume_on_new_mesh`: a checkpoint records its mesh, and the loop refuses
     another one unless asked), where its decoded test images are kept (`eval.cache_dir`) and
     how its images are read (`data.num_threads`, `data.decode_once`: the same batches); the
-    default `loss` and the model's memory levers at their defaults (`model.remat`,
-    `model.scan`) are left out too (runs made before those keys resume)."""
+    default `loss` (and `loss_chunk_size` but for a chunked loss) and the model's memory
+    levers at their defaults (`model.remat`, `model.scan`) are left out too (runs made before
+    those keys resume)."""
     recorded = ml_collections.ConfigDict(models.drop_default_memory_options(config.to_dict()))
     recorded.methods = {config.method: config.methods.get(config.method, {})}
     for key in ("mesh", "resume_on_new_mesh"):
@@ -402,6 +403,8 @@ def _config_json(config) -> str:
             del recorded[group][key]
     if recorded.get("loss") == "clip":  # the default loss: config.json as before the key
         del recorded["loss"]
+    if not recorded.get("loss", "").endswith("_chunked") and "loss_chunk_size" in recorded:
+        del recorded["loss_chunk_size"]  # read by the chunked losses only
     return json.dumps(json.loads(recorded.to_json_best_effort()), indent=2, sort_keys=True)
 
 

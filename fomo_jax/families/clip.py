@@ -74,13 +74,18 @@ class Clip(Family):
     rules = sharding.CLIP_RULES
     adapter_targets = clip_lib.ADAPTER_TARGETS
 
-    def __init__(self, loss: str = "clip"):
+    def __init__(self, loss: str = "clip", chunk_size: int = losses.DEFAULT_CHUNK):
         self.contrastive = losses.check_loss(loss)
         self.sigmoid = loss in losses.SIGMOID_LOSSES
+        self.chunk_size = chunk_size
 
     def configured(self, config: ml_collections.ConfigDict) -> Clip:
-        """The family with `config.loss` (default "clip")."""
-        return with_loss(config.get("loss", "clip"))
+        """The family with `config.loss` (default "clip") and, for the chunked losses,
+        `config.loss_chunk_size` texts per block (default `losses.DEFAULT_CHUNK`)."""
+        chunk = config.get("loss_chunk_size", losses.DEFAULT_CHUNK)
+        if not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"config.loss_chunk_size={chunk!r}; expected a positive integer")
+        return with_loss(config.get("loss", "clip"), chunk)
 
     def model_config(self, config: ml_collections.ConfigDict) -> clip_lib.CLIPConfig:
         if config.theta0.checkpoint:
@@ -133,20 +138,26 @@ class Clip(Family):
         """The contrastive loss `self.contrastive` of a batch; the chunked forms split the
         batch over the mesh of `jax.set_mesh` (else one shard, chunk by chunk)."""
         apply = forward(graphdef)
-        kind = self.contrastive
+        kind, chunk = self.contrastive, self.chunk_size
 
         def loss_fn(params, batch, key):
             image, text, logit_scale = apply(params, batch)
             if kind == "clip":
                 loss, metrics = losses.clip_loss(image, text, logit_scale)
             elif kind == "clip_chunked":
-                loss, metrics = losses.chunked_clip_loss(image, text, logit_scale)
+                loss, metrics = losses.chunked_clip_loss(image, text, logit_scale,
+                                                         chunk_size=chunk)  # fmt: skip
             else:
                 if "logit_bias" not in params:
                     raise ValueError(f"config.loss={kind!r} needs the model's logit_bias "
                                      "(CLIPConfig.logit_bias); these params have none")  # fmt: skip
-                sigmoid = losses.siglip_loss if kind == "siglip" else losses.chunked_siglip_loss
-                loss, metrics = sigmoid(image, text, logit_scale, params["logit_bias"])
+                if kind == "siglip":
+                    loss, metrics = losses.siglip_loss(image, text, logit_scale,
+                                                       params["logit_bias"])  # fmt: skip
+                else:
+                    loss, metrics = losses.chunked_siglip_loss(
+                        image, text, logit_scale, params["logit_bias"], chunk_size=chunk
+                    )
             return loss, metrics, {}
 
         return loss_fn
@@ -193,9 +204,12 @@ class Clip(Family):
 
 
 @functools.cache
-def with_loss(loss: str) -> Clip:
-    """The CLIP family with contrastive loss `loss` (one instance per loss)."""
-    return FAMILY if loss == "clip" else Clip(loss)
+def with_loss(loss: str, chunk_size: int = losses.DEFAULT_CHUNK) -> Clip:
+    """The CLIP family with contrastive loss `loss` (one instance per loss and chunk size;
+    the dense losses ignore the chunk size)."""
+    if loss in ("clip", "siglip"):
+        chunk_size = losses.DEFAULT_CHUNK
+    return FAMILY if loss == "clip" else Clip(loss, chunk_size)
 
 
 FAMILY = Clip()

@@ -99,6 +99,8 @@ def _table(cfg: CLIPConfig):
         ("text/proj", "text_projection.weight", _T),
         ("logit_scale", "logit_scale", _SAME),
     ]
+    if cfg.logit_bias is not None:  # a sigmoid-loss CLIP's bias (not a HF CLIPModel weight)
+        rows.append(("logit_bias", "logit_bias", _SAME))
     for i in range(cfg.vision.layers):
         rows += _block_table(f"image/transformer/resblocks/{i}", f"vision_model.encoder.layers.{i}")
     for i in range(cfg.text.layers):
@@ -127,7 +129,9 @@ def hf_state_to_params(state: dict, cfg: CLIPConfig, source="checkpoint") -> dic
             f"{unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
         )
     flat = {ours: np.asarray(fn(np.asarray(state[hf])), np.float32) for ours, hf, fn in table}
-    flat["logit_scale"] = flat["logit_scale"].reshape(())
+    for scalar in ("logit_scale", "logit_bias"):
+        if scalar in flat:
+            flat[scalar] = flat[scalar].reshape(())
     return params_lib.unflatten(flat)
 
 
@@ -188,6 +192,7 @@ def config_from_hf_state(
         ),
         activation=activation,
         layer_norm_eps=layer_norm_eps,
+        logit_bias=float(np.asarray(state["logit_bias"])) if "logit_bias" in state else None,
     )
 
 
@@ -213,6 +218,7 @@ _OPENCLIP_TOP = {
     "ln_final.weight": "text_model.final_layer_norm.weight",
     "ln_final.bias": "text_model.final_layer_norm.bias",
     "logit_scale": "logit_scale",
+    "logit_bias": "logit_bias",  # SigLIP-trained CLIPs (open_clip's init_logit_bias)
 }
 
 

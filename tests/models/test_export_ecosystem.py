@@ -216,6 +216,33 @@ def test_export_refuses_what_it_cannot_write(clip_export, tmp_path):
     assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
+def test_a_sigmoid_loss_clip_keeps_its_logit_bias(tmp_path):
+    """A CLIP trained with `config.loss="siglip"` carries `logit_bias`: both exports write it
+    (under OpenCLIP's own key, `logit_bias`, in both layouts) and read it back bit for bit;
+    transformers' CLIPModel still opens the HF export (the bias is a weight it does not
+    use) and gives our logit scale."""
+    import transformers
+
+    model = models.create_model(models.get_config("tiny", logit_bias=-7.25), seed=3)
+    want = params_lib.flatten(params_lib.split(model)[1])
+    assert float(want["logit_bias"]) == -7.25
+    models.export_hf(model, tmp_path / "hf")
+    models.export_openclip(model, tmp_path / "oc.safetensors")
+    assert float(load_file(str(tmp_path / "hf" / "model.safetensors"))["logit_bias"]) == -7.25
+    assert float(load_file(str(tmp_path / "oc.safetensors"))["logit_bias"]) == -7.25
+    for path in (tmp_path / "hf", tmp_path / "oc.safetensors"):
+        loaded = models.load_pretrained(path)
+        assert loaded.config.logit_bias == -7.25, path
+        got = params_lib.flatten(params_lib.split(loaded)[1])
+        assert set(got) == set(want), path
+        for key, value in want.items():
+            np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(value), err_msg=key)
+    hf = transformers.CLIPModel.from_pretrained(tmp_path / "hf")
+    np.testing.assert_allclose(
+        float(hf.logit_scale.detach()), float(want["logit_scale"]), rtol=1e-7
+    )
+
+
 # -------------------------------------------------------------------------- byte tokenizer
 @pytest.fixture(scope="module")
 def byte_export(tmp_path_factory):

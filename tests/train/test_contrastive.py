@@ -142,8 +142,31 @@ def _config(loss="clip"):
 def test_bad_loss_is_an_error_naming_the_key():
     with pytest.raises(ValueError, match=r"config.loss='softmax'; expected one of"):
         runner.family_of(_config("softmax"))
+    config = _config("clip_chunked")
+    config.loss_chunk_size = 0
+    with pytest.raises(ValueError, match=r"config.loss_chunk_size=0; expected a positive"):
+        runner.family_of(config)
     with pytest.raises(ValueError, match=r"config.loss='siglip' is a CLIP family loss"):
         vlm.FAMILY.configured(ml_collections.ConfigDict({"loss": "siglip"}))
+
+
+@pytest.mark.parametrize("loss", ["siglip", "siglip_chunked"])
+def test_methods_with_their_own_softmax_loss_refuse_a_sigmoid_loss(loss):
+    """ER, DER, DER++ and ZSCL compute CLIP's softmax loss themselves: with a sigmoid
+    `config.loss` they stop at the config check; every other method accepts it."""
+    from fomo_jax.continual import methods
+
+    family = runner.family_of(_config(loss))
+    refused = set()
+    for name in methods.METHODS:
+        try:
+            methods.get(name).check_family(family)
+        except ValueError as error:
+            assert f"config.loss={loss!r}" in str(error) and repr(name) in str(error)
+            refused.add(name)
+    assert refused == {"er", "der", "derpp", "zscl"}
+    for name in refused:  # the softmax losses are theirs
+        methods.get(name).check_family(runner.family_of(_config("clip_chunked")))
 
 
 def test_default_loss_keeps_family_model_and_config_json():
@@ -173,8 +196,14 @@ def siglip_model():
 @pytest.mark.parametrize("loss", losses.LOSSES)
 def test_family_loss_switch(loss, tiny_model, siglip_model):
     """The family `config.loss` asks for computes that loss (float64 formulas on the model's
-    own embeddings); SigLIP's model starts at t' = log 10, b = -10."""
-    family = runner.family_of(_config(loss))
+    own embeddings), the chunked ones in blocks of `config.loss_chunk_size` = 4 texts (two
+    per batch); SigLIP's model starts at t' = log 10, b = -10."""
+    config = _config(loss)
+    config.loss_chunk_size = 4
+    family = runner.family_of(config)
+    chunked = loss.endswith("_chunked")
+    assert family.chunk_size == (4 if chunked else losses.DEFAULT_CHUNK)
+    assert ("loss_chunk_size" in json.loads(runner._config_json(config))) == chunked
     sigmoid = loss.startswith("siglip")
     model = siglip_model if sigmoid else tiny_model
     graphdef, params = params_lib.split(model)

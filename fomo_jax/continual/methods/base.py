@@ -107,12 +107,21 @@ class Method:
         self.ctx: Context | None = None
         self._rules = None  # config.trainable, when the run gives it
 
+    # Methods computing the softmax CLIP loss themselves (replay, distillation) set this False.
+    sigmoid_loss = True
+
     @classmethod
     def check_family(cls, family: Family) -> None:
         if cls.families is not None and family.name not in cls.families:
             raise ValueError(
                 f"method {cls.name!r} works with the model families {list(cls.families)}, not "
                 f"with config.family={family.name!r}"
+            )
+        if not cls.sigmoid_loss and getattr(family, "sigmoid", False):
+            raise ValueError(
+                f"method {cls.name!r} computes the softmax CLIP loss itself (its replay or "
+                f"distillation terms), not config.loss={family.contrastive!r}; use "
+                "config.loss='clip' or 'clip_chunked'"
             )
 
     def setup(self, ctx: Context) -> None:

@@ -142,6 +142,7 @@ class _Replay(Method):
     """The reservoir and the losses of ER / DER / DER++; subclasses set the weights."""
 
     families = ("clip",)  # the buffer stores CLIP features; the losses are CLIP's
+    sigmoid_loss = False
     defaults = {
         "buffer_size": 500,
         # None: the global batch size, capped by the buffer size (spec §8.5).
@@ -276,6 +277,7 @@ class ZSCL(Method):
 
     name = "zscl"
     families = ("clip",)  # distils through CLIP's zero-shot classifier of reference captions
+    sigmoid_loss = False
     defaults = {
         # Reference captions: the last `num_reference_texts` captions of the pretraining pool
         # (the spec's 15,840 CC3M captions are far more than our scale needs), or a JSON list
