@@ -29,11 +29,13 @@ backends at the CLIP and long-sequence shapes, and its GPU table is what should 
 Several devices. The mesh is the `mesh` argument, else the one set by `jax.set_mesh` (read at
 trace time with `jax.sharding.get_abstract_mesh()`; nothing changes without one). With a mesh
 of more than one device the Pallas kernel runs per shard inside `jax.shard_map`: the batch
-split over the mesh's (data, fsdp) axes, the heads (query and key/value) over `model`, each
+split over the mesh's batch axes, the heads (query and key/value) over `model`, each
 axis only where it divides (else that dimension is whole on every shard of the axis, which
 then computes it redundantly). Attention is independent across batch rows and heads, so the
 per-shard kernel computes exactly the global result. Inside a shard_map (axes already
-manual) the kernel runs as on one device.
+manual) the kernel runs as on one device. (The batch axes are `sharding.BATCH`: data, fsdp
+and fsdp_transpose.) cuDNN needs no shard_map: `jax.nn.dot_product_attention` carries its
+own partitioning rule (not run here: no GPU).
 """
 
 from __future__ import annotations
@@ -189,7 +191,7 @@ def _divisible_axes(size, axes, mesh):
 
 
 def _sharded_flash(q, k, v, masks, *, scale, mesh):
-    """`flash.flash_attention` per shard: batch over (data, fsdp), heads over model."""
+    """`flash.flash_attention` per shard: batch over the batch axes, heads over model."""
     rows = _divisible_axes(q.shape[0], BATCH, mesh)
     heads = _divisible_axes(q.shape[2], ("model",), mesh)
     if heads != _divisible_axes(k.shape[2], ("model",), mesh):
