@@ -208,8 +208,8 @@ def fmt_mib(n) -> str:
     return f"{n / MIB:,.1f}" if n < 100 * MIB else f"{n / MIB:,.0f}"
 
 
-def table(rows) -> list[str]:
-    """The markdown table of `rows`."""
+def table(rows, ratios: bool = True) -> list[str]:
+    """The markdown table of `rows` (`ratios`: the (p+o) x N/N0 column filled)."""
     lines = [
         "| model | params (M) | devices | mesh (data x fsdp x fsdp_t x model) | batch | "
         "params/dev (MiB) | ideal params/dev (MiB) | opt/dev (MiB) | (p+o) x N/N0 | "
@@ -234,7 +234,7 @@ def table(rows) -> list[str]:
             name, f"{r['param_count'] / 1e6:,.0f}", r["devices"],
             f"{r['kind']}: {mesh}{note}", r["batch"],
             fmt_mib(r["param_bytes"]), fmt_mib(r["param_bytes_total"] / r["devices"]),
-            fmt_mib(r["opt_bytes"]), f"{ratio:.2f}",
+            fmt_mib(r["opt_bytes"]), f"{ratio:.2f}" if ratios else "",
         ]  # fmt: skip
         if r.get("compiled", True):
             c = r["collectives"]
@@ -274,8 +274,9 @@ def markdown(report) -> str:
         "once). Compile: lowering + XLA compile on this shared 2-core machine, one sample. "
         "(p+o) x N/N0: params + optimizer bytes per device over those at the model's first "
         "device count N0, times N/N0 (1.00: exactly 1/N); ideal: all parameters split evenly "
-        "over all N devices. *not compiled*: bytes from the "
-        "rules only (compiling every cell did not fit the time; the text says which).",
+        "over all N devices. *not compiled*: bytes from the rules only (by default the first "
+        "mesh kind is compiled at the first and last device counts, and the remat cell; "
+        "`--compile_all` compiles every cell, hours on 2 cores).",
         "",
     ]
     now = [r for r in report["rows"] if r.get("batch_constraint")]
@@ -286,7 +287,7 @@ def markdown(report) -> str:
                   "Rows of an earlier report, compiled before the models pinned their "
                   "activations to the batch sharding (`sharding.constrain_batch`): the "
                   "temporaries and FLOPs per device grew with the mesh.", ""]  # fmt: skip
-        lines += table([r for r in before if r.get("compiled", True)])
+        lines += table([r for r in before if r.get("compiled", True)], ratios=False)
     errors = {r["rule_error"] for r in now if r.get("rule_error")}
     if errors:
         lines += ["", "(*) The rules cannot split a leaf over fsdp N on this mesh kind; "
@@ -309,9 +310,9 @@ def markdown(report) -> str:
         ]
         lines += [f"| {r['loss']} | {r['dim']} | {r['temp_bytes'] / MIB:,.1f} | "
                   f"{r['vs_dense']:.3f} |" for r in report["contrastive"]]  # fmt: skip
-    missing = [r for r in report["rows"] if not r.get("compiled", True)]
+    missing = [r for r in now if not r.get("compiled", True)]
     if missing:
-        lines += ["", f"Not compiled ({len(missing)} of {len(report['rows'])} cells; bytes from "
+        lines += ["", f"Not compiled ({len(missing)} of {len(now)} cells; bytes from "
                   "the rules only): " + ", ".join(f"{r['model']} {r['kind']} {r['devices']}"
                                                   for r in missing) + "."]  # fmt: skip
     return "\n".join(lines) + "\n"
