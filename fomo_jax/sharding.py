@@ -20,7 +20,7 @@ dimension) is handled by leaf size, so that one rule list serves every mesh shap
     `fsdp_transpose`, e.g. ViT-bigG-14's positional embedding [257, 1664]). ViT-g-14's
     [1408, 1408] attention kernels at fsdp=256 are one (1408 = 11 x 128: no even split over
     256 exists); the message names the largest size of the axis that would split the leaf,
-    here 128, and the two-axis mesh that splits it.
+    here 128, and the two-axis mesh to try.
 A width that no FSDP degree of the mesh divides (ViT-bigG-14's 1664 = 13 x 128 at 256 devices)
 is split two ways by `fsdp_transpose`: a rule's `fsdp` stands for (`fsdp`, `fsdp_transpose`);
 fsdp=128 x fsdp_transpose=2 splits [1664, 1664] as P("fsdp", "fsdp_transpose") and the patch
@@ -225,8 +225,8 @@ def spec_for(path: str, shape: tuple, rules: Rules, mesh, dtype=np.float32) -> P
             fits = max(n for n in range(1, sizes[axis] + 1)
                        if sizes[axis] % n == 0 and any(w % n == 0 for w in widths))  # fmt: skip
             hint = (
-                f"; or mesh fsdp={fits} x fsdp_transpose={sizes[axis] // fits}, which "
-                "splits it over two dimensions"
+                f"; or mesh fsdp={fits} x fsdp_transpose={sizes[axis] // fits} (the second "
+                "FSDP axis on another dimension)"
                 if axis == "fsdp" and fits > 1
                 else ""
             )
