@@ -2,23 +2,10 @@
 
 import os
 
-# The suite compiles hundreds of small programs, most run a few times: XLA's CPU backend at
-# LLVM optimisation level 0 compiles them about a third faster (the VLM method tests with an
-# empty compilation cache: 232 -> 151 s). Set before JAX starts its backend; processes the
-# tests start inherit it (those that set XLA_FLAGS themselves compile as usual). Results are
-# compared with tolerances, or bitwise only between runs made with the same flags.
-os.environ["XLA_FLAGS"] = " ".join(
-    [
-        os.environ.get("XLA_FLAGS", ""),
-        "--xla_backend_optimization_level=0",
-        "--xla_llvm_disable_expensive_passes=true",
-    ]  # fmt: skip
-).strip()
+import pytest
+from absl import flags
 
-import pytest  # noqa: E402
-from absl import flags  # noqa: E402
-
-from fomo_jax import runtime  # noqa: E402
+from fomo_jax import runtime
 
 # Compiled steps persist across test processes and runs (`runtime.default_cache_dir()`).
 runtime.enable_compilation_cache()
