@@ -278,14 +278,21 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.manual_axes or not x.ndim:
         return x
+    axes = divisible_axes(x.shape[0], BATCH, mesh)
+    if axes is None or np.prod([mesh.shape[a] for a in axes]) == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, P(axes))
+
+
+def divisible_axes(size, axes, mesh):
+    """Those of `axes` in `mesh` that split `size` evenly, in order (each joins while the
+    product of the kept ones still divides `size`); None for none."""
     kept, parts = [], 1
-    for axis in BATCH:
-        if axis in mesh.axis_names and x.shape[0] % (parts * mesh.shape[axis]) == 0:
+    for axis in axes:
+        if axis in mesh.axis_names and size % (parts * mesh.shape[axis]) == 0:
             kept.append(axis)
             parts *= mesh.shape[axis]
-    if parts == 1:
-        return x
-    return jax.lax.with_sharding_constraint(x, P(tuple(kept)))
+    return tuple(kept) or None
 
 
 def batch_shards(mesh) -> int:

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from fomo_jax.kernels import flash
-from fomo_jax.sharding import BATCH
+from fomo_jax.sharding import BATCH, divisible_axes
 
 IMPLEMENTATIONS = (None, "xla", "cudnn", "pallas")
 PALLAS_MIN_KV_LEN = 1024
@@ -179,22 +179,11 @@ def _mesh(mesh):
     return mesh
 
 
-def _divisible_axes(size, axes, mesh):
-    """Those of `axes` in `mesh` that split `size` evenly, in order (each joins while the
-    product of the kept ones still divides `size`); None for none."""
-    kept, parts = [], 1
-    for axis in axes:
-        if axis in mesh.axis_names and size % (parts * mesh.shape[axis]) == 0:
-            kept.append(axis)
-            parts *= mesh.shape[axis]
-    return tuple(kept) or None
-
-
 def _sharded_flash(q, k, v, masks, *, scale, mesh):
     """`flash.flash_attention` per shard: batch over the batch axes, heads over model."""
-    rows = _divisible_axes(q.shape[0], BATCH, mesh)
-    heads = _divisible_axes(q.shape[2], ("model",), mesh)
-    if heads != _divisible_axes(k.shape[2], ("model",), mesh):
+    rows = divisible_axes(q.shape[0], BATCH, mesh)
+    heads = divisible_axes(q.shape[2], ("model",), mesh)
+    if heads != divisible_axes(k.shape[2], ("model",), mesh):
         heads = None  # query and key/value heads must split alike (grouped-query)
     causal, masks = masks["causal"], {n: m for n, m in masks.items() if n != "causal"}
     names = sorted(n for n, m in masks.items() if m is not None)
