@@ -106,6 +106,9 @@ def profile_method(method, model_config, tx, batch_size: int, *, mesh=None) -> d
     report = _compile(family, method.graphdef, tx, method, mesh or sharding.make_mesh(), state,
                       batch, batch_size)  # fmt: skip
     report["method_state_bytes"] = _bytes(state.method_state)
+    if not method.state_in_step and report["peak_bytes"] is not None:
+        # A state the step does not touch is no argument of it, but it stays on the device.
+        report["peak_bytes"] += report["method_state_bytes"]
     # Work outside the step (EWC's Fisher pass) is charged per step, as the paper does.
     report["step_flops"] = report["flops"]
     report["extra_flops"] = float(method.extra_step_flops(model_config))

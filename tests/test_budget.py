@@ -207,6 +207,40 @@ def test_profile_accepts_a_built_module(tiny_model, full_profile):
     assert profile["peak_bytes"] == full_profile["peak_bytes"]
 
 
+def test_a_merge_steps_with_fine_tunings_program_and_keeps_its_state_beside_it(tiny_model):
+    """A merge's state (θ0, merged weights) is never read by the step: the merge compiles plain
+    fine-tuning's program, its state passes the step untouched (not donated), and its profile
+    counts the state once, as resident beside the step."""
+    from fomo_jax import sharding
+    from fomo_jax.configs import fif_synth
+    from fomo_jax.continual import runner
+    from fomo_jax.train import step as step_lib
+
+    tiny, mesh, programs, profiles = get_config("tiny"), sharding.make_mesh(), {}, {}
+    for name in ("finetune", "zs_merge"):
+        config = fif_synth.get_config("smoke")
+        config.method = name
+        method = runner.profiling_instance(config, tiny)
+        profiles[name] = profiling.profile_method(method, tiny, TX, BATCH)
+        params = params_lib.split(tiny_model)[1]
+        state = step_lib.fresh_state(method.init_params(params), method, TX, step_lib.step_key(0))
+        shardings = step_lib.shardings_of(jax.eval_shape(lambda s=state: s), mesh,
+                                          clip.FAMILY.rules)  # fmt: skip
+        step = step_lib.compile_step(clip.FAMILY, method.graphdef, TX, method, mesh, shardings)
+        batch = clip.FAMILY.abstract_batch(tiny, BATCH)
+        programs[name] = step.lower(state, batch, 1e-3).as_text()
+    assert method.state_in_step is False and programs["zs_merge"] == programs["finetune"]
+    state = step_lib.place(state, shardings)
+    anchor = jax.tree.leaves(state.method_state)[0]
+    batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in batch.items()}
+    new, _ = step(state, batch, 1e-3)
+    assert jax.tree.leaves(new.method_state)[0] is anchor and not anchor.is_deleted()
+    merge, plain = profiles["zs_merge"], profiles["finetune"]
+    assert merge["method_state_bytes"] > 0 and merge["flops"] == plain["flops"]
+    assert merge["argument_bytes"] == plain["argument_bytes"]
+    assert merge["peak_bytes"] == plain["peak_bytes"] + merge["method_state_bytes"]
+
+
 # ------------------------------------------------------------- the run's start-up report
 
 

@@ -151,10 +151,31 @@ def jit_step(step, mesh, state_sharding):
 
 def compile_step(family, graphdef, tx, method, mesh, state_sharding: TrainState,
                  multipliers=None):  # fmt: skip
-    """The jitted step of `method` on the family's model structure `graphdef`."""
+    """The jitted step of `method` on the family's model structure `graphdef`. A method whose
+    step does not touch its state (`Method.state_in_step`) gets the step without it: the state
+    stays where it is, and methods differing only outside the step (the merges and plain
+    fine-tuning) compile one and the same program."""
     fn = functools.partial(step_fn, loss_fn=family.loss(graphdef), tx=tx, method=method,
                            family=family, multipliers=multipliers)  # fmt: skip
-    return jit_step(fn, mesh, state_sharding)
+    if getattr(method, "state_in_step", True) or not jax.tree.leaves(state_sharding.method_state):
+        return jit_step(fn, mesh, state_sharding)
+    return _StateOutside(jit_step(fn, mesh, state_sharding.replace(method_state=None)))
+
+
+class _StateOutside:
+    """A jitted step over `TrainState`s without the method's state, called with whole ones:
+    the incoming method state is passed around the step (neither an argument nor donated) and
+    comes back unchanged in the new state."""
+
+    def __init__(self, jitted):
+        self.jitted = jitted
+
+    def __call__(self, state: TrainState, batch, learning_rate):
+        new, metrics = self.jitted(state.replace(method_state=None), batch, learning_rate)
+        return new.replace(method_state=state.method_state), metrics
+
+    def lower(self, state: TrainState, batch, learning_rate):
+        return self.jitted.lower(state.replace(method_state=None), batch, learning_rate)
 
 
 def place(state: TrainState, state_sharding: TrainState) -> TrainState:

@@ -5,21 +5,21 @@ is refused at set-up, before any compute, with an error naming the method and th
 Each method runs through the runner on a one-task stream of the synthetic world; the budget
 tests set methods up with a stand-in `ctx.data` serving collated VLM batches."""
 
+import dataclasses
 import json
 
-import jax
 import ml_collections
 import numpy as np
 import pytest
 
-from fomo_jax import params as params_lib
 from fomo_jax.continual import methods
 from fomo_jax.data import vlm_batches as vb
 from fomo_jax.data import vlm_synth
 from fomo_jax.families import vlm as vlm_family
 from fomo_jax.models import vlm
 from fomo_jax.train import optimizer
-from tests.continual.test_vlm_family import _batch, _config
+from tests import compiled
+from tests.continual.test_vlm_family import LM, TINY, _batch
 
 # Refused, with the reason the error must give (a phrase of it).
 REFUSED = {
@@ -52,15 +52,6 @@ class Data:
 
 
 @pytest.fixture(scope="module")
-def setting():
-    cfg = _config()
-    theta0 = jax.device_get(params_lib.split(vlm_family.FAMILY.init_model(cfg, seed=0))[1])
-    config = ml_collections.ConfigDict({"seed": 0, "batch_size": 4, "trainable": None,
-                                        "optimizer": {"clip_norm": 1.0}})  # fmt: skip
-    return cfg, theta0, config, _batch(cfg, seed=9)
-
-
-@pytest.fixture(scope="module")
 def stream_config(tmp_path_factory):
     """A one-task VLM stream of 3 steps on the synthetic world, θ0 a LLaVA checkpoint of a
     random world-sized VLM (no staged making)."""
@@ -69,9 +60,14 @@ def stream_config(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("vlm_methods")
     config = vlm_synth_config.get_config("smoke")
+    # One layer per tower: the test's cost is compiling each method's step.
     config.model.vlm.lm.update(hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                               num_key_value_heads=1, head_dim=16)  # fmt: skip
-    model = vlm_family.FAMILY.init_model(vlm_family.FAMILY.model_config(config), seed=0)
+                               num_key_value_heads=1, head_dim=16,
+                               num_hidden_layers=1)  # fmt: skip
+    cfg = vlm_family.FAMILY.model_config(config)
+    tower = dataclasses.replace(cfg.vision.vision, layers=1)
+    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, vision=tower))
+    model = vlm_family.FAMILY.init_model(cfg, seed=0)
     hf_lm.export_hf(model, str(base / "theta0"))
     config.theta0.checkpoint = str(base / "theta0")
     config.data.root = str(base / "root")
@@ -114,9 +110,9 @@ def test_every_method_runs_through_the_runner_on_the_vlm_or_is_refused(name, str
     world, tokenizer = vlm_synth.World(0), vlm_synth.WordTokenizer()
     batch = vb.collate([world.example("vqa", 0), world.example("pairs", 1)], tokenizer.encode,
                        vlm_synth.SPECIALS, exported.config.image_seq_length, 64, 1, 32)  # fmt: skip
-    logits = exported(batch["tokens"], vlm_family.pixels(batch["images"]),
-                      image_valid=batch["image_valid"],
-                      attention_mask=batch["attention_mask"])  # fmt: skip
+    logits = compiled.call(exported, batch["tokens"], vlm_family.pixels(batch["images"]),
+                           image_valid=batch["image_valid"],
+                           attention_mask=batch["attention_mask"])  # fmt: skip
     assert np.isfinite(np.asarray(logits)).all()
 
 
@@ -127,12 +123,14 @@ def test_the_refusals_are_the_methods_that_need_clip():
     )
 
 
-def test_method_mafs_come_from_the_vlms_compiled_step(setting, tmp_path):
+def test_method_mafs_come_from_the_vlms_compiled_step(tmp_path):
     """`budget="measured"` on the VLM: each method's step compiled on the VLM's abstract model
     and batch. Freezing the image tower removes its backward pass; EWC adds its Fisher pass."""
     from fomo_jax import budget, profiling
 
-    cfg, _, config, _ = setting
+    cfg = vlm.VLMConfig(vision=TINY, lm=LM, image_token_id=259)
+    config = ml_collections.ConfigDict({"seed": 0, "batch_size": 4, "trainable": None,
+                                        "optimizer": {"clip_norm": 1.0}})  # fmt: skip
     tx, profiles = optimizer.adamw(), {}
     for name in ("finetune", "locked_image", "ewc"):
         method = methods.get(name, OPTIONS.get(name))

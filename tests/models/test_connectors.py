@@ -10,6 +10,7 @@ from flax import nnx
 from fomo_jax import models
 from fomo_jax import params as params_lib
 from fomo_jax.models import connectors, llama, vlm
+from tests import compiled
 
 LM = llama.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=8)  # fmt: skip
@@ -109,7 +110,7 @@ def test_perceiver_matches_transformers_idefics2_connector():
     mask[1, 11:] = False  # row 1: five padded context tokens
     with torch.no_grad():
         want = hf(torch.from_numpy(x), torch.from_numpy(mask.astype(np.int64))).numpy()
-    got = np.asarray(ours(x, mask))
+    got = np.asarray(compiled.call(ours, x, mask))
     assert got.shape == (3, cfg.perceiver_latents, LM.hidden_size)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
@@ -122,9 +123,11 @@ def test_perceiver_ignores_the_content_of_padded_context():
     mask = np.arange(16)[None] < np.array([[16], [9]])
     changed = x.copy()
     changed[1, 9:] = 100 * rng.normal(size=changed[1, 9:].shape)
-    a, b = np.asarray(perceiver(x, mask)), np.asarray(perceiver(changed, mask))
+    a = np.asarray(compiled.call(perceiver, x, mask))
+    b = np.asarray(compiled.call(perceiver, changed, mask))
     np.testing.assert_array_equal(a, b)
-    assert not np.allclose(np.asarray(perceiver(changed)), a)  # unmasked, the padding counts
+    unmasked = np.asarray(compiled.call(perceiver, changed))
+    assert not np.allclose(unmasked, a)  # unmasked, the padding counts
 
 
 @pytest.mark.parametrize("connector,tokens", [("linear", 16), ("mlp2x_gelu", 16),
@@ -135,7 +138,9 @@ def test_every_connector_feeds_the_vlm(connector, tokens):
     model = vlm.create_vlm(cfg, seed=0)
     ids = np.ones((2, tokens + 3), np.int32)
     ids[0, 1 : 1 + tokens] = 49
-    logits = model(ids, np.zeros((2, 32, 32, 3), np.float32), image_valid=[True, False])
+    logits = compiled.call(
+        model, ids, np.zeros((2, 32, 32, 3), np.float32), image_valid=np.array([True, False])
+    )
     assert logits.shape == (2, tokens + 3, 50) and np.isfinite(np.asarray(logits)).all()
 
 

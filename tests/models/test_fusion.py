@@ -10,6 +10,7 @@ import pytest
 from fomo_jax import models
 from fomo_jax import params as params_lib
 from fomo_jax.models import llama, vlm
+from tests import compiled
 
 LM = llama.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
@@ -83,8 +84,8 @@ def test_fusion_matches_a_float64_reference(fusion):
     kwargs = dict(image_valid=valid, attention_mask=kv_mask)
     if fusion == "prefix":
         kwargs["prefix_length"] = prefix
-    got = np.asarray(model(ids, images, **kwargs))
-    features = np.asarray(model.image_features(images[valid]), np.float64)
+    got = np.asarray(compiled.call(model, ids, images, **kwargs))
+    features = np.asarray(compiled.call(model, images[valid], method="image_features"), np.float64)
     want = _reference(params_lib.split(model)[1], cfg, ids, features, kv_mask, prefix)
     real = kv_mask[:, :, None]  # padded positions' outputs are not compared
     np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), rtol=1e-4,
@@ -92,7 +93,7 @@ def test_fusion_matches_a_float64_reference(fusion):
     if fusion == "prefix":  # the prefix is not causal: a later prompt token moves an earlier one
         changed = ids.copy()
         changed[0, seq + 3] = (changed[0, seq + 3] % 40) + 1
-        other = np.asarray(model(changed, images, **kwargs))
+        other = np.asarray(compiled.call(model, changed, images, **kwargs))
         assert not np.allclose(other[0, seq + 2], got[0, seq + 2])
         np.testing.assert_allclose(other[1:], got[1:], rtol=1e-6, atol=1e-6)
 

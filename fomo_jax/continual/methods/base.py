@@ -190,6 +190,15 @@ class Method:
         return params
 
     # ---- step level (inside jit) -------------------------------------------------------------
+    @property
+    def state_in_step(self) -> bool:
+        """Whether the train step reads or writes the method's state, which it can only do
+        through `loss` and `step_update`. A method overriding neither (the merges: θ0, task
+        endpoints, merged weights) keeps its state out of the compiled step, whose program is
+        then plain fine-tuning's (`train.step.compile_step`)."""
+        cls = type(self)
+        return cls.loss is not Method.loss or cls.step_update is not Method.step_update
+
     def loss(self, params: Params, state: MethodState, batch, loss_fn: LossFn, key: jax.Array):
         """(loss, metrics, outputs) of one batch; default: the family's loss.
 

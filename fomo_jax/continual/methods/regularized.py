@@ -41,7 +41,10 @@ def weighted_squared_distance(weights, params, anchor):
 
 
 def zeros_like_tree(tree):
-    return jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
+    """float32 zeros shaped like `tree`, placed like its leaves (a committed array's zeros
+    keep its sharding): a jitted accumulator then sees the same input placement on its first
+    call as on the later ones, which feed it its own outputs, and compiles once."""
+    return jax.tree_util.tree_map(lambda x: jnp.zeros_like(x, jnp.float32), tree)
 
 
 @functools.partial(jax.jit, static_argnames="loss_fn", donate_argnums=0)
