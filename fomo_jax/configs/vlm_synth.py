@@ -79,6 +79,14 @@ def get_config(arg: str | None = None):
         vl=dict(steps=300, lr=1e-3, sources=dict(pairs=0.4, documents=0.3, lm_text_open=0.3)),
         sft=dict(steps=300, lr=1e-3, sources=dict(vqa=0.7, text_instr=0.3)),
     ))  # fmt: skip
+    # What a stage (not `clip`) trains, for the recipe's arms: `trainable`, ordered (regex,
+    # label) rules as config.trainable (None: the stage's own, `vlm_stream.TRAINABLE`), and
+    # `method` with its `method_options` (e.g. "lora" with the rules labelling "lm/.*" "lora":
+    # adapters on the LM, folded into the weights at the stage's end).
+    for stage in ("lm", "connector", "vl", "sft"):
+        c.theta0.stages[stage].trainable = config_dict.placeholder(tuple)
+        c.theta0.stages[stage].method = "finetune"
+        c.theta0.stages[stage].method_options = config_dict.ConfigDict()
 
     c.eval = config_dict.ConfigDict(dict(batch_size=32, every_nth_task=1))
     c.eval.kinds = config_dict.ConfigDict(dict(

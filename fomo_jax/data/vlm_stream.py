@@ -25,9 +25,11 @@ conversations and captioned pictures); the buffer mixes the earlier skills; the 
 pretrained on the world's text), `clip` (a CLIP trained on the world's pairs with the CLIP
 family: its image tower becomes the VLM's), `connector` (the connector alone on pairs), `vl` (VL
 pretraining) and `sft`. Each stage is a job of the one loop with its own trainable rules and
-mixture, cached in `<cache>/vlm_theta0/` under a key of everything that decides it (its recipe
-and every earlier stage's), so every arm starts from identical backbones and a killed making
-resumes inside the stage it was in.
+mixture (an arm may set a stage's rules and method, e.g. the LM frozen, or LoRA on it, folded
+in at the stage's end: `config.theta0.stages.<stage>.trainable` / `.method`), cached in
+`<cache>/vlm_theta0/` under a key of everything that decides it (its recipe and every earlier
+stage's), so every arm starts from identical backbones and a killed making resumes inside the
+stage it was in.
 """
 
 from __future__ import annotations
@@ -290,13 +292,24 @@ def stage_key(config, model_config, stage: str) -> str:
     stage."""
     t = config.theta0
     upto = STAGES[: STAGES.index(stage) + 1]
-    recipe = {s: t.stages[s].to_dict() for s in upto}
+    recipe = {s: _recipe(t.stages[s]) for s in upto}
     key = json.dumps(dict(model=repr(model_config), seed=config.seed,
                           world=(vlm_synth.VERSION, config.data.synth_seed),
                           batch_size=t.batch_size, weight_decay=t.weight_decay,
                           lengths=_lengths(config), unit=config.data.unit, recipe=recipe),
                      sort_keys=True)  # fmt: skip
     return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+STAGE_METHODS = ("finetune", "lora", "dora", "vera")  # what a stage may train with
+# A stage's keys at these values are left out of its cache key (caches made before the keys
+# existed stay valid).
+STAGE_DEFAULTS = {"trainable": None, "method": "finetune", "method_options": {}}
+
+
+def _recipe(stage: ml_collections.ConfigDict) -> dict:
+    return {k: v for k, v in stage.to_dict().items()
+            if k not in STAGE_DEFAULTS or v != STAGE_DEFAULTS[k]}  # fmt: skip
 
 
 class _ClipBatches:
@@ -325,8 +338,8 @@ def _stage_job(config, family, model_config, stage, workdir, mesh, tokenizer,
 
     t = config.theta0
     s = t.stages[stage]
-    method = methods.get("finetune")
-    rules = TRAINABLE.get(stage)
+    method = methods.get(s.get("method", "finetune"), s.get("method_options") or None)
+    rules = s.get("trainable") or TRAINABLE.get(stage)
     method.setup(methods.Context(
         config=ml_collections.ConfigDict({"seed": config.seed, "trainable": rules}),
         family=family, model_config=model_config, tokenizer=tokenizer, data=methods.NoData(),
@@ -362,8 +375,9 @@ def _train_stage(config, data, model_config, stage, start_params, workdir, mesh)
                           encode=tokenizer.encode, seq=data.seq, image_size=data.image_size,
                           rows=data.rows)  # fmt: skip
     job = _stage_job(config, family, cfg, stage, workdir, mesh, tokenizer, batches)
-    state, _ = loop_lib.train(job, start_params)
-    return distributed.to_host(state.params)
+    state, _ = loop_lib.train(job, job.method.init_params(start_params))
+    # The plain model's weights (a stage's adapters folded in)
+    return job.method.export_params(distributed.to_host(state.params))[1]
 
 
 def load_or_make_theta0(config, family, model_config, data: StreamData, cache_dir: str,
@@ -373,6 +387,11 @@ def load_or_make_theta0(config, family, model_config, data: StreamData, cache_di
     (a LLaVA directory) replaces the recipe."""
     if config.theta0.checkpoint:
         return family.load_params(config.theta0.checkpoint, model_config)
+    for stage in STAGES:  # before any stage is made
+        name = config.theta0.stages[stage].get("method", "finetune")
+        if name not in STAGE_METHODS:
+            raise ValueError(f"config.theta0.stages.{stage}.method={name!r}: a stage trains "
+                             f"with one of {list(STAGE_METHODS)}")  # fmt: skip
     directory = os.path.join(cache_dir, "vlm_theta0")
     params, latest = None, None  # weights in memory; the latest cache not read into them
     for stage in STAGES:

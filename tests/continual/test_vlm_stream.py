@@ -159,3 +159,60 @@ def test_stream_config_errors_name_the_key():
     bad.tokenizer = "bytes"
     with pytest.raises(ValueError, match="tokenizer is 'words'"):
         family.tokenizer(bad, model_config)
+
+
+def test_recipe_arms_freeze_the_lm_or_fold_lora_into_it(reference, tmp_path):
+    """Arms of the recipe set a stage's rules and method and start from the cached earlier
+    stages. The LM frozen in VL pretraining: the stage's LM is bitwise the connector stage's.
+    LoRA on the LM: the adapters are folded in at the stage's end (plain leaves only) and the LM
+    moved. The default stages' cache keys do not see the new keys."""
+    import shutil
+
+    from fomo_jax import sharding
+
+    base, root = reference
+    cache = tmp_path / "cache"
+    shutil.copytree(root / "vlm_theta0", cache / "vlm_theta0",
+                    ignore=shutil.ignore_patterns("vl-*", "sft-*"))  # fmt: skip
+    config = vlm_synth_config.get_config("smoke")
+    config.data.root = str(root)
+    config.theta0.stages.sft.steps = 2
+    family = vlm_family.FAMILY.configured(config)
+    model_config = family.model_config(config)
+    data = vlm_stream.prepare(config, family, model_config, vlm_synth.WordTokenizer())
+
+    def stage(name):
+        key = vlm_stream.stage_key(config, model_config, name)
+        with np.load(cache / "vlm_theta0" / f"{name}-{key}.npz") as f:
+            return {k: f[k] for k in f.files}
+
+    default_vl = vlm_stream.stage_key(config, model_config, "vl")
+    assert (root / "vlm_theta0" / f"vl-{default_vl}.npz").exists()
+    connector = stage("connector")
+    arms = {
+        "frozen": dict(trainable=(("connector/.*", "full"),)),
+        "lora": dict(trainable=(("connector/.*", "full"), ("lm/.*", "lora")), method="lora",
+                     method_options={"targets": "lm", "rank": 4}),
+    }  # fmt: skip
+    for arm, changes in arms.items():
+        config.theta0.stages.vl.update(changes)
+        assert vlm_stream.stage_key(config, model_config, "vl") != default_vl
+        vlm_stream.load_or_make_theta0(config, family, model_config, data, str(cache),
+                                       sharding.make_mesh())  # fmt: skip
+        vl = stage("vl")
+        assert sorted(vl) == sorted(connector), arm  # no adapter leaves: folded in
+        lm = [k for k in vl if k.startswith("lm/")]
+        assert lm and any(not np.array_equal(vl[k], connector[k]) for k in vl if "connector/" in k)
+        moved = [k for k in lm if not np.array_equal(vl[k], connector[k])]
+        if arm == "frozen":
+            assert moved == [], moved
+        else:  # LoRA's linears moved; norms and embeddings, frozen, did not
+            assert moved and all(k.endswith("/kernel") for k in moved), moved
+        for k in vl:
+            if k.startswith("image/"):
+                np.testing.assert_array_equal(vl[k], connector[k], err_msg=k)
+    config.theta0.stages.vl.method = "ewc"
+    with pytest.raises(ValueError, match=r"config.theta0.stages.vl.method='ewc': a stage trains"):
+        vlm_stream.load_or_make_theta0(config, family, model_config, data, str(tmp_path / "x"),
+                                       sharding.make_mesh())  # fmt: skip
+    assert not (tmp_path / "x").exists()  # refused before any stage is made
