@@ -381,10 +381,12 @@ def _train_stage(config, data, model_config, stage, start_params, workdir, mesh)
 
 
 def load_or_make_theta0(config, family, model_config, data: StreamData, cache_dir: str,
-                        mesh) -> dict:  # fmt: skip
+                        mesh, *, until: str = "sft") -> dict:  # fmt: skip
     """θ0 of a `vlm_synth` run: the staged recipe's last stage, each stage cached. A cache is
     read only when a later stage starts from it, or when it is θ0. `config.theta0.checkpoint`
-    (a LLaVA directory) replaces the recipe."""
+    (a LLaVA directory) replaces the recipe. `until`: the weights after that stage instead
+    (the stages after it are not made; `benchmarks/vlm_findings.py` evaluates VL pretraining's
+    arms at `vl`)."""
     if config.theta0.checkpoint:
         return family.load_params(config.theta0.checkpoint, model_config)
     for stage in STAGES:  # before any stage is made
@@ -392,9 +394,13 @@ def load_or_make_theta0(config, family, model_config, data: StreamData, cache_di
         if name not in STAGE_METHODS:
             raise ValueError(f"config.theta0.stages.{stage}.method={name!r}: a stage trains "
                              f"with one of {list(STAGE_METHODS)}")  # fmt: skip
+    if until not in STAGES or until == "clip":
+        raise ValueError(
+            f"until={until!r}: a VLM stage, one of {[s for s in STAGES if s != 'clip']}"
+        )
     directory = os.path.join(cache_dir, "vlm_theta0")
     params, latest = None, None  # weights in memory; the latest cache not read into them
-    for stage in STAGES:
+    for stage in STAGES[: STAGES.index(until) + 1]:
         path = os.path.join(directory, f"{stage}-{stage_key(config, model_config, stage)}.npz")
         workdir = path.removesuffix(".npz") + ".work"
         distributed.barrier(f"θ0 stage {stage} looked up")

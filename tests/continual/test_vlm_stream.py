@@ -1,7 +1,8 @@
 """The continual VLM stream end to end (`configs/vlm_synth.py:smoke`): every θ0 stage built on
 an empty data root, the runner over the skills, `results.json` with the four headline metrics;
 killed with kill -9 inside a θ0 stage and again inside the stream, the rerun ends bit-identical
-to the uninterrupted run. Teacher-forced exact match equals greedy exact match."""
+to the uninterrupted run. Teacher-forced exact match equals greedy exact match. The recipe's
+arms (a stage's rules and method) and the smoke study of `benchmarks/vlm_findings.py`."""
 
 import dataclasses
 import glob
@@ -161,58 +162,70 @@ def test_stream_config_errors_name_the_key():
         family.tokenizer(bad, model_config)
 
 
-def test_recipe_arms_freeze_the_lm_or_fold_lora_into_it(reference, tmp_path):
-    """Arms of the recipe set a stage's rules and method and start from the cached earlier
-    stages. The LM frozen in VL pretraining: the stage's LM is bitwise the connector stage's.
-    LoRA on the LM: the adapters are folded in at the stage's end (plain leaves only) and the LM
-    moved. The default stages' cache keys do not see the new keys."""
+def test_recipe_arms_and_the_vlm_findings_smoke_study(reference, tmp_path):
+    """benchmarks/vlm_findings.py --smoke on finding (c), from the reference's stage caches.
+    Its arms set the VL stage's rules and method: with the LM frozen the stage's LM is bitwise
+    the connector stage's (so (c) holds at any size); with LoRA on the LM the adapters are
+    folded in at the stage's end (plain leaves only) and only LM kernels moved; the image tower
+    never moves. Then the table's structure; a rerun reuses the finished arms; a stage method
+    that is not a plain training method is refused before any stage is made."""
     import shutil
 
     from fomo_jax import sharding
 
-    base, root = reference
-    cache = tmp_path / "cache"
-    shutil.copytree(root / "vlm_theta0", cache / "vlm_theta0",
-                    ignore=shutil.ignore_patterns("vl-*", "sft-*"))  # fmt: skip
-    config = vlm_synth_config.get_config("smoke")
-    config.data.root = str(root)
-    config.theta0.stages.sft.steps = 2
-    family = vlm_family.FAMILY.configured(config)
-    model_config = family.model_config(config)
-    data = vlm_stream.prepare(config, family, model_config, vlm_synth.WordTokenizer())
+    sys.path.insert(0, os.path.join(runtime.REPO_ROOT, "benchmarks"))
+    import vlm_findings
 
-    def stage(name):
+    base, root = reference
+    runs = tmp_path / "runs"
+    shutil.copytree(root / "vlm_theta0", runs / "seed_0" / "vlm_theta0")
+    argv = ["--smoke", "--findings", "c", "--workdir", str(runs), "--out", str(tmp_path / "table")]
+    report = vlm_findings.main(argv)
+
+    smoke = vlm_synth_config.get_config("smoke")
+    model_config = vlm_family.FAMILY.model_config(smoke)
+
+    def stage(arm, name):
+        config = vlm_findings.arm_config(smoke, vlm_findings.RECIPE_ARMS[arm][1], 0)
         key = vlm_stream.stage_key(config, model_config, name)
-        with np.load(cache / "vlm_theta0" / f"{name}-{key}.npz") as f:
+        with np.load(runs / "seed_0" / "vlm_theta0" / f"{name}-{key}.npz") as f:
             return {k: f[k] for k in f.files}
 
-    default_vl = vlm_stream.stage_key(config, model_config, "vl")
-    assert (root / "vlm_theta0" / f"vl-{default_vl}.npz").exists()
-    connector = stage("connector")
-    arms = {
-        "frozen": dict(trainable=(("connector/.*", "full"),)),
-        "lora": dict(trainable=(("connector/.*", "full"), ("lm/.*", "lora")), method="lora",
-                     method_options={"targets": "lm", "rank": 4}),
-    }  # fmt: skip
-    for arm, changes in arms.items():
-        config.theta0.stages.vl.update(changes)
-        assert vlm_stream.stage_key(config, model_config, "vl") != default_vl
-        vlm_stream.load_or_make_theta0(config, family, model_config, data, str(cache),
-                                       sharding.make_mesh())  # fmt: skip
-        vl = stage("vl")
+    connector = stage("connector_stage", "connector")
+    default_vl = stage("vl_mixture", "vl")
+    for arm in ("vl_lm_frozen", "vl_lm_lora"):
+        vl = stage(arm, "vl")
         assert sorted(vl) == sorted(connector), arm  # no adapter leaves: folded in
-        lm = [k for k in vl if k.startswith("lm/")]
-        assert lm and any(not np.array_equal(vl[k], connector[k]) for k in vl if "connector/" in k)
-        moved = [k for k in lm if not np.array_equal(vl[k], connector[k])]
-        if arm == "frozen":
-            assert moved == [], moved
+        assert any(not np.array_equal(vl[k], default_vl[k]) for k in vl), arm  # its own cache
+        moved = [k for k in vl if not np.array_equal(vl[k], connector[k])]
+        assert any(k.startswith("connector/") for k in moved), arm
+        assert not [k for k in moved if k.startswith("image/")], arm
+        lm = [k for k in moved if k.startswith("lm/")]
+        if arm == "vl_lm_frozen":
+            assert lm == [], lm
         else:  # LoRA's linears moved; norms and embeddings, frozen, did not
-            assert moved and all(k.endswith("/kernel") for k in moved), moved
-        for k in vl:
-            if k.startswith("image/"):
-                np.testing.assert_array_equal(vl[k], connector[k], err_msg=k)
-    config.theta0.stages.vl.method = "ewc"
+            assert lm and all(k.endswith("/kernel") for k in lm), lm
+
+    saved = json.loads((tmp_path / "table.json").read_text())
+    assert saved["config"] == "vlm_synth:smoke" and saved["findings"] == report["findings"]
+    arms = vlm_findings.FINDINGS["c"][1]
+    assert list(saved["arms"]) == arms
+    for arm in saved["arms"].values():
+        assert {"vqa", "text_retention", "scores.facts", "scores.binding_k0"} <= set(arm["mean"])
+    finding = saved["findings"]["c"]
+    assert finding["passes"] is True, finding["numbers"]  # the frozen LM's text is θ0's
+    assert (tmp_path / finding["figure"]).stat().st_size > 0
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert sum(line.startswith("| (c) LM frozen vs LoRA vs full") for line in table) == 1
+    assert sum(line.startswith(tuple(f"| {a} |" for a in arms)) for line in table) == len(arms)
+    again = vlm_findings.main(argv)
+    assert again["arms"] == report["arms"]  # read back from each arm's eval.json
+
+    smoke.data.root = str(root)
+    smoke.theta0.stages.vl.method = "ewc"
+    family = vlm_family.FAMILY.configured(smoke)
+    data = vlm_stream.prepare(smoke, family, model_config, vlm_synth.WordTokenizer())
     with pytest.raises(ValueError, match=r"config.theta0.stages.vl.method='ewc': a stage trains"):
-        vlm_stream.load_or_make_theta0(config, family, model_config, data, str(tmp_path / "x"),
+        vlm_stream.load_or_make_theta0(smoke, family, model_config, data, str(tmp_path / "x"),
                                        sharding.make_mesh())  # fmt: skip
     assert not (tmp_path / "x").exists()  # refused before any stage is made
