@@ -207,13 +207,11 @@ def plot_trade_off(arms: dict, path: str, title: str) -> None:
     plt.close(fig)
 
 
-def recipe_keys(runs) -> list[str]:
-    return ["vqa", "text_retention"] + [f"scores.{k}" for k in sorted(runs[0]["scores"])]
-
-
 def _flat(run: dict) -> dict:
-    return dict(vqa=run["vqa"], text_retention=run["text_retention"],
-                **{f"scores.{k}": v for k, v in run["scores"].items()})  # fmt: skip
+    """A recipe arm's eval.json as one level: its scores as "scores.<kind>"."""
+    scores = {f"scores.{k}": v for k, v in sorted(run["scores"].items())}
+    return dict(vqa=run["vqa"], text_retention=run["text_retention"], **scores,
+                seconds=run["seconds"], visual_tokens=run["visual_tokens"])  # fmt: skip
 
 
 def verdict(finding: str, arms: dict) -> tuple[bool, str]:
@@ -280,10 +278,9 @@ def main(argv=None):
     arms = {}
     for arm in dict.fromkeys(a for f in findings for a in FINDINGS[f][1]):
         if arm in RECIPE_ARMS:
-            runs = [recipe_arm(base, arm, s, args.workdir) for s in range(args.seeds)]
-            arms[arm] = summarise([_flat(r) | {"seconds": r["seconds"],
-                                               "visual_tokens": r["visual_tokens"]}
-                                   for r in runs], recipe_keys(runs))  # fmt: skip
+            runs = [_flat(recipe_arm(base, arm, s, args.workdir)) for s in range(args.seeds)]
+            keys = [k for k in runs[0] if k not in ("seconds", "visual_tokens")]
+            arms[arm] = summarise(runs, keys)
         else:
             runs = [stream_arm(base, arm, s, args.workdir) for s in range(args.seeds)]
             arms[arm] = summarise(runs, list(runs[0]["final"]))

@@ -157,7 +157,7 @@ def compile_step(family, graphdef, tx, method, mesh, state_sharding: TrainState,
     fine-tuning) compile one and the same program."""
     fn = functools.partial(step_fn, loss_fn=family.loss(graphdef), tx=tx, method=method,
                            family=family, multipliers=multipliers)  # fmt: skip
-    if getattr(method, "state_in_step", True) or not jax.tree.leaves(state_sharding.method_state):
+    if method.state_in_step or not jax.tree.leaves(state_sharding.method_state):
         return jit_step(fn, mesh, state_sharding)
     return _StateOutside(jit_step(fn, mesh, state_sharding.replace(method_state=None)))
 
