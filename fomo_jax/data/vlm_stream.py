@@ -29,7 +29,7 @@ mixture (an arm may set a stage's rules and method, e.g. the LM frozen, or LoRA 
 in at the stage's end: `config.theta0.stages.<stage>.trainable` / `.method`), cached in
 `<cache>/vlm_theta0/` under a key of everything that decides it (its recipe and every earlier
 stage's), so every arm starts from identical backbones and a killed making resumes inside the
-stage it was in.
+stage it was in. A stage of 0 steps passes its weights on unchanged.
 """
 
 from __future__ import annotations
@@ -359,6 +359,8 @@ def _stage_job(config, family, model_config, stage, workdir, mesh, tokenizer,
 
 def _train_stage(config, data, model_config, stage, start_params, workdir, mesh) -> dict:
     s = config.theta0.stages[stage]
+    if s.steps == 0:  # a skipped stage (an arm's control, e.g. SFT without VL pretraining)
+        return start_params
     batch_size = config.theta0.batch_size
     if stage == "clip":
         from fomo_jax.tokenizer import ByteTokenizer
@@ -390,6 +392,9 @@ def load_or_make_theta0(config, family, model_config, data: StreamData, cache_di
     if config.theta0.checkpoint:
         return family.load_params(config.theta0.checkpoint, model_config)
     for stage in STAGES:  # before any stage is made
+        steps = config.theta0.stages[stage].steps
+        if steps < 0:
+            raise ValueError(f"config.theta0.stages.{stage}.steps={steps}: 0 (skip it) or more")
         name = config.theta0.stages[stage].get("method", "finetune")
         if name not in STAGE_METHODS:
             raise ValueError(f"config.theta0.stages.{stage}.method={name!r}: a stage trains "

@@ -168,7 +168,10 @@ def test_recipe_arms_and_the_vlm_findings_smoke_study(reference, tmp_path):
     the connector stage's (so (c) holds at any size); with LoRA on the LM the adapters are
     folded in at the stage's end (plain leaves only) and only LM kernels moved; the image tower
     never moves. Then the table's structure; a rerun reuses the finished arms; a stage method
-    that is not a plain training method is refused before any stage is made."""
+    that is not a plain training method, or a negative number of steps, is refused before any
+    stage is made. (b)'s LM-only control skips VL pretraining (a stage of 0 steps passes its
+    weights on) and trains the LM alone on text: its image tower and connector are the
+    connector stage's, bit for bit."""
     import shutil
 
     from fomo_jax import sharding
@@ -186,7 +189,9 @@ def test_recipe_arms_and_the_vlm_findings_smoke_study(reference, tmp_path):
     model_config = vlm_family.FAMILY.model_config(smoke)
 
     def stage(arm, name):
-        config = vlm_findings.arm_config(smoke, vlm_findings.RECIPE_ARMS[arm][1], 0)
+        changes = vlm_findings.RECIPE_ARMS[arm][1]
+        changes = changes(smoke) if callable(changes) else changes
+        config = vlm_findings.arm_config(smoke, changes, 0)
         key = vlm_stream.stage_key(config, model_config, name)
         with np.load(runs / "seed_0" / "vlm_theta0" / f"{name}-{key}.npz") as f:
             return {k: f[k] for k in f.files}
@@ -210,8 +215,11 @@ def test_recipe_arms_and_the_vlm_findings_smoke_study(reference, tmp_path):
     assert saved["config"] == "vlm_synth:smoke" and saved["findings"] == report["findings"]
     arms = vlm_findings.FINDINGS["c"][1]
     assert list(saved["arms"]) == arms
-    for arm in saved["arms"].values():
+    for name, arm in saved["arms"].items():
         assert {"vqa", "text_retention", "scores.facts", "scores.binding_k0"} <= set(arm["mean"])
+        # an arm read at the VL stage is scored after the recipe's SFT too
+        read_at_vl = vlm_findings.RECIPE_ARMS[name][0] == "vl"
+        assert ("after_sft.vqa" in arm["mean"]) is read_at_vl, name
     finding = saved["findings"]["c"]
     assert finding["passes"] is True, finding["numbers"]  # the frozen LM's text is θ0's
     assert (tmp_path / finding["figure"]).stat().st_size > 0
@@ -221,11 +229,23 @@ def test_recipe_arms_and_the_vlm_findings_smoke_study(reference, tmp_path):
     again = vlm_findings.main(argv)
     assert again["arms"] == report["arms"]  # read back from each arm's eval.json
 
+    control = vlm_findings.recipe_arm(smoke, "lm_text_sft", 0, str(runs))
+    assert control["steps"]["vl"] == 0 and control["steps"]["sft"] == 2  # 20% of SFT's 8
+    assert stage("lm_text_sft", "vl").keys() == connector.keys()
+    assert all(np.array_equal(stage("lm_text_sft", "vl")[k], connector[k]) for k in connector)
+    sft = stage("lm_text_sft", "sft")
+    moved = {k.split("/")[0] for k in sft if not np.array_equal(sft[k], connector[k])}
+    assert moved == {"lm"}, moved
+
     smoke.data.root = str(root)
-    smoke.theta0.stages.vl.method = "ewc"
     family = vlm_family.FAMILY.configured(smoke)
     data = vlm_stream.prepare(smoke, family, model_config, vlm_synth.WordTokenizer())
-    with pytest.raises(ValueError, match=r"config.theta0.stages.vl.method='ewc': a stage trains"):
-        vlm_stream.load_or_make_theta0(smoke, family, model_config, data, str(tmp_path / "x"),
-                                       sharding.make_mesh())  # fmt: skip
-    assert not (tmp_path / "x").exists()  # refused before any stage is made
+    for key, value, error in (
+        ("method", "ewc", r"stages.vl.method='ewc': a stage trains"),
+        ("steps", -1, r"stages.vl.steps=-1: 0 \(skip it\) or more"),
+    ):
+        bad = vlm_findings.arm_config(smoke, {f"theta0.stages.vl.{key}": value}, 0)
+        with pytest.raises(ValueError, match=error):
+            vlm_stream.load_or_make_theta0(bad, family, model_config, data,
+                                           str(tmp_path / "x"), sharding.make_mesh())  # fmt: skip
+        assert not (tmp_path / "x").exists()  # refused before any stage is made
