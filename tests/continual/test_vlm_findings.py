@@ -101,3 +101,19 @@ def test_every_finding_names_known_arms():
     for _, arms in vlm_findings.FINDINGS.values():
         assert set(arms) <= set(vlm_findings.RECIPE_ARMS) | set(vlm_findings.STREAM_ARMS)
     assert len(vlm_findings.STREAM_ARMS) == 6
+
+
+def test_pairs_at_equal_pictures_count_the_pictures_collate_lays_out():
+    """The equal-pictures arm of (a): pairs for the interleaved arm's steps times a document's
+    mean pictures, counted here from the rows as `collate` lays them out."""
+    from fomo_jax.configs import vlm_synth as vlm_synth_config
+    from fomo_jax.data import vlm_stream, vlm_synth
+
+    base = vlm_synth_config.get_config()
+    world, encode = vlm_synth.World(base.data.synth_seed), vlm_synth.WordTokenizer().encode
+    pictures = [vlm_stream.example_stats(world.example("documents", i), encode, 16)["images"]
+                for i in range(256)]  # fmt: skip
+    assert 2 < sum(pictures) / 256 < 5
+    changes = vlm_findings.pairs_at_equal_images(base)
+    assert changes["theta0.stages.vl.steps"] == round(300 * sum(pictures) / 256)
+    assert changes["theta0.stages.vl.sources"] == {"pairs": 1.0}
