@@ -75,6 +75,7 @@ BINDING = ("binding_k0", "binding_k1", "binding_k2", "binding_k4")
 LORA_LM = {"trainable": (("connector/.*", "full"), ("lm/.*", "lora")), "method": "lora",
            "method_options": {"targets": "lm", "rank": 8}}  # fmt: skip
 PAIRS_ONLY = {"theta0.stages.vl.sources": {"pairs": 1.0}}
+TEXT_SFT_SHARE = 0.2  # text-only instructions in (b)'s SFT blend (VILA: ~10-25%)
 
 
 def images_per_document(base, count: int = 256) -> float:
@@ -94,7 +95,7 @@ def pairs_at_equal_images(base) -> dict:
 def text_sft_of_the_lm(base) -> dict:
     """VILA's LM-only control: no VL pretraining, the LM alone fine-tuned on the text-only
     instructions `sft_text` holds (its text share of SFT's steps, the same batch)."""
-    steps = round(base.theta0.stages.sft.steps * 0.2)
+    steps = round(base.theta0.stages.sft.steps * TEXT_SFT_SHARE)
     return {"theta0.stages.vl.steps": 0, "theta0.stages.sft.steps": steps,
             "theta0.stages.sft.sources": {"text_instr": 1.0},
             "theta0.stages.sft.trainable": (("lm/.*", "full"),)}  # fmt: skip
@@ -113,8 +114,8 @@ RECIPE_ARMS = {
     "vl_lm_frozen": ("vl", {"theta0.stages.vl.trainable": (("connector/.*", "full"),)}),
     "vl_lm_lora": ("vl", {f"theta0.stages.vl.{k}": v for k, v in LORA_LM.items()}),
     "sft_no_text": ("sft", {**PAIRS_ONLY, "theta0.stages.sft.sources": {"vqa": 1.0}}),
-    "sft_text": ("sft", {**PAIRS_ONLY, "theta0.stages.sft.sources": {"vqa": 0.8,
-                                                                     "text_instr": 0.2}}),
+    "sft_text": ("sft", {**PAIRS_ONLY, "theta0.stages.sft.sources": {
+        "vqa": 1 - TEXT_SFT_SHARE, "text_instr": TEXT_SFT_SHARE}}),
     "lm_text_sft": ("sft", text_sft_of_the_lm),
     "mlp_connector": ("sft", {}),  # θ0 itself
     "perceiver_4": ("sft", {"model.vlm.connector": "perceiver", "model.vlm.perceiver_latents": 4,
@@ -170,6 +171,12 @@ def arm_config(base, changes: dict, seed: int) -> config_dict.ConfigDict:
     return config
 
 
+def arm_changes(arm: str, base) -> dict:
+    """The dotted config keys a recipe arm changes in `base`."""
+    changes = RECIPE_ARMS[arm][1]
+    return changes(base) if callable(changes) else changes
+
+
 def recipe_arm(base, arm: str, seed: int, workdir: str) -> dict:
     """The world's evaluation of the arm's weights after its stage (cached in the arm's
     folder; the stages in `<workdir>/seed_<s>/`, shared by the arms)."""
@@ -179,8 +186,8 @@ def recipe_arm(base, arm: str, seed: int, workdir: str) -> dict:
         with open(path) as f:
             return json.load(f)
     started = time.perf_counter()
-    stage, changes = RECIPE_ARMS[arm]
-    config = arm_config(base, changes(base) if callable(changes) else changes, seed)
+    stage = RECIPE_ARMS[arm][0]
+    config = arm_config(base, arm_changes(arm, base), seed)
     family = runner.family_of(config)
     model_config = family.model_config(config)
     tokenizer = family.tokenizer(config, model_config)
